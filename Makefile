@@ -1,0 +1,62 @@
+# EasyMLOps: `make demo` and `make test` are all a newcomer needs (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+# uv from PATH, or installed from PyPI into the user's Python when missing.
+UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
+RUN := $(UV) run --frozen
+export DAGSTER_HOME := $(CURDIR)/.easymlops/dagster
+
+.PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving
+
+help: ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+uv:
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || \
+		$(PYTHON) -m pip install --quiet --disable-pip-version-check uv
+
+install: uv ## create .venv from uv.lock (Python 3.11)
+	$(UV) sync --frozen
+	@mkdir -p $(DAGSTER_HOME)
+
+manifest: install ## dbt parse -> dbt_project/target/manifest.json (Dagster builds dbt assets from it)
+	$(RUN) python -c "from easymlops.warehouse import prepare_manifest; prepare_manifest()"
+
+demo: manifest ## start the embedded stack and run everything end to end
+	$(RUN) easymlops demo
+
+lint: install ## ruff (lint + format check) and mypy
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
+
+format: install
+	$(RUN) ruff format .
+	$(RUN) ruff check --fix .
+
+test: manifest lint ## lint, then every test tier on real services on loopback
+	$(RUN) dg check defs
+	$(RUN) pytest -q -ra
+
+test-fast: manifest ## tests that need no running services
+	$(RUN) pytest -q -ra -m "not services and not e2e"
+
+dev: manifest ## Dagster UI on http://127.0.0.1:13000 (stack must be up for runs: make up)
+	$(RUN) dagster dev -w workspace.yaml -h 127.0.0.1 -p 13000
+
+up: install ## start the embedded stack
+	$(RUN) easymlops up
+
+down: install ## stop the embedded stack
+	$(RUN) easymlops down
+
+status: install
+	$(RUN) easymlops status
+
+clean: down ## stop the stack and delete its data
+	rm -rf .easymlops dbt_project/target dbt_project/logs
+
+bench-serving: install ## /predict latency vs the /healthz floor (needs `make demo` first)
+	$(RUN) python benchmarks/serving.py

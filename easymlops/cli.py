@@ -1,0 +1,226 @@
+"""`easymlops`: run the embedded stack, produce and validate events, and run the demo."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from easymlops.settings import get_settings
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(1)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        transient=False,
+    )
+
+
+@app.command()
+def up() -> None:
+    """Start the embedded stack (Kafka-compatible broker, Redis, MLflow, Ray head); idempotent."""
+    from easymlops import stack
+
+    settings = get_settings()
+    try:
+        statuses = stack.up(settings, progress=lambda msg: console.print(f"  {msg}"))
+    except stack.StackError as exc:
+        _fail(str(exc))
+    for s in statuses:
+        out.print(f"[green]{s.state:>8}[/green]  {s.name:<8} {s.url}")
+
+
+@app.command()
+def down() -> None:
+    """Stop what `easymlops up` started (and nothing else)."""
+    from easymlops import stack
+
+    stopped = stack.down(get_settings())
+    out.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Show each service's URL and state."""
+    from easymlops import stack
+
+    statuses = stack.status(get_settings())
+    if as_json:
+        out.print_json(json.dumps([s.to_dict() for s in statuses]))
+        return
+    table = Table("service", "state", "url", "pid")
+    for s in statuses:
+        table.add_row(s.name, s.state, s.url, str(s.pid or ""))
+    out.print(table)
+
+
+@app.command()
+def produce(
+    events: Annotated[int, typer.Option(help="Number of synthetic events.", min=1)] = 50_000,
+    days: Annotated[int, typer.Option(help="Days the events span, ending yesterday.", min=1)] = 7,
+    rate: Annotated[
+        float, typer.Option(help="Events per second (0 = as fast as possible).", min=0)
+    ] = 0,
+    invalid_ratio: Annotated[
+        float, typer.Option(help="Share of invalid events.", min=0, max=1)
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same events).")] = 42,
+    from_csv: Annotated[
+        Path | None, typer.Option(help="Replay a CSV in the public dataset's format instead.")
+    ] = None,
+) -> None:
+    """Send events to the raw topic: synthetic sessions, or a replay of a real CSV dump."""
+    stats = _produce(
+        events=events,
+        days=days,
+        rate=rate,
+        invalid_ratio=invalid_ratio,
+        seed=seed,
+        from_csv=from_csv,
+    )
+    out.print_json(json.dumps(stats))
+
+
+def _produce(
+    *, events: int, days: int, rate: float, invalid_ratio: float, seed: int, from_csv: Path | None
+) -> dict[str, object]:
+    from easymlops.csv_replay import read_csv_events
+    from easymlops.generator import generate_payloads
+    from easymlops.produce import produce_payloads
+
+    settings = get_settings()
+    if from_csv is not None:
+        if not from_csv.is_file():
+            _fail(f"{from_csv}: no such file")
+        payloads = read_csv_events(from_csv)
+        total = None
+        label = f"replaying {from_csv.name}"
+    else:
+        payloads = generate_payloads(events, days=days, seed=seed, invalid_ratio=invalid_ratio)
+        total = events
+        label = "producing"
+    try:
+        with _progress() as bar:
+            task = bar.add_task(label, total=total, info=f"-> {settings.topic_raw}")
+            stats = produce_payloads(
+                settings, payloads, rate=rate or None, progress=lambda n: bar.advance(task, n)
+            )
+    except ValueError as exc:  # a CSV whose header is not the dataset's
+        _fail(str(exc))
+    summary = stats.to_dict()
+    if stats.failed:
+        console.print(f"[red]{stats.failed} events were not delivered:[/red] {stats.failures[:3]}")
+        out.print_json(json.dumps(summary))
+        raise typer.Exit(1)
+    console.print(f"[green]delivered {stats.delivered} events[/green] to {settings.topic_raw}")
+    return summary
+
+
+@app.command()
+def validate(
+    until_idle: Annotated[
+        bool,
+        typer.Option("--until-idle/--follow", help="Exit once the topic is drained, or run on."),
+    ] = True,
+    idle_seconds: Annotated[float, typer.Option(help="Quiet time that counts as drained.")] = 5.0,
+) -> None:
+    """Validate the raw topic into the validated topic and the dead-letter topic, exactly once."""
+    stats = _validate(until_idle=until_idle, idle_seconds=idle_seconds)
+    out.print_json(json.dumps(stats))
+
+
+def _validate(*, until_idle: bool = True, idle_seconds: float = 5.0) -> dict[str, object]:
+    from easymlops.validate import run_validator
+
+    settings = get_settings()
+    stopping = {"flag": False}
+
+    def stop(_signum: int, _frame: object) -> None:
+        stopping["flag"] = True  # finish the batch in flight, commit, then exit
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    with _progress() as bar:
+        task = bar.add_task("validating", total=None, info="")
+
+        def show(stats) -> None:  # type: ignore[no-untyped-def]
+            bar.update(
+                task,
+                completed=stats.consumed,
+                info=f"valid {stats.valid}  invalid {stats.invalid}  {stats.rate:,.0f} ev/s",
+            )
+
+        stats = run_validator(
+            settings,
+            until_idle=until_idle,
+            idle_seconds=idle_seconds,
+            progress=show,
+            should_stop=lambda: stopping["flag"],
+        )
+    console.print(
+        f"[green]consumed {stats.consumed}[/green]: valid {stats.valid}, invalid {stats.invalid} "
+        f"{dict(stats.errors) if stats.errors else ''}"
+    )
+    return stats.to_dict()
+
+
+@app.command()
+def demo(
+    events: Annotated[int, typer.Option(help="Synthetic events to produce.", min=1000)] = 50_000,
+    days: Annotated[int, typer.Option(help="Days the events span.", min=3)] = 7,
+    invalid_ratio: Annotated[
+        float, typer.Option(help="Share of invalid events.", min=0, max=1)
+    ] = 0.01,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    predictions: Annotated[
+        int, typer.Option(help="Sequential sample predictions to time.", min=1)
+    ] = 200,
+) -> None:
+    """Up, produce, validate, materialize every asset through Dagster, predict, summarize."""
+    from easymlops.demo import run_demo
+
+    code = run_demo(
+        console=console,
+        out=out,
+        events=events,
+        days=days,
+        invalid_ratio=invalid_ratio,
+        seed=seed,
+        predictions=predictions,
+        produce=lambda: _produce(
+            events=events, days=days, rate=0, invalid_ratio=invalid_ratio, seed=seed, from_csv=None
+        ),
+        validate=lambda: _validate(until_idle=True, idle_seconds=5.0),
+    )
+    raise typer.Exit(code)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

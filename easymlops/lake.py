@@ -1,0 +1,253 @@
+"""Lake layers: Kafka -> bronze (Delta, exactly-once by offset) -> silver (typed, deduplicated,
+sessionized Parquet partitioned by event date, read by dbt)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+from confluent_kafka import Consumer, TopicPartition
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+
+from easymlops.kafka import coordinates, end_offsets, partitions
+from easymlops.settings import Settings
+
+# Typed columns of a validated event in the lake (event_time is naive UTC: DuckDB and dbt read
+# it as TIMESTAMP without a zone conversion).
+EVENT_COLUMNS: dict[str, pl.DataType] = {
+    "event_id": pl.String(),
+    "event_time": pl.Datetime("us"),
+    "event_type": pl.String(),
+    "product_id": pl.Int64(),
+    "category_id": pl.Int64(),
+    "category_code": pl.String(),
+    "brand": pl.String(),
+    "price": pl.Float64(),
+    "user_id": pl.Int64(),
+    "user_session": pl.String(),
+}
+KAFKA_COLUMNS: dict[str, pl.DataType] = {
+    "kafka_partition": pl.Int32(),
+    "kafka_offset": pl.Int64(),
+    "landed_at": pl.Datetime("us"),
+}
+DEAD_LETTER_COLUMNS: dict[str, pl.DataType] = {
+    "payload": pl.String(),
+    "payload_encoding": pl.String(),
+    "error_type": pl.String(),
+    "error_message": pl.String(),
+    "error_field": pl.String(),
+    "source_topic": pl.String(),
+    "source_partition": pl.Int64(),
+    "source_offset": pl.Int64(),
+    "received_at": pl.String(),
+}
+
+
+def bronze_path(settings: Settings, name: str) -> str:
+    return f"{settings.lake}/bronze/{name}"
+
+
+def silver_events_path(settings: Settings) -> Path:
+    return Path(settings.lake) / "silver" / "events"
+
+
+@dataclass
+class LandingResult:
+    """What one landing run covered: offsets are [start, end) per partition."""
+
+    topic: str
+    rows: int = 0
+    start_offsets: dict[int, int] = field(default_factory=dict)
+    end_offsets: dict[int, int] = field(default_factory=dict)
+    delta_version: int | None = None
+
+
+def landed_offsets(table_path: str, topic: str, parts: list[int]) -> dict[int, int]:
+    """Next offset to land per partition, read from the Delta log's application transactions
+    (app id `topic:partition`), which are committed atomically with the data."""
+    if not DeltaTable.is_deltatable(table_path):
+        return dict.fromkeys(parts, 0)
+    table = DeltaTable(table_path)
+    return {p: table.transaction_version(f"{topic}:{p}") or 0 for p in parts}
+
+
+def _decode_validated(values: list[bytes]) -> pl.DataFrame:
+    frame = pl.read_ndjson(b"\n".join(values), schema={k: pl.String() for k in EVENT_COLUMNS})
+    return frame.with_columns(
+        pl.col("event_time")
+        .str.to_datetime("%Y-%m-%dT%H:%M:%S%.fZ", time_unit="us")
+        .alias("event_time"),
+        *(pl.col(c).cast(t) for c, t in EVENT_COLUMNS.items() if c not in ("event_time",)),
+    )
+
+
+def _decode_dead_letters(values: list[bytes]) -> pl.DataFrame:
+    rows = [json.loads(v) for v in values]
+    return pl.DataFrame(rows, schema=DEAD_LETTER_COLUMNS)
+
+
+DECODERS: dict[str, Callable[[list[bytes]], pl.DataFrame]] = {
+    "validated": _decode_validated,
+    "invalid": _decode_dead_letters,
+}
+
+
+def land_topic(
+    settings: Settings,
+    topic: str,
+    table_path: str,
+    kind: str,
+    *,
+    progress: Callable[[int], None] | None = None,
+    idle_timeout: float = 5.0,
+) -> LandingResult:
+    """Append every record of `topic` not yet in the bronze table, up to the current end offsets.
+
+    Exactly-once: the range starts at the offsets recorded in the table's last commit and the new
+    end offsets are committed in the same Delta transaction as the rows, so a crash before the
+    commit lands nothing and a re-run lands nothing twice.
+    """
+    decode = DECODERS[kind]
+    parts = partitions(settings, topic)
+    starts = landed_offsets(table_path, topic, parts)
+    ends = end_offsets(settings, topic)
+    result = LandingResult(topic=topic, start_offsets=starts, end_offsets=dict(starts))
+    todo = {p: ends[p] for p in parts if ends.get(p, 0) > starts[p]}
+    if not todo:
+        return result
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"easymlops-lake-{kind}",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+        }
+    )
+    values: list[bytes] = []
+    meta_partition: list[int] = []
+    meta_offset: list[int] = []
+    reached: dict[int, int] = {p: starts[p] for p in todo}
+    try:
+        consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
+        last_message = time.monotonic()
+        while any(reached[p] < todo[p] for p in todo):
+            messages = consumer.consume(10_000, timeout=0.5)
+            if not messages:
+                # Control records of transactions never reach us: read the position instead.
+                for tp in consumer.position([TopicPartition(topic, p) for p in todo]):
+                    if tp.offset >= 0:
+                        reached[tp.partition] = max(reached[tp.partition], tp.offset)
+                if time.monotonic() - last_message > idle_timeout:
+                    break
+                continue
+            last_message = time.monotonic()
+            for message in messages:
+                if message.error() is not None:
+                    raise RuntimeError(f"reading {topic}: {message.error()}")
+                _, part, offset = coordinates(message)
+                if offset >= todo[part]:
+                    continue  # beyond this run's range: the next run lands it
+                values.append(message.value() or b"")
+                meta_partition.append(part)
+                meta_offset.append(offset)
+                reached[part] = offset + 1
+            if progress:
+                progress(len(values))
+    finally:
+        consumer.close()
+
+    frame = decode(values) if values else pl.DataFrame(schema={**_empty_schema(kind)})
+    landed_at = datetime.now(UTC).replace(tzinfo=None)
+    frame = frame.with_columns(
+        pl.Series("kafka_partition", meta_partition, dtype=pl.Int32),
+        pl.Series("kafka_offset", meta_offset, dtype=pl.Int64),
+        pl.lit(landed_at, dtype=pl.Datetime("us")).alias("landed_at"),
+    )
+    new_offsets = {p: max(reached[p], starts[p]) for p in todo}
+    write_deltalake(
+        table_path,
+        frame.to_arrow(),
+        mode="append",
+        commit_properties=CommitProperties(
+            app_transactions=[Transaction(f"{topic}:{p}", o) for p, o in new_offsets.items()],
+            custom_metadata={"easymlops.topic": topic},
+        ),
+    )
+    result.rows = frame.height
+    result.end_offsets = {**starts, **new_offsets}
+    result.delta_version = DeltaTable(table_path).version()
+    return result
+
+
+def _empty_schema(kind: str) -> dict[str, pl.DataType]:
+    return dict(EVENT_COLUMNS) if kind == "validated" else dict(DEAD_LETTER_COLUMNS)
+
+
+def read_bronze(table_path: str) -> pl.DataFrame:
+    if not DeltaTable.is_deltatable(table_path):
+        return pl.DataFrame(schema={**EVENT_COLUMNS, **KAFKA_COLUMNS})
+    return pl.read_delta(table_path)
+
+
+@dataclass
+class SilverResult:
+    rows: int
+    duplicates_removed: int
+    dates: list[str]
+
+
+def build_silver(settings: Settings) -> SilverResult:
+    """Rebuild silver from bronze: typed, deduplicated by event_id (first landed wins), with the
+    position of each event in its session, written as one Parquet file per event date.
+
+    Each date's file is written to a temporary name and renamed, so readers never see a partial
+    partition, and a rebuild overwrites instead of appending (idempotent).
+    """
+    bronze = read_bronze(bronze_path(settings, "events"))
+    deduped = bronze.sort("kafka_partition", "kafka_offset").unique(
+        subset="event_id", keep="first", maintain_order=True
+    )
+    silver = (
+        deduped.select(list(EVENT_COLUMNS))
+        .sort("user_session", "event_time", "event_id")
+        .with_columns(
+            pl.col("event_time").dt.date().alias("event_date"),
+            pl.int_range(pl.len()).over("user_session").cast(pl.Int32).alias("session_seq"),
+        )
+    )
+    root = silver_events_path(settings)
+    dates: list[str] = []
+    for (event_date,), part in silver.partition_by("event_date", as_dict=True).items():
+        day = str(event_date)
+        directory = root / f"event_date={day}"
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / ".part-0.parquet.tmp"
+        part.drop("event_date").write_parquet(tmp)
+        os.replace(tmp, directory / "part-0.parquet")
+        dates.append(day)
+    # Dates no longer present in bronze (e.g. after a lake reset) must not linger in silver.
+    if root.exists():
+        for stale in root.iterdir():
+            if stale.is_dir() and stale.name.removeprefix("event_date=") not in dates:
+                shutil.rmtree(stale)
+    return SilverResult(
+        rows=silver.height, duplicates_removed=bronze.height - deduped.height, dates=sorted(dates)
+    )
+
+
+def read_silver(settings: Settings) -> pl.DataFrame:
+    root = silver_events_path(settings)
+    if not any(root.glob("event_date=*/*.parquet")):
+        return pl.DataFrame(
+            schema={**EVENT_COLUMNS, "session_seq": pl.Int32(), "event_date": pl.Date()}
+        )
+    return pl.read_parquet(root / "**/*.parquet", hive_partitioning=True)

@@ -1,0 +1,80 @@
+"""Send raw payloads to `events.raw` with delivery confirmation and an optional rate limit."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from confluent_kafka import KafkaError, Message
+
+from easymlops.kafka import producer
+from easymlops.settings import Settings
+
+
+@dataclass
+class ProduceStats:
+    sent: int = 0
+    delivered: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "sent": self.sent,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 3),
+            "events_per_second": round(self.delivered / self.seconds, 1) if self.seconds else 0.0,
+        }
+
+
+def produce_payloads(
+    settings: Settings,
+    payloads: Iterable[bytes],
+    *,
+    topic: str | None = None,
+    rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    flush_timeout: float = 60.0,
+) -> ProduceStats:
+    """Produce every payload as-is; `rate` caps events per second. Returns delivery counts:
+    `delivered` counts broker acknowledgements, not calls to produce."""
+    stats = ProduceStats()
+    client = producer(settings)
+    target = topic or settings.topic_raw
+
+    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
+        if err is None:
+            stats.delivered += 1
+        else:
+            stats.failed += 1
+            if len(stats.failures) < 10:
+                stats.failures.append(str(err))
+
+    started = time.monotonic()
+    for payload in payloads:
+        while True:
+            try:
+                client.produce(target, value=payload, on_delivery=on_delivery)
+                break
+            except BufferError:
+                client.poll(0.1)  # local queue full: let deliveries drain
+        stats.sent += 1
+        if stats.sent % 1000 == 0:
+            client.poll(0)
+            if progress:
+                progress(1000)
+        if rate:
+            ahead = stats.sent / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    remaining = client.flush(flush_timeout)
+    if progress and stats.sent % 1000:
+        progress(stats.sent % 1000)
+    if remaining:
+        stats.failed += remaining
+        stats.failures.append(f"{remaining} messages still undelivered after {flush_timeout}s")
+    stats.seconds = time.monotonic() - started
+    return stats

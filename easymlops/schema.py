@@ -1,0 +1,309 @@
+"""The event schema and its validation rules: the one definition that producers, the validator,
+the Flink job and the lake all import.
+
+Policy, documented here because every consumer depends on it:
+- Raw events are JSON objects. Numeric fields accept JSON numbers or decimal strings (the public
+  dataset is CSV, so a replay carries text); anything else is `wrong_type`.
+- `event_time` accepts the dataset's CSV form `2019-10-01 00:00:00 UTC` and ISO-8601 with an
+  offset or `Z`; a naive ISO time is taken as UTC.
+- Empty `category_code` / `brand` mean null.
+- `event_id` is optional; when absent it is derived from the other fields, so a replayed duplicate
+  row gets the same id and is removed by deduplication downstream.
+- Unknown extra fields are ignored (dropped from the validated record) so producers can evolve
+  ahead of consumers.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+EVENT_TYPES: tuple[str, ...] = ("view", "cart", "remove_from_cart", "purchase")
+REQUIRED_FIELDS: tuple[str, ...] = (
+    "event_time",
+    "event_type",
+    "product_id",
+    "category_id",
+    "price",
+    "user_id",
+    "user_session",
+)
+OPTIONAL_FIELDS: tuple[str, ...] = ("category_code", "brand", "event_id")
+# Column order of a validated event everywhere (lake, warehouse, JSON Schema).
+FIELD_ORDER: tuple[str, ...] = (
+    "event_id",
+    "event_time",
+    "event_type",
+    "product_id",
+    "category_id",
+    "category_code",
+    "brand",
+    "price",
+    "user_id",
+    "user_session",
+)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_STRING_LENGTH = 256
+MAX_MESSAGE_BYTES = 64 * 1024
+MAX_FUTURE = timedelta(days=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event; `event_time` is timezone-aware UTC."""
+
+    event_id: str
+    event_time: datetime
+    event_type: str
+    product_id: int
+    category_id: int
+    category_code: str | None
+    brand: str | None
+    price: float
+    user_id: int
+    user_session: str
+
+    def to_json_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["event_time"] = format_time(self.event_time)
+        return record
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(self.to_json_dict(), separators=(",", ":")).encode()
+
+
+class ValidationError(ValueError):
+    """A rule an event broke: `error_type` is a stable machine-readable code."""
+
+    def __init__(self, error_type: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.error_type = error_type
+        self.field = field
+
+
+def format_time(ts: datetime) -> str:
+    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_time(value: Any, field: str = "event_time") -> datetime:
+    if not isinstance(value, str):
+        raise ValidationError("wrong_type", f"{field} must be a string timestamp", field)
+    text = value.strip()
+    try:
+        if text.endswith(" UTC"):  # the public dataset's CSV form
+            ts = datetime.strptime(text[:-4], "%Y-%m-%d %H:%M:%S").replace(tzinfo=UTC)
+        else:
+            ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+    except ValueError:
+        raise ValidationError(
+            "bad_timestamp", f"{field} {text[:40]!r} is not a timestamp", field
+        ) from None
+    return ts
+
+
+def _int64(record: dict[str, Any], field: str) -> int:
+    value = record[field]
+    if isinstance(value, bool):
+        raise ValidationError("wrong_type", f"{field} must be an integer, got a boolean", field)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text.lstrip("-").isdigit():
+            raise ValidationError(
+                "wrong_type", f"{field} must be an integer, got {text[:40]!r}", field
+            )
+        value = int(text)
+    elif isinstance(value, float):
+        if not value.is_integer():
+            raise ValidationError("wrong_type", f"{field} must be an integer, got {value}", field)
+        value = int(value)
+    elif not isinstance(value, int):
+        raise ValidationError(
+            "wrong_type", f"{field} must be an integer, got {type(value).__name__}", field
+        )
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise ValidationError("int_out_of_range", f"{field} {value} does not fit in int64", field)
+    return value
+
+
+def _price(record: dict[str, Any]) -> float:
+    value = record["price"]
+    if isinstance(value, bool):
+        raise ValidationError("wrong_type", "price must be a number, got a boolean", "price")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValidationError(
+                "wrong_type", f"price must be a number, got {value[:40]!r}", "price"
+            ) from None
+    elif isinstance(value, int):
+        value = float(value)
+    elif not isinstance(value, float):
+        raise ValidationError(
+            "wrong_type", f"price must be a number, got {type(value).__name__}", "price"
+        )
+    if not math.isfinite(value):
+        raise ValidationError("bad_price", f"price must be finite, got {value}", "price")
+    if value < 0:
+        raise ValidationError("bad_price", f"price must be >= 0, got {value}", "price")
+    return value
+
+
+def _string(record: dict[str, Any], field: str, *, nullable: bool) -> str | None:
+    value = record.get(field)
+    if value is None or (nullable and value == ""):
+        if nullable:
+            return None
+        raise ValidationError("missing_field", f"{field} is required", field)
+    if not isinstance(value, str):
+        raise ValidationError(
+            "wrong_type", f"{field} must be a string, got {type(value).__name__}", field
+        )
+    if len(value) > MAX_STRING_LENGTH:
+        raise ValidationError(
+            "string_too_long", f"{field} is {len(value)} chars, limit {MAX_STRING_LENGTH}", field
+        )
+    if not nullable and not value.strip():
+        raise ValidationError("missing_field", f"{field} is empty", field)
+    return value
+
+
+def derive_event_id(
+    event_time: datetime,
+    event_type: str,
+    product_id: int,
+    user_id: int,
+    user_session: str,
+    price: float,
+) -> str:
+    key = f"{format_time(event_time)}|{event_type}|{product_id}|{user_id}|{user_session}|{price!r}"
+    return hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+
+
+def validate_record(record: Any, *, now: datetime | None = None) -> Event:
+    """Apply every rule to a decoded JSON value; raise `ValidationError` on the first broken one."""
+    if not isinstance(record, dict):
+        raise ValidationError(
+            "wrong_type", f"event must be a JSON object, got {type(record).__name__}"
+        )
+    for field in REQUIRED_FIELDS:
+        if record.get(field) is None:
+            raise ValidationError("missing_field", f"{field} is required", field)
+    event_type = record["event_type"]
+    if not isinstance(event_type, str):
+        raise ValidationError("wrong_type", "event_type must be a string", "event_type")
+    if event_type not in EVENT_TYPES:
+        raise ValidationError(
+            "unknown_event_type",
+            f"event_type {event_type[:40]!r} is not one of {', '.join(EVENT_TYPES)}",
+            "event_type",
+        )
+    event_time = parse_time(record["event_time"])
+    if event_time > (now or datetime.now(UTC)) + MAX_FUTURE:
+        raise ValidationError(
+            "timestamp_in_future",
+            f"event_time {format_time(event_time)} is in the future",
+            "event_time",
+        )
+    product_id = _int64(record, "product_id")
+    category_id = _int64(record, "category_id")
+    user_id = _int64(record, "user_id")
+    price = _price(record)
+    user_session = _string(record, "user_session", nullable=False)
+    assert user_session is not None
+    category_code = _string(record, "category_code", nullable=True)
+    brand = _string(record, "brand", nullable=True)
+    event_id = _string(record, "event_id", nullable=True) or derive_event_id(
+        event_time, event_type, product_id, user_id, user_session, price
+    )
+    return Event(
+        event_id=event_id,
+        event_time=event_time,
+        event_type=event_type,
+        product_id=product_id,
+        category_id=category_id,
+        category_code=category_code,
+        brand=brand,
+        price=price,
+        user_id=user_id,
+        user_session=user_session,
+    )
+
+
+def validate_bytes(payload: bytes | None, *, now: datetime | None = None) -> Event:
+    """Decode and validate one Kafka message value."""
+    if payload is None:
+        raise ValidationError("missing_payload", "message has no value")
+    if len(payload) > MAX_MESSAGE_BYTES:
+        raise ValidationError(
+            "message_too_large", f"message is {len(payload)} bytes, limit {MAX_MESSAGE_BYTES}"
+        )
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError("not_utf8", f"payload is not UTF-8: {exc.reason}") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValidationError(
+            "malformed_json", f"payload is not JSON: {exc.msg} at {exc.pos}"
+        ) from None
+    return validate_record(record, now=now)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """The dead-letter envelope written to `events.invalid` (DESIGN.md section 5)."""
+
+    payload: str
+    payload_encoding: str  # "utf-8" or "base64"
+    error_type: str
+    error_message: str
+    error_field: str | None
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    received_at: str
+
+    @classmethod
+    def build(
+        cls,
+        payload: bytes | None,
+        error: ValidationError,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        received_at: datetime | None = None,
+    ) -> DeadLetter:
+        raw = payload or b""
+        try:
+            text, encoding = raw.decode("utf-8"), "utf-8"
+        except UnicodeDecodeError:
+            text, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+        return cls(
+            payload=text,
+            payload_encoding=encoding,
+            error_type=error.error_type,
+            error_message=str(error),
+            error_field=error.field,
+            source_topic=topic,
+            source_partition=partition,
+            source_offset=offset,
+            received_at=format_time(received_at or datetime.now(UTC)),
+        )
+
+    def original_bytes(self) -> bytes:
+        if self.payload_encoding == "base64":
+            return base64.b64decode(self.payload)
+        return self.payload.encode("utf-8")
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()

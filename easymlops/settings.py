@@ -1,0 +1,102 @@
+"""The one settings object: every part reads its configuration from here (env prefix EASYMLOPS_)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Configuration of the whole platform; compose and k8s set the same EASYMLOPS_* names."""
+
+    model_config = SettingsConfigDict(env_prefix="EASYMLOPS_", env_file=None, extra="ignore")
+
+    # Where the embedded stack keeps pids, logs and data (git-ignored).
+    home: Path = Field(default=Path(".easymlops"))
+    host: str = "127.0.0.1"
+
+    # Ports of the embedded stack; chosen away from the services' usual defaults so that a
+    # developer's own Kafka/Redis/MLflow keep working beside it.
+    kafka_port: int = 19092
+    redis_port: int = 16379
+    mlflow_port: int = 15000
+    ray_port: int = 16380
+    ray_dashboard_port: int = 18265
+    serve_port: int = 18000
+    dagster_port: int = 13000
+
+    # Override these to point at external services (compose, k8s); empty = embedded stack.
+    kafka_bootstrap: str = ""
+    redis_url: str = ""
+    mlflow_tracking_uri: str = ""
+    ray_address: str = ""
+
+    topic_raw: str = "events.raw"
+    topic_validated: str = "events.validated"
+    topic_invalid: str = "events.invalid"
+    topic_predictions: str = "predictions"
+    topic_partitions: int = 3
+
+    lake_uri: str = ""  # default: <home>/lake
+    warehouse_path: str = ""  # default: <home>/warehouse.duckdb
+
+    mlflow_experiment: str = "easymlops-purchase"
+    model_name: str = "purchase_propensity"
+    champion_alias: str = "champion"
+
+    session_ttl_seconds: int = 6 * 3600
+    holdout_days: int = 1
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        # Resolved once, at load: dbt's programmatic runner changes the working directory.
+        return value.expanduser().resolve()
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap or f"{self.host}:{self.kafka_port}"
+
+    @property
+    def redis(self) -> str:
+        return self.redis_url or f"redis://{self.host}:{self.redis_port}/0"
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def ray(self) -> str:
+        return self.ray_address or f"{self.host}:{self.ray_port}"
+
+    @property
+    def serve_url(self) -> str:
+        return f"http://{self.host}:{self.serve_port}"
+
+    @property
+    def lake(self) -> str:
+        return self.lake_uri or str(self.home_dir / "lake")
+
+    @property
+    def warehouse(self) -> Path:
+        return (
+            Path(self.warehouse_path) if self.warehouse_path else self.home_dir / "warehouse.duckdb"
+        )
+
+    @property
+    def topics(self) -> list[str]:
+        return [self.topic_raw, self.topic_validated, self.topic_invalid, self.topic_predictions]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings; after changing the environment call `get_settings.cache_clear()`."""
+    return Settings()

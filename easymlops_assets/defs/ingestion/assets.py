@@ -1,0 +1,34 @@
+"""Kafka topics as external assets: produced and validated outside the asset graph."""
+
+import dagster as dg
+
+from easymlops.settings import get_settings
+
+_settings = get_settings()
+
+events_raw = dg.AssetSpec(
+    "events_raw",
+    group_name="ingestion",
+    kinds={"kafka"},
+    description=f"Raw events on Kafka topic `{_settings.topic_raw}` (producers, CSV replay).",
+    metadata={"topic": _settings.topic_raw},
+)
+events_validated = dg.AssetSpec(
+    "events_validated",
+    deps=[events_raw],
+    group_name="ingestion",
+    kinds={"kafka"},
+    description=(
+        f"Events that passed the rules in easymlops.schema, on `{_settings.topic_validated}`; "
+        "written by the stream validator (Flink in production, `easymlops validate` locally)."
+    ),
+    metadata={"topic": _settings.topic_validated},
+)
+events_invalid = dg.AssetSpec(
+    "events_invalid",
+    deps=[events_raw],
+    group_name="ingestion",
+    kinds={"kafka"},
+    description=f"Dead-letter envelopes of rejected events on `{_settings.topic_invalid}`.",
+    metadata={"topic": _settings.topic_invalid},
+)

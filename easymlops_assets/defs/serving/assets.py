@@ -1,0 +1,64 @@
+"""Real-time inference: promote the gated model to `champion` and keep Ray Serve serving it."""
+
+import dagster as dg
+import httpx
+
+from easymlops import registry
+from easymlops.settings import get_settings
+from easymlops_assets.defs.training.assets import latest_model_version
+
+
+@dg.asset(deps=["purchase_model", "online_features"], group_name="serving", kinds={"ray"})
+def serving_deployment(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+    """Sets the `champion` alias to the version that passed the promotion gate, then makes sure
+    the Ray Serve app runs on the local Ray head; a running app hot-reloads the new champion."""
+    from serving.deploy import deploy  # ray is heavy: imported only when this asset runs
+
+    settings = get_settings()
+    version = latest_model_version(context.instance)
+    registry.promote(version, settings)
+    url = deploy(settings, wait_ready=True)
+    model = _wait_for_version(url, version)
+    context.log.info(f"serving {model} at {url}")
+    return dg.MaterializeResult(
+        metadata={"url": dg.MetadataValue.url(url), "model_version": version, "served": model}
+    )
+
+
+def _wait_for_version(url: str, version: str, timeout: float = 60.0) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    served = ""
+    while time.monotonic() < deadline:
+        response = httpx.get(f"{url}/model", timeout=5)
+        if response.status_code == 200:
+            served = str(response.json().get("version"))
+            if served == version:
+                return served
+        time.sleep(1)
+    raise RuntimeError(
+        f"Ray Serve still serves version {served or 'none'} after {timeout}s, not {version}"
+    )
+
+
+@dg.asset_check(asset=serving_deployment)
+def serving_answers() -> dg.AssetCheckResult:
+    """The deployment is ready and returns a probability for a sample request."""
+    settings = get_settings()
+    ready = httpx.get(f"{settings.serve_url}/readyz", timeout=10)
+    response = httpx.post(
+        f"{settings.serve_url}/predict",
+        json={"user_id": 1, "product_id": 1, "user_session": "check", "price": 10.0},
+        timeout=10,
+    )
+    body = response.json() if response.status_code == 200 else {}
+    probability = body.get("probability", -1.0)
+    return dg.AssetCheckResult(
+        passed=ready.status_code == 200 and 0.0 <= probability <= 1.0,
+        metadata={
+            "readyz": ready.status_code,
+            "predict_status": response.status_code,
+            "probability": probability,
+        },
+    )
