@@ -7,6 +7,9 @@ PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --frozen
 export DAGSTER_HOME := $(CURDIR)/.easymlops/dagster
+# Under `uv run`, Ray would ship this directory to its workers and build a 1.7 GB virtualenv per
+# code snapshot; the workers use the same .venv anyway.
+export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving
 

@@ -1,0 +1,235 @@
+"""The one place that talks to the MLflow model registry: log and register a model, read and move
+the `champion` alias, load a booster, read the metrics a promotion gate compares.
+
+Aliases only: model-version stages are deprecated in MLflow and never used here. Read paths use an
+explicit `MlflowClient(tracking_uri=...)` so a long-lived process (a Serve replica) never depends
+on the process-wide MLflow URI; `log_and_register` needs MLflow's fluent run API and therefore
+sets the process-wide tracking and registry URIs to `settings.mlflow_uri`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+
+import mlflow
+import mlflow.xgboost
+import xgboost
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+from mlflow.types import ColSpec, Schema
+
+from easymlops.features import FEATURE_SET_VERSION, MODEL_FEATURES
+from easymlops.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Tag names on a model version; serving and the promotion gate read them.
+FEATURE_SET_VERSION_TAG = "feature_set_version"
+FEATURE_NAMES_TAG = "feature_names"
+# Name of the model artifact inside its run/logged model.
+MODEL_ARTIFACT_NAME = "model"
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredModel:
+    """One version of a registered model, as much as a caller needs to load or compare it."""
+
+    name: str
+    version: str
+    run_id: str
+    model_uri: str  # `models:/<name>/<version>`: stable, unlike the alias URI
+    feature_set_version: str | None = None
+
+    @classmethod
+    def from_model_version(cls, mv: ModelVersion) -> RegisteredModel:
+        return cls(
+            name=mv.name,
+            version=str(mv.version),
+            run_id=mv.run_id or "",
+            model_uri=f"models:/{mv.name}/{mv.version}",
+            feature_set_version=(mv.tags or {}).get(FEATURE_SET_VERSION_TAG),
+        )
+
+
+def client(settings: Settings) -> MlflowClient:
+    """A client bound to the settings' server, independent of the process-wide MLflow URI."""
+    return MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
+
+
+def _signature() -> ModelSignature:
+    # Declared rather than inferred so that the input schema is exactly MODEL_FEATURES (in order)
+    # and logging needs no sample data.
+    return ModelSignature(
+        inputs=Schema([ColSpec("double", name) for name in MODEL_FEATURES]),
+        outputs=Schema([ColSpec("double")]),
+    )
+
+
+def log_and_register(
+    booster: xgboost.Booster,
+    *,
+    params: dict,
+    metrics: dict[str, float],
+    settings: Settings,
+    tags: dict[str, str] | None = None,
+    run_name: str | None = None,
+) -> RegisteredModel:
+    """Log `booster` with its params and metrics in a new run of `settings.mlflow_experiment` and
+    register it as a new version of `settings.model_name`, tagged with the feature-set version.
+
+    The booster must have been trained on MODEL_FEATURES in that order: serving builds its input
+    by those names, so a mismatch is refused here rather than discovered at prediction time.
+    The new version gets no alias; promotion is a separate, gated step (`promote`).
+    """
+    names = tuple(booster.feature_names or ())
+    if names != MODEL_FEATURES:
+        raise ValueError(
+            f"booster feature names {list(names)} differ from MODEL_FEATURES {list(MODEL_FEATURES)}"
+        )
+    bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
+    if bad:
+        raise ValueError(f"metrics must be finite numbers, got {bad}")
+
+    mlflow.set_tracking_uri(settings.mlflow_uri)
+    mlflow.set_registry_uri(settings.mlflow_uri)
+    mlflow.set_experiment(settings.mlflow_experiment)
+    version_tags = {
+        **(tags or {}),
+        FEATURE_SET_VERSION_TAG: FEATURE_SET_VERSION,
+        FEATURE_NAMES_TAG: ",".join(MODEL_FEATURES),
+    }
+    with mlflow.start_run(run_name=run_name, tags=tags) as run:
+        mlflow.log_params(params)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        mlflow.set_tag(FEATURE_SET_VERSION_TAG, FEATURE_SET_VERSION)
+        info = mlflow.xgboost.log_model(
+            booster,
+            name=MODEL_ARTIFACT_NAME,
+            signature=_signature(),
+            # Explicit requirements skip MLflow's inference, which reloads the model in a
+            # subprocess (seconds per call); -cpu avoids the 470 MB NCCL wheel of `xgboost`.
+            pip_requirements=[f"xgboost-cpu=={xgboost.__version__}"],
+            registered_model_name=settings.model_name,
+        )
+        run_id = run.info.run_id
+    if info.registered_model_version is None:
+        raise RuntimeError(f"MLflow did not register {settings.model_name} for run {run_id}")
+    version = str(info.registered_model_version)
+    mlflow_client = client(settings)
+    for key, value in version_tags.items():
+        mlflow_client.set_model_version_tag(settings.model_name, version, key, value)
+    log.info("registered %s version %s (run %s)", settings.model_name, version, run_id)
+    return RegisteredModel(
+        name=settings.model_name,
+        version=version,
+        run_id=run_id,
+        model_uri=f"models:/{settings.model_name}/{version}",
+        feature_set_version=FEATURE_SET_VERSION,
+    )
+
+
+def champion(settings: Settings) -> RegisteredModel | None:
+    """The version behind `settings.champion_alias`, or None when there is no such alias yet (or
+    no registered model at all): both are normal states before the first promotion.
+
+    Reads the alias map of the registered model instead of `get_model_version_by_alias`, whose
+    "alias not found" error is an INVALID_PARAMETER_VALUE indistinguishable from a real error.
+    """
+    mlflow_client = client(settings)
+    try:
+        registered = mlflow_client.get_registered_model(settings.model_name)
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+    version = (registered.aliases or {}).get(settings.champion_alias)
+    if version is None:
+        return None
+    mv = mlflow_client.get_model_version(settings.model_name, str(version))
+    return RegisteredModel.from_model_version(mv)
+
+
+def get_version(version: str | int, settings: Settings) -> RegisteredModel:
+    """One version of `settings.model_name` (raises MlflowException if it does not exist)."""
+    mv = client(settings).get_model_version(settings.model_name, str(version))
+    return RegisteredModel.from_model_version(mv)
+
+
+def promote(version: str | int, settings: Settings) -> RegisteredModel:
+    """Point `settings.champion_alias` at `version`; serving picks it up on its next poll.
+
+    Moving the alias is the whole promotion (and rollback): no stage transition, no copy.
+    """
+    mlflow_client = client(settings)
+    mv = mlflow_client.get_model_version(settings.model_name, str(version))
+    mlflow_client.set_registered_model_alias(
+        settings.model_name, settings.champion_alias, str(mv.version)
+    )
+    log.info(
+        "alias %s of %s -> version %s", settings.champion_alias, settings.model_name, mv.version
+    )
+    return RegisteredModel.from_model_version(mv)
+
+
+_MODELS_URI = re.compile(
+    r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[^/]+))?(?P<path>/.*)?$"
+)
+
+
+def download_uri(model_uri: str, settings: Settings) -> str:
+    """The storage location behind a `models:/` URI, resolved on the settings' registry.
+
+    MLflow 3 resolves `models:/` URIs with the process-wide registry URI even when
+    `download_artifacts(registry_uri=...)` is given, so in a process that never called
+    `mlflow.set_registry_uri` (a Serve replica) it looks in a local ./mlruns and reports the
+    model as missing; resolving here keeps the read path free of global state.
+    Other URIs (`runs:/`, `mlflow-artifacts:/`, paths) are returned unchanged.
+    """
+    match = _MODELS_URI.match(model_uri)
+    if match is None:
+        return model_uri
+    mlflow_client = client(settings)
+    name, version, alias = match["name"], match["version"], match["alias"]
+    if alias is not None:
+        version = mlflow_client.get_model_version_by_alias(name, alias).version
+    if version is not None:
+        base = mlflow_client.get_model_version_download_uri(name, str(version))
+    else:  # `models:/<model_id>`: an MLflow 3 logged model, not a registered one
+        base = mlflow_client.get_logged_model(name).artifact_location
+    return base.rstrip("/") + (match["path"] or "")
+
+
+def load_booster(model_uri: str, settings: Settings) -> xgboost.Booster:
+    """Download `model_uri` (`models:/name/version`, `models:/name@alias`, `runs:/...`) from the
+    settings' server and load it as a raw Booster (not a pyfunc: serving needs DMatrix
+    feature-name checks and nothing of the pyfunc wrapper)."""
+    with tempfile.TemporaryDirectory(prefix="easymlops-model-") as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=download_uri(model_uri, settings),
+            dst_path=tmp,
+            tracking_uri=settings.mlflow_uri,
+            registry_uri=settings.mlflow_uri,
+        )
+        model = mlflow.xgboost.load_model(local)
+    if not isinstance(model, xgboost.Booster):
+        # A model logged through the scikit-learn API loads as its wrapper; serving wants the
+        # booster underneath.
+        model = model.get_booster()
+    return model
+
+
+def version_metrics(version: str | int, settings: Settings) -> dict[str, float]:
+    """Metrics of the run that produced `version`, so a promotion gate can compare a challenger
+    with the champion on the numbers they were each evaluated with."""
+    mlflow_client = client(settings)
+    mv = mlflow_client.get_model_version(settings.model_name, str(version))
+    if not mv.run_id:
+        return {}
+    return dict(mlflow_client.get_run(mv.run_id).data.metrics)

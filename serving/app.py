@@ -1,0 +1,255 @@
+"""The Ray Serve application: a FastAPI ingress that reads features from Redis, scores them with
+the MLflow `champion` booster and hot-reloads that booster when the alias moves.
+
+HTTP contract (DESIGN.md section 5): POST /predict, POST /predict/batch, GET /healthz, /readyz,
+/model, /metrics. Bad input -> 422 naming each field and reason; no model, unreachable online
+store or a feature-set mismatch -> 503 with the reason.
+"""
+
+# No `from __future__ import annotations` here: Serve's ingress re-binds the endpoint methods and
+# FastAPI then cannot resolve string annotations, so `body: PredictRequest` silently became a
+# required *query* parameter (every POST got a 422 "query.body: Field required").
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from easymlops.features import FEATURE_SET_VERSION, MODEL_FEATURES
+from serving.features import FeatureRow, assemble_row, redis_keys, to_matrix
+from serving.metrics import CONTENT_TYPE, serving_metrics
+from serving.model import ChampionWatcher, LoadedModel, ServingConfig
+from serving.schemas import (
+    BatchRequest,
+    BatchResponse,
+    ModelInfo,
+    PredictRequest,
+    PredictResponse,
+)
+
+log = logging.getLogger("ray.serve.easymlops")
+
+DEPLOYMENT_NAME = "PurchasePredictor"
+
+app = FastAPI(
+    title="EasyMLOps purchase propensity",
+    description="Probability that a cart event ends in a purchase of the product in the session.",
+)
+
+
+def _field(loc: Sequence[int | str]) -> str:
+    """`["body", "requests", 3, "user_id"]` -> `requests[3].user_id` (the body itself: `body`)."""
+    parts = list(loc[1:]) if loc and loc[0] == "body" else list(loc)
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+def _error(err: dict[str, Any]) -> dict[str, Any]:
+    loc = list(err.get("loc", ()))
+    kind = str(err.get("type", "invalid"))
+    field, reason = _field(loc), str(err.get("msg", "invalid"))
+    if kind == "json_invalid":  # loc is ["body", <character offset>]
+        position = loc[-1] if len(loc) > 1 else "?"
+        detail = (err.get("ctx") or {}).get("error", "")
+        field, reason = "body", f"invalid JSON at character {position}: {detail}".rstrip(": ")
+    elif loc == ["body"] and kind in ("model_attributes_type", "dict_type", "missing"):
+        reason = "request body must be a JSON object sent with Content-Type: application/json"
+    return {"field": field, "reason": reason, "type": kind, "loc": loc}
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 whose body names each bad field and why, without echoing the input back (FastAPI's
+    default includes `input`, which can be large or sensitive)."""
+    errors = [_error(err) for err in exc.errors()]
+    message = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
+    return JSONResponse(
+        status_code=422, content={"detail": errors, "message": f"invalid request: {message}"}
+    )
+
+
+@app.middleware("http")
+async def _observe(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await call_next(request)
+        status = response.status_code
+        return response
+    finally:
+        route = request.scope.get("route")
+        # The route template, not the raw path: unknown paths must not create new series.
+        endpoint = getattr(route, "path", None) or "unmatched"
+        metrics = serving_metrics()
+        metrics.requests.labels(endpoint, request.method, str(status)).inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0.5},
+    # Handlers await Redis, so one replica can overlap many requests.
+    max_ongoing_requests=64,
+    health_check_period_s=10,
+)
+@serve.ingress(app)
+class PurchasePredictor:
+    """One replica: a ChampionWatcher for the model, an async Redis client for features."""
+
+    def __init__(self, config: ServingConfig, fingerprint: str = "") -> None:
+        self.config = config
+        self.fingerprint = fingerprint  # lets `deploy` skip redeploying an identical app
+        self.watcher = ChampionWatcher(config)
+        self.watcher.start()
+        self._redis: aioredis.Redis | None = None
+        self._sync_metrics()
+        log.info(
+            "serving %s@%s from %s, features from %s, poll every %ss",
+            config.model_name,
+            config.champion_alias,
+            config.mlflow_uri,
+            config.redis_url.split("@")[-1],  # never log a password in the URL
+            config.poll_interval_s,
+        )
+
+    def check_health(self) -> None:
+        """Serve restarts the replica if this raises: only a dead poller warrants that (no model
+        is a normal, reported state, not a reason to restart)."""
+        if not self.watcher.alive():
+            raise RuntimeError("champion watcher thread died")
+
+    def __del__(self) -> None:
+        self.watcher.stop()
+
+    # ---- helpers -------------------------------------------------------------------------
+    def _redis_client(self) -> aioredis.Redis:
+        # Created on first use inside the replica's request event loop, which owns its sockets.
+        if self._redis is None:
+            self._redis = aioredis.Redis.from_url(
+                self.config.redis_url,
+                decode_responses=True,
+                socket_timeout=self.config.redis_timeout_s,
+                socket_connect_timeout=self.config.redis_timeout_s,
+            )
+        return self._redis
+
+    def _sync_metrics(self) -> LoadedModel | None:
+        model = self.watcher.model
+        if model is not None:
+            serving_metrics().set_model(
+                model.info.name, model.info.version, model.feature_set_version
+            )
+        return model
+
+    def _require_model(self) -> LoadedModel:
+        model = self._sync_metrics()
+        if model is None:
+            raise HTTPException(status_code=503, detail=self.watcher.not_ready_reason())
+        mismatch = self.watcher.store_mismatch()
+        if mismatch is not None:
+            raise HTTPException(status_code=503, detail=mismatch)
+        return model
+
+    async def _fetch(self, requests: Sequence[PredictRequest]) -> list[FeatureRow]:
+        """All feature hashes of all requests in one pipeline round trip."""
+        pipe = self._redis_client().pipeline(transaction=False)
+        for req in requests:
+            for key in redis_keys(req.user_id, req.product_id, req.user_session):
+                pipe.hgetall(key)
+        try:
+            hashes: list[Any] = await pipe.execute()
+        except redis.RedisError as exc:
+            raise HTTPException(
+                status_code=503, detail=f"online store unavailable: {type(exc).__name__}: {exc}"
+            ) from None
+        return [
+            assemble_row(req.request_features(), *hashes[3 * i : 3 * i + 3])
+            for i, req in enumerate(requests)
+        ]
+
+    async def _score(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
+        model = self._require_model()  # one model for the whole call, even if a swap happens
+        rows = await self._fetch(requests)
+        probabilities = model.predict(to_matrix(rows))
+        metrics = serving_metrics()
+        metrics.predictions.labels(model.info.name, model.info.version).inc(len(rows))
+        for row in rows:
+            for name in row.missing:
+                metrics.missing_features.labels(name).inc()
+        return [
+            PredictResponse(
+                probability=float(p),
+                model_name=model.info.name,
+                model_version=model.info.version,
+                missing_features=list(row.missing),
+                feature_set_version=model.feature_set_version,
+            )
+            for p, row in zip(probabilities, rows, strict=True)
+        ]
+
+    # ---- endpoints -----------------------------------------------------------------------
+    @app.post("/predict", response_model=PredictResponse)
+    async def predict(self, body: PredictRequest) -> PredictResponse:
+        return (await self._score([body]))[0]
+
+    @app.post("/predict/batch", response_model=BatchResponse)
+    async def predict_batch(self, body: BatchRequest) -> BatchResponse:
+        return BatchResponse(predictions=await self._score(body.requests))
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "alive", "deployment": self.fingerprint}
+
+    @app.get("/readyz")
+    async def readyz(self) -> JSONResponse:
+        checks: dict[str, str] = {}
+        model = self._sync_metrics()
+        checks["model"] = (
+            f"{model.info.name} version {model.info.version}"
+            if model
+            else str(self.watcher.not_ready_reason())
+        )
+        try:
+            await self._redis_client().ping()
+            checks["redis"] = "ok"
+        except redis.RedisError as exc:
+            checks["redis"] = f"unavailable: {type(exc).__name__}: {exc}"
+        mismatch = self.watcher.store_mismatch()
+        checks["feature_set"] = mismatch or f"ok ({FEATURE_SET_VERSION})"
+        ready = model is not None and checks["redis"] == "ok" and mismatch is None
+        return JSONResponse(
+            status_code=200 if ready else 503,
+            content={"status": "ready" if ready else "not ready", "checks": checks},
+        )
+
+    @app.get("/model", response_model=ModelInfo)
+    async def model_info(self) -> ModelInfo:
+        model = self._sync_metrics()
+        if model is None:
+            raise HTTPException(status_code=503, detail=self.watcher.not_ready_reason())
+        return ModelInfo(
+            name=model.info.name,
+            version=model.info.version,
+            run_id=model.info.run_id,
+            model_uri=model.info.model_uri,
+            loaded_at=model.loaded_at,
+            feature_names=list(model.booster.feature_names or MODEL_FEATURES),
+            feature_set_version=model.feature_set_version,
+        )
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        self._sync_metrics()
+        return Response(content=serving_metrics().render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,86 @@
+"""HTTP request and response bodies of the serving API (DESIGN.md section 5).
+
+Extra fields in a request are ignored, not refused: a producer can post a whole cart event
+(event_type, category_id, event_id, ...) as it is, and clients can add fields ahead of the
+server. A misspelt optional field is therefore silently unused; every field the model needs
+is required, so a misspelt required field still gets a 422.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from easymlops.schema import INT64_MAX, INT64_MIN, MAX_STRING_LENGTH, ValidationError, parse_time
+
+MAX_BATCH = 1000
+
+
+def _event_time(value: Any) -> Any:
+    # Same accepted forms as the event stream (CSV `... UTC` and ISO-8601), one parser for both.
+    if value is None or isinstance(value, datetime):
+        return value
+    try:
+        return parse_time(value)
+    except ValidationError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _no_bool(value: Any) -> Any:
+    # JSON true/false would otherwise coerce to 1/0 and score a request nobody meant to send.
+    if isinstance(value, bool):
+        raise ValueError("must be a number, got a boolean")
+    return value
+
+
+EventTime = Annotated[datetime | None, BeforeValidator(_event_time)]
+Int64 = Annotated[int, BeforeValidator(_no_bool), Field(ge=INT64_MIN, le=INT64_MAX)]
+Price = Annotated[float, BeforeValidator(_no_bool), Field(ge=0, allow_inf_nan=False)]
+
+
+class PredictRequest(BaseModel):
+    """One cart event to score."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user_id: Int64
+    product_id: Int64
+    user_session: str = Field(min_length=1, max_length=MAX_STRING_LENGTH)
+    price: Price
+    event_time: EventTime = None
+    category_code: str | None = Field(default=None, max_length=MAX_STRING_LENGTH)
+    brand: str | None = Field(default=None, max_length=MAX_STRING_LENGTH)
+
+    def request_features(self) -> dict[str, float]:
+        """The request attributes the model uses (features.REQUEST_FEATURES)."""
+        return {"price": self.price}
+
+
+class PredictResponse(BaseModel):
+    probability: float = Field(ge=0.0, le=1.0)
+    model_name: str
+    model_version: str
+    missing_features: list[str]
+    feature_set_version: str
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    requests: list[PredictRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class BatchResponse(BaseModel):
+    predictions: list[PredictResponse]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    run_id: str
+    model_uri: str
+    loaded_at: datetime
+    feature_names: list[str]
+    feature_set_version: str

@@ -1,0 +1,408 @@
+"""The Ray Serve app: pure feature assembly and request schema, then one real deployment on the
+stack's Ray head (Serve start costs ~30 s on 2 cores, so it is deployed once per module)."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+import pytest
+import ray
+import redis
+import xgboost
+from pydantic import ValidationError
+
+from easymlops import registry
+from easymlops.features import (
+    FEATURE_SET_VERSION,
+    META_KEY,
+    MODEL_FEATURES,
+    PRODUCT_FEATURES,
+    SESSION_FEATURES,
+    USER_FEATURES,
+    product_key,
+    session_key,
+    user_key,
+)
+from easymlops.settings import Settings
+from serving.features import assemble_row, redis_keys, to_matrix
+from serving.model import ServingConfig
+from serving.schemas import PredictRequest
+
+# ---- pure parts ----------------------------------------------------------------------------
+
+USER = {name: str(i + 1.5) for i, name in enumerate(USER_FEATURES)}
+PRODUCT = {name: str(10.0 * (i + 1)) for i, name in enumerate(PRODUCT_FEATURES)}
+SESSION = {name: str(i) for i, name in enumerate(SESSION_FEATURES)}
+
+
+def test_assemble_row_orders_all_features_like_the_model() -> None:
+    row = assemble_row({"price": 9.5}, USER, PRODUCT, SESSION)
+    assert row.missing == ()
+    expected = {"price": 9.5} | {k: float(v) for k, v in (USER | PRODUCT | SESSION).items()}
+    assert row.values == tuple(expected[name] for name in MODEL_FEATURES)
+
+
+def test_assemble_row_marks_absent_hashes_missing_as_nan() -> None:
+    row = assemble_row({"price": 1.0}, {}, PRODUCT, SESSION)
+    assert row.missing == USER_FEATURES
+    values = dict(zip(MODEL_FEATURES, row.values, strict=True))
+    assert all(math.isnan(values[name]) for name in USER_FEATURES)
+    assert values["product_views"] == 10.0
+
+
+def test_assemble_row_treats_bad_values_as_missing() -> None:
+    user = USER | {"user_views": "not-a-number", "user_carts": "nan", "user_sessions": "inf"}
+    row = assemble_row({"price": None}, user, PRODUCT, SESSION)
+    assert set(row.missing) == {"price", "user_views", "user_carts", "user_sessions"}
+
+
+def test_assemble_row_reads_each_family_only_from_its_source() -> None:
+    # A stray `price` in a Redis hash must not override the request, nor unknown fields matter.
+    user = USER | {"price": "999", "extra_column": "1"}
+    row = assemble_row({"price": 2.0}, user, PRODUCT, SESSION)
+    assert row.values[MODEL_FEATURES.index("price")] == 2.0
+    assert row.missing == ()
+
+
+def test_assemble_row_accepts_undecoded_redis_bytes() -> None:
+    as_bytes = {k.encode(): v.encode() for k, v in USER.items()}
+    assert assemble_row({"price": 1.0}, as_bytes, PRODUCT, SESSION) == assemble_row(
+        {"price": 1.0}, USER, PRODUCT, SESSION
+    )
+
+
+def test_to_matrix_and_keys() -> None:
+    rows = [
+        assemble_row({"price": 1.0}, USER, {}, SESSION),
+        assemble_row({"price": 2.0}, {}, {}, {}),
+    ]
+    matrix = to_matrix(rows)
+    assert matrix.shape == (2, len(MODEL_FEATURES))
+    assert matrix.dtype == np.float32
+    assert np.isnan(matrix[1, 1:]).all()
+    assert to_matrix([]).shape == (0, len(MODEL_FEATURES))
+    assert redis_keys(7, 8, "abc") == (user_key(7), product_key(8), session_key("abc"))
+
+
+def test_request_schema() -> None:
+    ok = PredictRequest.model_validate(
+        {
+            "user_id": "12",
+            "product_id": 3,
+            "user_session": "s",
+            "price": 0,
+            "event_time": "2019-10-01 00:00:00 UTC",
+            "event_type": "cart",  # extra fields are ignored: a whole event can be posted
+        }
+    )
+    assert ok.user_id == 12
+    assert ok.event_time is not None and ok.event_time.tzinfo is not None
+    for bad in ({"user_id": True}, {"price": -1}, {"price": "nan"}, {"event_time": "yesterday"}):
+        with pytest.raises(ValidationError):
+            PredictRequest.model_validate(
+                {"user_id": 1, "product_id": 1, "user_session": "s", "price": 1.0} | bad
+            )
+
+
+def test_replica_config_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EASYMLOPS_MODEL_NAME", "from_env")
+    monkeypatch.setenv("EASYMLOPS_MLFLOW_TRACKING_URI", "http://elsewhere:1")
+    config = ServingConfig("http://mlflow:5000", "redis://r:6379/0", "m", "champion")
+    settings = config.settings()
+    assert (settings.mlflow_uri, settings.redis, settings.model_name) == (
+        "http://mlflow:5000",
+        "redis://r:6379/0",
+        "m",
+    )
+
+
+def test_fingerprint_covers_every_module_a_replica_imports() -> None:
+    from serving.deploy import REPLICA_MODULES
+
+    script = (
+        "import sys, serving.app; print(' '.join(sorted(m for m in sys.modules "
+        "if m.startswith(('easymlops.', 'serving.')))))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert set(done.stdout.split()) == set(REPLICA_MODULES)
+
+
+# ---- the deployed app -----------------------------------------------------------------------
+
+MODEL_NAME = "test_serving_model"
+POLL_S = 2.0
+USER_ID, PRODUCT_ID, SESSION_ID = 4242, 777, "sess-test-serving"
+PRICE = 12.5
+BODY = {"user_id": USER_ID, "product_id": PRODUCT_ID, "user_session": SESSION_ID, "price": PRICE}
+
+
+def tiny_booster(seed: int) -> xgboost.Booster:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(300, len(MODEL_FEATURES)))
+    y = (x[:, 0] + rng.normal(scale=0.5, size=300) > 0).astype(int)
+    data = xgboost.DMatrix(x, label=y, feature_names=list(MODEL_FEATURES))
+    return xgboost.train({"objective": "binary:logistic", "max_depth": 2}, data, 4)
+
+
+@dataclass
+class Served:
+    settings: Settings
+    url: str
+    http: httpx.Client
+    deploy_seconds: float
+
+    def champion_version(self) -> str:
+        champion = registry.champion(self.settings)
+        assert champion is not None
+        return champion.version
+
+
+services = pytest.mark.services
+
+
+@pytest.fixture(scope="module")
+def served(stack: Settings) -> Iterator[Served]:
+    """The app deployed by a separate, short-lived process (as a Dagster run does), with a
+    promoted model and features in Redis; the app must outlive that process."""
+    settings = stack.model_copy(update={"model_name": MODEL_NAME})
+    v1 = registry.log_and_register(tiny_booster(1), params={}, metrics={}, settings=settings)
+    registry.promote(v1.version, settings)
+    store = redis.Redis.from_url(settings.redis)
+    store.hset(user_key(USER_ID), mapping=USER)
+    store.hset(product_key(PRODUCT_ID), mapping=PRODUCT)
+    store.hset(session_key(SESSION_ID), mapping=SESSION)
+
+    connected_before = ray.is_initialized()
+    started = time.monotonic()
+    script = (
+        "import sys; from easymlops.settings import Settings; from serving.deploy import deploy; "
+        f"print(deploy(Settings(), poll_interval_s={POLL_S}, timeout=240))"
+    )
+    env = os.environ | {"EASYMLOPS_MODEL_NAME": MODEL_NAME}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    deploy_seconds = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    url = done.stdout.strip().splitlines()[-1]
+    assert url == settings.serve_url
+    print(f"deploy from a fresh process took {deploy_seconds:.1f}s")
+    try:
+        with httpx.Client(base_url=url, timeout=10.0) as http:
+            yield Served(settings, url, http, deploy_seconds)
+    finally:
+        from serving.deploy import undeploy
+
+        undeploy(settings)
+        if not connected_before:
+            ray.shutdown()  # leave this process as the fixture found it
+        for key in (user_key(USER_ID), product_key(PRODUCT_ID), session_key(SESSION_ID)):
+            store.delete(key)
+
+
+@services
+def test_app_outlives_the_deploying_process(served: Served) -> None:
+    assert served.http.get("/healthz").json()["status"] == "alive"
+    ready = served.http.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "ready"
+
+
+@services
+def test_predict(served: Served) -> None:
+    response = served.http.post("/predict", json=BODY)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert 0.0 <= body["probability"] <= 1.0
+    assert body["model_name"] == MODEL_NAME
+    assert body["model_version"] == served.champion_version()
+    assert body["missing_features"] == []
+    assert body["feature_set_version"] == FEATURE_SET_VERSION
+    # Same probability as the booster on the same row, locally: serving adds no skew.
+    local = registry.load_booster(f"models:/{MODEL_NAME}/{body['model_version']}", served.settings)
+    row = assemble_row({"price": PRICE}, USER, PRODUCT, SESSION)
+    matrix = xgboost.DMatrix(to_matrix([row]), feature_names=list(MODEL_FEATURES))
+    assert body["probability"] == pytest.approx(float(local.predict(matrix)[0]), abs=1e-6)
+
+
+@services
+def test_predict_unknown_user_lists_missing_user_features(served: Served) -> None:
+    response = served.http.post("/predict", json=BODY | {"user_id": 987654321})
+    assert response.status_code == 200, response.text
+    assert response.json()["missing_features"] == list(USER_FEATURES)
+
+
+@services
+def test_predict_rejects_bad_input_naming_the_field(served: Served) -> None:
+    no_user = {k: v for k, v in BODY.items() if k != "user_id"}
+    response = served.http.post("/predict", json=no_user)
+    assert response.status_code == 422
+    errors = response.json()["detail"]
+    assert [(e["field"], e["type"]) for e in errors] == [("user_id", "missing")]
+    assert "user_id" in response.json()["message"]
+
+    response = served.http.post("/predict", json=BODY | {"price": -1})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["field"] == "price"
+    assert "greater than or equal to 0" in error["reason"]
+
+    response = served.http.post(
+        "/predict", content=b'{"user_id": 1,', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "body"
+
+
+@services
+def test_predict_batch(served: Served) -> None:
+    requests = [BODY, BODY | {"user_id": 987654321}, BODY | {"product_id": 1, "price": 0}]
+    response = served.http.post("/predict/batch", json={"requests": requests})
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert len(predictions) == 3
+    assert [p["missing_features"] for p in predictions] == [
+        [],
+        list(USER_FEATURES),
+        list(PRODUCT_FEATURES),
+    ]
+    single = served.http.post("/predict", json=BODY).json()
+    assert predictions[0]["probability"] == pytest.approx(single["probability"])
+
+    response = served.http.post(
+        "/predict/batch", json={"requests": [BODY, {k: v for k, v in BODY.items() if k != "price"}]}
+    )
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["field"] == "requests[1].price"
+
+
+@services
+def test_model_and_metrics(served: Served) -> None:
+    model = served.http.get("/model").json()
+    version = served.champion_version()
+    assert model["name"] == MODEL_NAME
+    assert model["version"] == version
+    assert model["feature_names"] == list(MODEL_FEATURES)
+    assert model["run_id"] and model["loaded_at"]
+
+    served.http.post("/predict", json=BODY)
+    text = served.http.get("/metrics").text
+    assert (
+        'easymlops_serving_requests_total{endpoint="/predict",method="POST",status="200"}' in text
+    )
+    assert (
+        'easymlops_serving_requests_total{endpoint="/predict",method="POST",status="422"}' in text
+    )
+    assert "easymlops_serving_request_latency_seconds_bucket" in text
+    assert f'model_name="{MODEL_NAME}",model_version="{version}"' in text
+
+
+@services
+def test_latency(served: Served) -> None:
+    for _ in range(10):
+        served.http.post("/predict", json=BODY)
+    latencies = []
+    for _ in range(100):
+        started = time.perf_counter()
+        assert served.http.post("/predict", json=BODY).status_code == 200
+        latencies.append(time.perf_counter() - started)
+    p50 = sorted(latencies)[50] * 1000
+    print(f"/predict p50 {p50:.1f} ms over HTTP through the Serve proxy")
+    assert p50 < 200  # generous: a loaded 2-core CI box; typical is ~10 ms
+
+
+@services
+def test_feature_set_mismatch_refuses_predictions(served: Served) -> None:
+    store = redis.Redis.from_url(served.settings.redis, decode_responses=True)
+    saved = store.hgetall(META_KEY)
+    store.hset(META_KEY, "feature_set_version", "v0-test")
+    try:
+        response = _wait_for(lambda: served.http.post("/predict", json=BODY), 503, 6 * POLL_S)
+        assert "feature set v0-test" in response.json()["detail"]
+        assert served.http.get("/readyz").status_code == 503
+    finally:
+        store.delete(META_KEY)
+        if saved:
+            store.hset(META_KEY, mapping=saved)
+    _wait_for(lambda: served.http.post("/predict", json=BODY), 200, 6 * POLL_S)
+
+
+@services
+def test_hot_reload_of_a_new_champion(served: Served) -> None:
+    before = served.champion_version()
+    new = registry.log_and_register(
+        tiny_booster(2), params={}, metrics={}, settings=served.settings
+    )
+    registry.promote(new.version, served.settings)
+    promoted = time.monotonic()
+    while served.http.get("/model").json()["version"] != new.version:
+        assert time.monotonic() - promoted < 10 * POLL_S, "new champion not picked up"
+        time.sleep(0.2)
+    took = time.monotonic() - promoted
+    print(f"version {before} -> {new.version} served {took:.1f}s after promotion")
+    assert served.http.post("/predict", json=BODY).json()["model_version"] == new.version
+
+
+@services
+def test_redeploy_of_the_same_app_is_a_no_op(served: Served) -> None:
+    from serving.deploy import deploy
+
+    fingerprint = served.http.get("/healthz").json()["deployment"]
+    settings = served.settings
+    started = time.monotonic()
+    assert deploy(settings, poll_interval_s=POLL_S, timeout=120) == served.url
+    assert time.monotonic() - started < 30  # ray.init only; a redeploy restarts the replica
+    assert served.http.get("/healthz").json()["deployment"] == fingerprint
+
+
+@services
+def test_503_until_a_model_exists(served: Served) -> None:
+    """A second small app on the same Serve instance, for a model with no versions at all."""
+    from serving.deploy import deploy, undeploy
+
+    settings = served.settings.model_copy(update={"model_name": "test_serving_never_registered"})
+    url = deploy(
+        settings, app_name="purchase-empty", route_prefix="/empty", wait_ready=False, num_cpus=0.1
+    )
+    assert url == f"{settings.serve_url}/empty"
+    try:
+        with httpx.Client(base_url=url, timeout=10.0) as http:
+            _wait_for(lambda: http.get("/healthz"), 200, 180)
+            response = http.post("/predict", json=BODY)
+            assert response.status_code == 503
+            assert "no model loaded" in response.json()["detail"]
+            ready = http.get("/readyz")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["redis"] == "ok"
+            assert "test_serving_never_registered" in ready.json()["checks"]["model"]
+            assert http.get("/model").status_code == 503
+            # Bad input is still a 422, not a 503: validation does not need a model.
+            assert http.post("/predict", json={}).status_code == 422
+    finally:
+        undeploy(settings, app_name="purchase-empty")
+    # The main app is untouched by the other app's life cycle.
+    assert served.http.get("/readyz").status_code == 200
+
+
+def _wait_for(call: Callable[[], httpx.Response], status: int, timeout: float) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            response = call()
+            if response.status_code == status:
+                return response
+            last = f"{response.status_code} {response.text[:300]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {status} within {timeout}s, last: {last}")
+        time.sleep(0.25)
