@@ -13,13 +13,9 @@ from easymlops import features
 from easymlops.settings import Settings
 from easymlops.warehouse import connect
 
-# The latest row per entity: user/product features are cumulative, so the newest valid_from
-# holds everything known up to now; it is what serving should see "today".
-LATEST_SQL = """
-select {key}, {columns}, valid_from
-from {table}
-qualify row_number() over (partition by {key} order by valid_from desc) = 1
-"""
+# The latest row per entity (the open-ended one, valid_to is null): features are cumulative,
+# so it holds everything known up to now, which is what serving should see "today".
+LATEST_SQL = "select {key}, {columns}, valid_from from {table} where valid_to is null"
 
 
 @dataclass

@@ -30,8 +30,7 @@ def online_features_match_warehouse() -> dg.AssetCheckResult:
     with warehouse.connect(settings) as con:
         rows = con.execute(
             f"""select user_id, {columns} from user_features
-            qualify row_number() over (partition by user_id order by valid_from desc) = 1
-            order by hash(user_id) limit 50"""
+            where valid_to is null order by hash(user_id) limit 50"""
         ).fetchall()
     mismatches = []
     for row in rows:

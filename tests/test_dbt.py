@@ -1,0 +1,405 @@
+"""The dbt project for real: a hand-crafted silver lake -> `dbt build` on DuckDB -> exact labels,
+session features, point-in-time user/product features, split, and the dbt tests themselves.
+
+Timeline of the dataset (three days, three users; e<NN> are event ids):
+
+day 1  s0 user 3   e00 view 104 @23:59:50 (the session runs past midnight: e00b on day 2)
+       s1 user 1   e01 view 101, e02 view 102, e03 view 101, e04 cart 101, e05 purchase 101
+                   -> e04 label 1
+       s2 user 2   e06 view 103, e07 cart 103, e08 view 104, e09 purchase 104
+                   -> e07 label 0 (the purchase is of another product)
+day 2  s0 user 3   e00b view 101 @00:00:05
+       s3 user 1   e10 view 102, e11 cart 102, e12 remove_from_cart 102
+       s4 user 1   e13 purchase 102     -> e11 label 0 (purchase in another session)
+       s5 user 3   e14 view 101 (written twice), e15 cart 101, e16 purchase 101 at the same
+                   instant as e15       -> e15 label 1 (tie rule: purchase sorts after cart)
+day 3  s6 user 2   e17 view 103, e18 cart 103, e19 purchase 103 -> e18 label 1
+       s7 user 1   e20 cart 104 (first event of its session) -> e20 label 0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+import pytest
+
+from easymlops.features import LABEL, MODEL_FEATURES
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_DIR = ROOT / "dbt_project"
+DBT = Path(sys.executable).parent / "dbt"  # the CLI of this virtualenv, run as Dagster does
+D1, D2, D3 = date(2024, 3, 1), date(2024, 3, 2), date(2024, 3, 3)
+
+PRODUCTS = {  # product_id: (category_id, category_code, brand)
+    101: (10, "electronics.smartphone", "acme"),
+    102: (10, "electronics.smartphone", None),
+    103: (20, "appliances.kitchen.washer", "wash"),
+    104: (20, None, None),
+}
+
+# (event_id, event_time, event_type, product_id, price, user_id, user_session)
+EVENTS: list[tuple[str, str, str, int, float, int, str]] = [
+    ("e00", "2024-03-01 23:59:50", "view", 104, 70.0, 3, "s0"),
+    ("e01", "2024-03-01 10:00:00", "view", 101, 100.0, 1, "s1"),
+    ("e02", "2024-03-01 10:00:30", "view", 102, 200.0, 1, "s1"),
+    ("e03", "2024-03-01 10:01:00", "view", 101, 100.0, 1, "s1"),
+    ("e04", "2024-03-01 10:02:00", "cart", 101, 100.0, 1, "s1"),
+    ("e05", "2024-03-01 10:05:00", "purchase", 101, 100.0, 1, "s1"),
+    ("e06", "2024-03-01 11:00:00", "view", 103, 50.0, 2, "s2"),
+    ("e07", "2024-03-01 11:01:00", "cart", 103, 50.0, 2, "s2"),
+    ("e08", "2024-03-01 11:02:00", "view", 104, 70.0, 2, "s2"),
+    ("e09", "2024-03-01 11:03:00", "purchase", 104, 70.0, 2, "s2"),
+    ("e00b", "2024-03-02 00:00:05", "view", 101, 100.0, 3, "s0"),
+    ("e10", "2024-03-02 09:00:00", "view", 102, 210.0, 1, "s3"),
+    ("e11", "2024-03-02 09:01:00", "cart", 102, 210.0, 1, "s3"),
+    ("e12", "2024-03-02 09:02:00", "remove_from_cart", 102, 210.0, 1, "s3"),
+    ("e13", "2024-03-02 15:00:00", "purchase", 102, 210.0, 1, "s4"),
+    ("e14", "2024-03-02 12:00:00", "view", 101, 100.0, 3, "s5"),
+    ("e15", "2024-03-02 12:00:10", "cart", 101, 100.0, 3, "s5"),
+    ("e16", "2024-03-02 12:00:10", "purchase", 101, 100.0, 3, "s5"),
+    ("e17", "2024-03-03 08:00:00", "view", 103, 50.0, 2, "s6"),
+    ("e18", "2024-03-03 08:00:20", "cart", 103, 50.0, 2, "s6"),
+    ("e19", "2024-03-03 08:05:00", "purchase", 103, 50.0, 2, "s6"),
+    ("e20", "2024-03-03 10:00:00", "cart", 104, 70.0, 1, "s7"),
+]
+DUPLICATED = "e14"  # also written in a second file of its partition (a replayed write)
+
+EXPECTED_LABELS = {"e04": 1, "e07": 0, "e11": 0, "e15": 1, "e18": 1, "e20": 0}
+
+
+def silver_frame(rows: list[tuple[str, str, str, int, float, int, str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "event_id": [r[0] for r in rows],
+            "event_time": [datetime.fromisoformat(r[1]) for r in rows],
+            "event_type": [r[2] for r in rows],
+            "product_id": [r[3] for r in rows],
+            "category_id": [PRODUCTS[r[3]][0] for r in rows],
+            "category_code": [PRODUCTS[r[3]][1] for r in rows],
+            "brand": [PRODUCTS[r[3]][2] for r in rows],
+            "price": [r[4] for r in rows],
+            "user_id": [r[5] for r in rows],
+            "user_session": [r[6] for r in rows],
+        },
+        schema={
+            "event_id": pl.String,
+            "event_time": pl.Datetime("us"),
+            "event_type": pl.String,
+            "product_id": pl.Int64,
+            "category_id": pl.Int64,
+            "category_code": pl.String,
+            "brand": pl.String,
+            "price": pl.Float64,
+            "user_id": pl.Int64,
+            "user_session": pl.String,
+        },
+    )
+
+
+def write_silver(lake: Path) -> None:
+    """The silver layout: silver/events/event_date=YYYY-MM-DD/*.parquet, no event_date column
+    inside the files (it comes from the hive partition)."""
+    frame = silver_frame(EVENTS)
+    for (day,), part in frame.group_by(pl.col("event_time").dt.date(), maintain_order=True):
+        directory = lake / "silver" / "events" / f"event_date={day}"
+        directory.mkdir(parents=True, exist_ok=True)
+        part.sort("event_time").write_parquet(directory / "part-0.parquet")
+        if DUPLICATED in part["event_id"].to_list():
+            part.filter(pl.col("event_id") == DUPLICATED).write_parquet(
+                directory / "part-1.parquet"
+            )
+
+
+@dataclass
+class Build:
+    env: dict[str, str]
+    workdir: Path
+    warehouse: Path
+    results: list[dict[str, Any]]
+    seconds: float
+
+
+def run_dbt(
+    args: list[str], env: dict[str, str], workdir: Path
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """Run the dbt CLI as Dagster does (a subprocess); artifacts and logs go to `workdir` so
+    the repository's dbt_project/target is untouched."""
+    target_path = workdir / "target"
+    command = [
+        str(DBT),
+        *args,
+        "--project-dir",
+        str(PROJECT_DIR),
+        "--profiles-dir",
+        str(PROJECT_DIR),
+        "--target-path",
+        str(target_path),
+        "--log-path",
+        str(workdir / "logs"),
+    ]
+    proc = subprocess.run(
+        command, env=env, cwd=workdir, capture_output=True, text=True, timeout=600
+    )
+    run_results = target_path / "run_results.json"
+    results = json.loads(run_results.read_text())["results"] if run_results.exists() else []
+    return proc, results
+
+
+def dbt_env(lake: Path, warehouse: Path, workdir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("EASYMLOPS_", "DBT_"))}
+    env.update(
+        EASYMLOPS_LAKE_ROOT=str(lake),
+        EASYMLOPS_WAREHOUSE_PATH=str(warehouse),
+        DBT_SEND_ANONYMOUS_USAGE_STATS="false",
+        DBT_VERSION_CHECK="false",
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory: pytest.TempPathFactory) -> Build:
+    base = tmp_path_factory.mktemp("dbt")
+    lake, warehouse, workdir = base / "lake", base / "warehouse.duckdb", base / "work"
+    workdir.mkdir()
+    write_silver(lake)
+    env = dbt_env(lake, warehouse, workdir)
+    started = datetime.now()
+    proc, results = run_dbt(["build", "--vars", json.dumps({"holdout_days": 1})], env, workdir)
+    seconds = (datetime.now() - started).total_seconds()
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    print(f"dbt build took {seconds:.1f} s")
+    return Build(env, workdir, warehouse, results, seconds)
+
+
+def query(warehouse: Path, sql: str) -> list[dict[str, Any]]:
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        cursor = con.execute(sql)
+        names = [d[0] for d in cursor.description]
+        return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def training_rows(warehouse: Path) -> dict[str, dict[str, Any]]:
+    return {r["event_id"]: r for r in query(warehouse, "select * from main.training_set")}
+
+
+def test_all_models_built_and_dbt_tests_passed(build: Build) -> None:
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for result in build.results:
+        by_type.setdefault(result["unique_id"].split(".")[0], []).append(result)
+    models = {r["unique_id"].split(".")[-1] for r in by_type["model"]}
+    assert models == {
+        "stg_events",
+        "fct_cart_events",
+        "user_features",
+        "product_features",
+        "training_set",
+    }
+    tests = by_type["test"]
+    assert {r["status"] for r in tests} == {"pass"}, [
+        (r["unique_id"], r["status"], r.get("message")) for r in tests if r["status"] != "pass"
+    ]
+    names = {r["unique_id"] for r in tests}
+    assert "test.easymlops.assert_point_in_time" in names
+    assert any("unique_combination_of_columns_user_features" in n for n in names)
+    assert any("accepted_values_training_set_split" in n for n in names)
+    assert any("accepted_values_fct_cart_events_label" in n for n in names)
+    assert any("unique_stg_events_event_id" in n for n in names)
+    assert len(tests) >= 15
+
+
+def test_staging_dedups_and_splits_category(build: Build) -> None:
+    rows = query(
+        build.warehouse,
+        "select event_id, event_date, category_l1, category_l2 from main.stg_events",
+    )
+    assert len(rows) == len(EVENTS)  # the replayed e14 is counted once
+    by_id = {r["event_id"]: r for r in rows}
+    assert by_id["e00"]["event_date"] == D1 and by_id["e00b"]["event_date"] == D2
+    assert (by_id["e17"]["category_l1"], by_id["e17"]["category_l2"]) == ("appliances", "kitchen")
+    assert (by_id["e01"]["category_l1"], by_id["e01"]["category_l2"]) == (
+        "electronics",
+        "smartphone",
+    )
+    assert (by_id["e08"]["category_l1"], by_id["e08"]["category_l2"]) == (None, None)
+
+
+def test_labels(build: Build) -> None:
+    rows = query(build.warehouse, "select event_id, label from main.fct_cart_events")
+    assert {r["event_id"]: r["label"] for r in rows} == EXPECTED_LABELS
+    training = training_rows(build.warehouse)
+    assert {k: v[LABEL] for k, v in training.items()} == EXPECTED_LABELS
+
+
+def test_session_features(build: Build) -> None:
+    rows = training_rows(build.warehouse)
+    session = [c for c in MODEL_FEATURES if c.startswith("session_")]
+    # e04: after e01 view 101, e02 view 102, e03 view 101; session began 120 s earlier.
+    assert {c: rows["e04"][c] for c in session} == {
+        "session_events": 3,
+        "session_views": 3,
+        "session_product_views": 2,
+        "session_carts": 0,
+        "session_seconds": 120.0,
+        "session_distinct_products": 2,
+    }
+    # e15: one view before it (e14, whose replayed copy is not counted); the purchase at the
+    # same instant sorts after the cart, so it is not "before".
+    assert {c: rows["e15"][c] for c in session} == {
+        "session_events": 1,
+        "session_views": 1,
+        "session_product_views": 1,
+        "session_carts": 0,
+        "session_seconds": 10.0,
+        "session_distinct_products": 1,
+    }
+    # e20 opens its session.
+    assert {c: rows["e20"][c] for c in session} == dict.fromkeys(session, 0)
+    assert rows["e04"]["price"] == 100.0
+
+
+def test_user_features_are_point_in_time(build: Build) -> None:
+    rows = training_rows(build.warehouse)
+    user = [c for c in MODEL_FEATURES if c.startswith("user_")]
+    # e07: user 2's first day -> no history at all.
+    assert rows["e07"]["user_features_valid_from"] is None
+    assert all(rows["e07"][c] is None for c in user)
+    # e15: user 3 purchases on day 2, but as of day 2 only day 1 counts (one view, no purchase).
+    assert rows["e15"]["user_features_valid_from"] == D2
+    assert {c: rows["e15"][c] for c in user} == {
+        "user_sessions": 1,
+        "user_views": 1,
+        "user_carts": 0,
+        "user_purchases": 0,
+        "user_purchase_rate": pytest.approx(1 / 5),
+        "user_avg_price": 70.0,
+    }
+    # e18: user 2 was inactive on day 2, so day 3 uses the day-1 row; day 3's purchase is out.
+    assert rows["e18"]["user_features_valid_from"] == D2
+    assert (rows["e18"]["user_carts"], rows["e18"]["user_purchases"]) == (1, 1)
+    # e20: user 1 through day 2: sessions s1, s3, s4; views e01 e02 e03 e10; carts e04 e11;
+    # purchases e05 e13.
+    assert rows["e20"]["user_features_valid_from"] == D3
+    assert {c: rows["e20"][c] for c in user} == {
+        "user_sessions": 3,
+        "user_views": 4,
+        "user_carts": 2,
+        "user_purchases": 2,
+        "user_purchase_rate": pytest.approx(3 / 7),
+        "user_avg_price": pytest.approx((100 + 200 + 100 + 210) / 4),
+    }
+
+
+def test_user_feature_rows(build: Build) -> None:
+    rows = query(
+        build.warehouse,
+        "select user_id, activity_date, valid_from, valid_to, user_sessions "
+        "from main.user_features order by user_id, valid_from",
+    )
+    assert [(r["user_id"], r["valid_from"], r["valid_to"]) for r in rows] == [
+        (1, D2, D3),
+        (1, D3, date(2024, 3, 4)),
+        (1, date(2024, 3, 4), None),
+        (2, D2, date(2024, 3, 4)),
+        (2, date(2024, 3, 4), None),
+        (3, D2, D3),
+        (3, D3, None),
+    ]
+    # s0 spans midnight: counted once, on the day it started.
+    assert [r["user_sessions"] for r in rows if r["user_id"] == 3] == [1, 2]
+
+
+def test_product_features_are_point_in_time(build: Build) -> None:
+    rows = training_rows(build.warehouse)
+    product = [c for c in MODEL_FEATURES if c.startswith("product_")]
+    # e15 (product 101, day 2): day 1 had e01, e03 views, e04 cart, e05 purchase.
+    assert rows["e15"]["product_features_valid_from"] == D2
+    assert rows["e15"]["product_views"] == 2
+    assert rows["e15"]["product_carts"] == 1
+    assert rows["e15"]["product_purchases"] == 1
+    assert rows["e15"]["product_conversion_rate"] == pytest.approx(2 / 6)
+    # 101 (avg 100) vs. 102 (avg 200) in category 10 on day 1: median 150.
+    assert rows["e15"]["product_price_vs_category"] == pytest.approx(100 / 150)
+    # e20 (product 104, day 3): only day 1 (e00 view, e08 view, e09 purchase), none on day 2.
+    assert rows["e20"]["product_features_valid_from"] == D2
+    assert {c: rows["e20"][c] for c in product} == {
+        "product_views": 2,
+        "product_carts": 0,
+        "product_purchases": 1,
+        "product_conversion_rate": pytest.approx(2 / 5),
+        "product_avg_price": 70.0,
+        # 103 (avg 50) and 104 (avg 70) in category 20 on day 1: median 60.
+        "product_price_vs_category": pytest.approx(70 / 60),
+    }
+    # e04: product 101 has no earlier day.
+    assert rows["e04"]["product_features_valid_from"] is None
+    assert all(rows["e04"][c] is None for c in product)
+
+
+def test_no_training_row_sees_its_own_day(build: Build) -> None:
+    for row in training_rows(build.warehouse).values():
+        for column in ("user_features_valid_from", "product_features_valid_from"):
+            assert row[column] is None or row[column] <= row["event_date"]
+
+
+def test_training_set_columns_and_split(build: Build) -> None:
+    columns = [r["column_name"] for r in query(build.warehouse, "describe main.training_set")]
+    for column in (*MODEL_FEATURES, LABEL, "split", "event_id", "event_time", "event_date"):
+        assert column in columns, column
+    assert {"user_features_valid_from", "product_features_valid_from"} <= set(columns)
+    rows = training_rows(build.warehouse)
+    assert {k: v["split"] for k, v in rows.items()} == {
+        "e04": "train",
+        "e07": "train",
+        "e11": "train",
+        "e15": "train",
+        "e18": "test",
+        "e20": "test",
+    }
+
+
+def copy_warehouse(build: Build, name: str) -> tuple[Path, dict[str, str], Path]:
+    """A private copy of the built warehouse and a dbt environment pointing at it."""
+    base = build.warehouse.parent / name
+    base.mkdir()
+    warehouse = base / "warehouse.duckdb"
+    shutil.copy(build.warehouse, warehouse)
+    env = {**build.env, "EASYMLOPS_WAREHOUSE_PATH": str(warehouse)}
+    return warehouse, env, base
+
+
+def test_range_join_matches_asof_join(build: Build) -> None:
+    """The portable point-in-time join (used on postgres) gives the same rows as ASOF."""
+    warehouse, env, workdir = copy_warehouse(build, "range-join")
+    vars_ = json.dumps({"holdout_days": 1, "point_in_time_join": "range"})
+    proc, _ = run_dbt(["run", "-s", "training_set", "--vars", vars_], env, workdir)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    compiled = next((workdir / "target" / "run").rglob("training_set.sql")).read_text()
+    assert "asof" not in compiled.lower()
+    assert training_rows(warehouse) == training_rows(build.warehouse)
+
+
+def test_point_in_time_check_catches_a_leak(build: Build) -> None:
+    """Tamper with a copy of training_set so a row uses features from its own day: the
+    singular test `assert_point_in_time` must fail on it."""
+    warehouse, env, workdir = copy_warehouse(build, "leak")
+    with duckdb.connect(str(warehouse)) as con:
+        con.execute(
+            "update main.training_set set user_features_valid_from = event_date + 1 "
+            "where event_id = 'e15'"
+        )
+    proc, results = run_dbt(["test", "-s", "assert_point_in_time"], env, workdir)
+    assert proc.returncode != 0
+    [result] = results
+    assert result["unique_id"] == "test.easymlops.assert_point_in_time"
+    assert result["status"] == "fail"
+    assert result["failures"] == 1
