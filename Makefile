@@ -6,7 +6,7 @@ PYTHON ?= python3
 # uv from PATH, or installed from PyPI into the user's Python when missing.
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 RUN := $(UV) run --frozen
-export DAGSTER_HOME := $(CURDIR)/.easymlops/dagster
+export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # Under `uv run`, Ray would ship this directory to its workers and build a 1.7 GB virtualenv per
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
@@ -22,10 +22,9 @@ uv:
 
 install: uv ## create .venv from uv.lock (Python 3.11)
 	$(UV) sync --frozen
-	@mkdir -p $(DAGSTER_HOME)
 
-manifest: install ## dbt parse -> dbt_project/target/manifest.json (Dagster builds dbt assets from it)
-	$(RUN) python -c "from easymlops.warehouse import prepare_manifest; prepare_manifest()"
+manifest: install ## dbt parse (Dagster builds the dbt assets from its manifest) + Dagster instance
+	$(RUN) easymlops prepare
 
 demo: manifest ## start the embedded stack and run everything end to end
 	$(RUN) easymlops demo

@@ -107,29 +107,34 @@ def produce(
 def _produce(
     *, events: int, days: int, rate: float, invalid_ratio: float, seed: int, from_csv: Path | None
 ) -> dict[str, object]:
-    from easymlops.csv_replay import read_csv_events
+    from easymlops.csv_replay import CsvFormatError, read_csv_events
     from easymlops.generator import generate_payloads
+    from easymlops.kafka import KafkaUnavailable, partitions
     from easymlops.produce import produce_payloads
 
     settings = get_settings()
+    try:
+        partitions(settings, settings.topic_raw)
+    except KafkaUnavailable as exc:
+        _fail(str(exc))
     if from_csv is not None:
         if not from_csv.is_file():
             _fail(f"{from_csv}: no such file")
-        payloads = read_csv_events(from_csv)
+        try:
+            payloads = read_csv_events(from_csv)
+        except CsvFormatError as exc:
+            _fail(f"{from_csv}: {exc}")
         total = None
         label = f"replaying {from_csv.name}"
     else:
         payloads = generate_payloads(events, days=days, seed=seed, invalid_ratio=invalid_ratio)
         total = events
         label = "producing"
-    try:
-        with _progress() as bar:
-            task = bar.add_task(label, total=total, info=f"-> {settings.topic_raw}")
-            stats = produce_payloads(
-                settings, payloads, rate=rate or None, progress=lambda n: bar.advance(task, n)
-            )
-    except ValueError as exc:  # a CSV whose header is not the dataset's
-        _fail(str(exc))
+    with _progress() as bar:
+        task = bar.add_task(label, total=total, info=f"-> {settings.topic_raw}")
+        stats = produce_payloads(
+            settings, payloads, rate=rate or None, progress=lambda n: bar.advance(task, n)
+        )
     summary = stats.to_dict()
     if stats.failed:
         console.print(f"[red]{stats.failed} events were not delivered:[/red] {stats.failures[:3]}")
@@ -153,9 +158,15 @@ def validate(
 
 
 def _validate(*, until_idle: bool = True, idle_seconds: float = 5.0) -> dict[str, object]:
+    from easymlops.kafka import KafkaUnavailable, partitions
     from easymlops.validate import run_validator
 
     settings = get_settings()
+    try:
+        for topic in (settings.topic_raw, settings.topic_validated, settings.topic_invalid):
+            partitions(settings, topic)
+    except KafkaUnavailable as exc:
+        _fail(str(exc))
     stopping = {"flag": False}
 
     def stop(_signum: int, _frame: object) -> None:
@@ -185,6 +196,17 @@ def _validate(*, until_idle: bool = True, idle_seconds: float = 5.0) -> dict[str
         f"{dict(stats.errors) if stats.errors else ''}"
     )
     return stats.to_dict()
+
+
+@app.command()
+def prepare() -> None:
+    """Parse the dbt project and create the local Dagster instance (run by `make`)."""
+    from easymlops.pipeline import dagster_home
+    from easymlops.warehouse import prepare_manifest
+
+    settings = get_settings()
+    out.print(f"dbt manifest: {prepare_manifest()}")
+    out.print(f"Dagster instance: {dagster_home(settings)}")
 
 
 @app.command()

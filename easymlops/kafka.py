@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
@@ -18,8 +19,13 @@ def coordinates(message: Message) -> tuple[str, int, int]:
     return topic, partition, offset
 
 
+# librdkafka logs to stderr by default; routed through logging, its connection retries do not
+# bury the one-line error the CLI prints when the broker is down.
+CLIENT_LOGGER = logging.getLogger("easymlops.kafka.client")
+
+
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.bootstrap_servers})
+    return AdminClient({"bootstrap.servers": settings.bootstrap_servers, "logger": CLIENT_LOGGER})
 
 
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
@@ -54,6 +60,9 @@ def producer(settings: Settings, **overrides: Any) -> Producer:
         "linger.ms": 20,
         "batch.num.messages": 10000,
         "compression.type": "none",
+        # Give up on a delivery after 60 s (default 300 s), so a dead broker is reported soon.
+        "message.timeout.ms": 60_000,
+        "logger": CLIENT_LOGGER,
     }
     config.update(overrides)
     return Producer(config)
@@ -70,15 +79,29 @@ def consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
         # default meant a 23 s wait before the first message; 6 s makes it about 3 s.
         "session.timeout.ms": 6000,
         "heartbeat.interval.ms": 500,
+        "logger": CLIENT_LOGGER,
     }
     config.update(overrides)
     return Consumer(config)
 
 
+class KafkaUnavailable(RuntimeError):
+    """The broker does not answer, or a topic the platform needs is missing."""
+
+
 def partitions(settings: Settings, topic: str, timeout: float = 10.0) -> list[int]:
-    meta = admin(settings).list_topics(topic, timeout=timeout)
+    try:
+        meta = admin(settings).list_topics(topic, timeout=timeout)
+    except KafkaException as exc:
+        raise KafkaUnavailable(
+            f"cannot reach Kafka at {settings.bootstrap_servers} ({exc.args[0]}); "
+            "is the stack up? (`easymlops up`)"
+        ) from None
     if topic not in meta.topics or meta.topics[topic].error is not None:
-        raise RuntimeError(f"topic {topic!r} does not exist on {settings.bootstrap_servers}")
+        raise KafkaUnavailable(
+            f"topic {topic!r} does not exist on {settings.bootstrap_servers}; "
+            "`easymlops up` creates the platform's topics"
+        )
     return sorted(meta.topics[topic].partitions)
 
 

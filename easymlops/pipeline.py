@@ -11,8 +11,13 @@ from easymlops.settings import Settings
 
 
 def dagster_home(settings: Settings) -> str:
+    """The local Dagster instance directory, with a dagster.yaml (telemetry off: this machine
+    may have no route to the internet)."""
     home = settings.home_dir / "dagster"
     home.mkdir(parents=True, exist_ok=True)
+    config = home / "dagster.yaml"
+    if not config.exists():
+        config.write_text("telemetry:\n  enabled: false\n")
     return str(home)
 
 
