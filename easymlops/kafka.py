@@ -25,7 +25,11 @@ CLIENT_LOGGER = logging.getLogger("easymlops.kafka.client")
 
 
 def admin(settings: Settings) -> AdminClient:
-    return AdminClient({"bootstrap.servers": settings.bootstrap_servers, "logger": CLIENT_LOGGER})
+    config: dict[str, Any] = {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "logger": CLIENT_LOGGER,
+    }
+    return AdminClient(config)
 
 
 def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
