@@ -625,7 +625,13 @@ def _ray_launch(settings: Settings) -> _Launch:
             "--dashboard-agent-listen-port",
             str(agent_port),
         ],
-        env={"RAY_USAGE_STATS_ENABLED": "0", "TMPDIR": str(tmp)},
+        # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps a single-node head on loopback: otherwise
+        # Ray replaces 127.0.0.1 (even an explicit --node-ip-address) with the LAN address.
+        env={
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            "TMPDIR": str(tmp),
+        },
         extra={
             "temp_dir": str(temp_dir),
             "ray_client_server_port": client_port,

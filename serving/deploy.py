@@ -51,6 +51,10 @@ def connect(settings: Settings) -> None:
             )
         return
     ray_constants.RAY_ENABLE_UV_RUN_RUNTIME_ENV = False
+    if not settings.ray_address:
+        # The embedded head is single-node on loopback: without this Ray swaps 127.0.0.1 for
+        # the machine's LAN address (see easymlops.stack, which starts the head the same way).
+        ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(
         address=settings.ray,
         namespace=RAY_NAMESPACE,
