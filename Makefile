@@ -18,7 +18,8 @@ help: ## list targets
 
 uv:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || \
-		$(PYTHON) -m pip install --quiet --disable-pip-version-check uv
+		$(PYTHON) -m pip install --quiet --disable-pip-version-check uv 2>/dev/null || \
+		$(PYTHON) -m pip install --quiet --disable-pip-version-check --user --break-system-packages uv
 
 install: uv ## create .venv from uv.lock (Python 3.11)
 	$(UV) sync --frozen

@@ -151,15 +151,50 @@ def validate(
         typer.Option("--until-idle/--follow", help="Exit once the topic is drained, or run on."),
     ] = True,
     idle_seconds: Annotated[float, typer.Option(help="Quiet time that counts as drained.")] = 5.0,
+    batch_size: Annotated[
+        int, typer.Option(help="Messages per batch (one Kafka transaction).", min=1)
+    ] = 5000,
+    session_features: Annotated[
+        bool,
+        typer.Option(help="Keep feat:session:{id} current in Redis from the validated stream."),
+    ] = True,
+    max_outage: Annotated[
+        float, typer.Option(help="Seconds to wait out a broker or Redis outage before failing.")
+    ] = 300.0,
 ) -> None:
-    """Validate the raw topic into the validated topic and the dead-letter topic, exactly once."""
-    stats = _validate(until_idle=until_idle, idle_seconds=idle_seconds)
+    """Validate the raw topic into the validated topic and the dead-letter topic, exactly once.
+
+    SIGTERM or Ctrl-C finishes the batch in flight, commits it and exits; a restart resumes
+    from the committed offsets."""
+    stats = _validate(
+        until_idle=until_idle,
+        idle_seconds=idle_seconds,
+        batch_size=batch_size,
+        session_features=session_features,
+        max_outage=max_outage,
+    )
     out.print_json(json.dumps(stats))
 
 
-def _validate(*, until_idle: bool = True, idle_seconds: float = 5.0) -> dict[str, object]:
+def _validate(
+    *,
+    until_idle: bool = True,
+    idle_seconds: float = 5.0,
+    batch_size: int = 5000,
+    session_features: bool = True,
+    max_outage: float = 300.0,
+) -> dict[str, object]:
+    import logging
+
+    from rich.logging import RichHandler
+
     from easymlops.kafka import KafkaUnavailable, partitions
-    from easymlops.validate import run_validator
+    from easymlops.validate import OutageTooLong, ValidatorFenced, run_validator
+
+    # The validator's periodic progress line and outage warnings, beside the progress bar.
+    handler = RichHandler(console=console, show_path=False)
+    logging.getLogger("easymlops.validate").addHandler(handler)
+    logging.getLogger("easymlops.validate").setLevel(logging.INFO)
 
     settings = get_settings()
     try:
@@ -184,13 +219,19 @@ def _validate(*, until_idle: bool = True, idle_seconds: float = 5.0) -> dict[str
                 info=f"valid {stats.valid}  invalid {stats.invalid}  {stats.rate:,.0f} ev/s",
             )
 
-        stats = run_validator(
-            settings,
-            until_idle=until_idle,
-            idle_seconds=idle_seconds,
-            progress=show,
-            should_stop=lambda: stopping["flag"],
-        )
+        try:
+            stats = run_validator(
+                settings,
+                until_idle=until_idle,
+                idle_seconds=idle_seconds,
+                batch_size=batch_size,
+                session_features=session_features,
+                max_outage_seconds=max_outage,
+                progress=show,
+                should_stop=lambda: stopping["flag"],
+            )
+        except (OutageTooLong, ValidatorFenced) as exc:
+            _fail(str(exc))
     console.print(
         f"[green]consumed {stats.consumed}[/green]: valid {stats.valid}, invalid {stats.invalid} "
         f"{dict(stats.errors) if stats.errors else ''}"

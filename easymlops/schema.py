@@ -10,7 +10,18 @@ Policy, documented here because every consumer depends on it:
 - `event_id` is optional; when absent it is derived from the other fields, so a replayed duplicate
   row gets the same id and is removed by deduplication downstream.
 - Unknown extra fields are ignored (dropped from the validated record) so producers can evolve
-  ahead of consumers.
+  ahead of consumers; a field only becomes part of the contract when it is added here (and to
+  the generated JSON Schema / Avro files, which allow additional properties for that reason).
+- Integers (int64) and prices are strict: ASCII decimal digits only in strings (no `1_000`, no
+  other scripts' digits), booleans are not numbers, prices are finite and non-negative.
+- `event_time` must lie in [MIN_EVENT_TIME, now + MAX_FUTURE].
+- Strings longer than MAX_STRING_LENGTH characters and messages over MAX_MESSAGE_BYTES bytes are
+  rejected; so are strings that cannot be encoded as UTF-8 (lone surrogates from `\ud800`).
+- Duplicate JSON keys: the last one wins (Python's json, like most parsers).
+
+Every rejection has a stable `error_type` (ERROR_TYPES). `route` turns one raw message into the
+record to produce (validated event or dead letter); it never raises, so a validator built on it
+cannot be crashed by its input: an unexpected failure in a rule becomes `internal_error`.
 """
 
 from __future__ import annotations
@@ -19,9 +30,10 @@ import base64
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 EVENT_TYPES: tuple[str, ...] = ("view", "cart", "remove_from_cart", "purchase")
 REQUIRED_FIELDS: tuple[str, ...] = (
@@ -52,6 +64,31 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_STRING_LENGTH = 256
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_FUTURE = timedelta(days=1)
+# Older than the first e-commerce datasets we replay by decades: a year-1 or epoch-0 timestamp
+# is a producer bug, not history.
+MIN_EVENT_TIME = datetime(2000, 1, 1, tzinfo=UTC)
+
+# Every error_type a rejection can carry, with what it means (also in the README).
+ERROR_TYPES: dict[str, str] = {
+    "missing_payload": "the Kafka message has no value (tombstone)",
+    "message_too_large": f"the message is over {MAX_MESSAGE_BYTES} bytes",
+    "not_utf8": "the bytes are not UTF-8",
+    "malformed_json": "the text is not JSON (or nests too deep)",
+    "wrong_type": "the event is not an object, or a field has the wrong JSON type or format",
+    "missing_field": "a required field is absent, null or empty",
+    "int_out_of_range": "an integer field does not fit in int64",
+    "bad_price": "the price is negative, NaN or infinite",
+    "unknown_event_type": f"event_type is not one of {', '.join(EVENT_TYPES)}",
+    "bad_timestamp": "event_time does not parse as a timestamp",
+    "timestamp_in_future": f"event_time is more than {MAX_FUTURE} after the validator's clock",
+    "timestamp_too_old": f"event_time is before {MIN_EVENT_TIME:%Y-%m-%d}",
+    "string_too_long": f"a string field is over {MAX_STRING_LENGTH} characters",
+    "invalid_string": "a string field holds a lone surrogate (not encodable as UTF-8)",
+    "internal_error": "a rule failed unexpectedly; the event is kept here, never dropped",
+}
+
+_INT_TEXT = re.compile(r"-?[0-9]{1,19}", re.ASCII)
+_DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +138,8 @@ def parse_time(value: Any, field: str = "event_time") -> datetime:
         else:
             ts = datetime.fromisoformat(text.replace("Z", "+00:00"))
             ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
-    except ValueError:
+    except (ValueError, OverflowError):
+        # OverflowError: a valid ISO time whose offset pushes it past year 1 or 9999.
         raise ValidationError(
             "bad_timestamp", f"{field} {text[:40]!r} is not a timestamp", field
         ) from None
@@ -114,12 +152,20 @@ def _int64(record: dict[str, Any], field: str) -> int:
         raise ValidationError("wrong_type", f"{field} must be an integer, got a boolean", field)
     if isinstance(value, str):
         text = value.strip()
-        if not text.lstrip("-").isdigit():
+        if not _INT_TEXT.fullmatch(text):
+            if re.fullmatch(r"-?[0-9]+", text, re.ASCII):
+                raise ValidationError(
+                    "int_out_of_range", f"{field} {text[:40]} does not fit in int64", field
+                )
             raise ValidationError(
                 "wrong_type", f"{field} must be an integer, got {text[:40]!r}", field
             )
         value = int(text)
     elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValidationError(
+                "int_out_of_range", f"{field} {value} does not fit in int64", field
+            )
         if not value.is_integer():
             raise ValidationError("wrong_type", f"{field} must be an integer, got {value}", field)
         value = int(value)
@@ -137,14 +183,21 @@ def _price(record: dict[str, Any]) -> float:
     if isinstance(value, bool):
         raise ValidationError("wrong_type", "price must be a number, got a boolean", "price")
     if isinstance(value, str):
-        try:
-            value = float(value.strip())
-        except ValueError:
+        text = value.strip()
+        if not _DECIMAL_TEXT.fullmatch(text):
             raise ValidationError(
-                "wrong_type", f"price must be a number, got {value[:40]!r}", "price"
-            ) from None
+                "wrong_type", f"price must be a decimal number, got {text[:40]!r}", "price"
+            )
+        value = float(text)  # may be inf ("1e999"): rejected as non-finite below
     elif isinstance(value, int):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            raise ValidationError(
+                "bad_price",
+                f"price must be finite, got a {value.bit_length()}-bit integer",
+                "price",
+            ) from None
     elif not isinstance(value, float):
         raise ValidationError(
             "wrong_type", f"price must be a number, got {type(value).__name__}", "price"
@@ -170,6 +223,12 @@ def _string(record: dict[str, Any], field: str, *, nullable: bool) -> str | None
         raise ValidationError(
             "string_too_long", f"{field} is {len(value)} chars, limit {MAX_STRING_LENGTH}", field
         )
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(
+            "invalid_string", f"{field} holds a lone surrogate, not encodable as UTF-8", field
+        ) from None
     if not nullable and not value.strip():
         raise ValidationError("missing_field", f"{field} is empty", field)
     return value
@@ -210,6 +269,12 @@ def validate_record(record: Any, *, now: datetime | None = None) -> Event:
         raise ValidationError(
             "timestamp_in_future",
             f"event_time {format_time(event_time)} is in the future",
+            "event_time",
+        )
+    if event_time < MIN_EVENT_TIME:
+        raise ValidationError(
+            "timestamp_too_old",
+            f"event_time {format_time(event_time)} is before {MIN_EVENT_TIME:%Y-%m-%d}",
             "event_time",
         )
     product_id = _int64(record, "product_id")
@@ -255,6 +320,10 @@ def validate_bytes(payload: bytes | None, *, now: datetime | None = None) -> Eve
         raise ValidationError(
             "malformed_json", f"payload is not JSON: {exc.msg} at {exc.pos}"
         ) from None
+    except RecursionError:
+        raise ValidationError("malformed_json", "payload nests too deep to parse") from None
+    except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
+        raise ValidationError("malformed_json", f"payload is not parsable JSON: {exc}") from None
     return validate_record(record, now=now)
 
 
@@ -262,8 +331,12 @@ def validate_bytes(payload: bytes | None, *, now: datetime | None = None) -> Eve
 class DeadLetter:
     """The dead-letter envelope written to `events.invalid` (DESIGN.md section 5)."""
 
-    payload: str
+    payload: str  # the original bytes; only the first MAX_MESSAGE_BYTES when truncated
     payload_encoding: str  # "utf-8" or "base64"
+    payload_bytes: int  # size of the original message
+    # True for an oversized message: the envelope must fit the broker's message limit, so it
+    # keeps the first MAX_MESSAGE_BYTES; the whole message stays at source_topic/partition/offset.
+    payload_truncated: bool
     error_type: str
     error_message: str
     error_field: str | None
@@ -284,13 +357,16 @@ class DeadLetter:
         received_at: datetime | None = None,
     ) -> DeadLetter:
         raw = payload or b""
+        kept = raw[:MAX_MESSAGE_BYTES]
         try:
-            text, encoding = raw.decode("utf-8"), "utf-8"
+            text, encoding = kept.decode("utf-8"), "utf-8"
         except UnicodeDecodeError:
-            text, encoding = base64.b64encode(raw).decode("ascii"), "base64"
+            text, encoding = base64.b64encode(kept).decode("ascii"), "base64"
         return cls(
             payload=text,
             payload_encoding=encoding,
+            payload_bytes=len(raw),
+            payload_truncated=len(kept) < len(raw),
             error_type=error.error_type,
             error_message=str(error),
             error_field=error.field,
@@ -307,3 +383,43 @@ class DeadLetter:
 
     def to_json_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Routed:
+    """Where one raw message goes: a validated event, or a dead letter for `events.invalid`."""
+
+    destination: Literal["valid", "invalid"]
+    key: bytes | None
+    value: bytes
+    event: Event | None = None
+    error_type: str | None = None
+
+
+def route(
+    payload: bytes | None,
+    *,
+    key: bytes | None,
+    topic: str,
+    partition: int,
+    offset: int,
+    received_at: datetime,
+    now: datetime | None = None,
+) -> Routed:
+    """Validate one raw message and build what to produce; never raises.
+
+    The local runner (easymlops.validate) and the Flink job (flink_jobs/) both call this, so
+    they cannot disagree. Valid events are keyed by session (one session stays ordered in one
+    partition); dead letters keep the original key.
+    """
+    try:
+        event = validate_bytes(payload, now=now or received_at)
+        return Routed("valid", event.user_session.encode(), event.to_json_bytes(), event=event)
+    except ValidationError as exc:
+        error = exc
+    except Exception as exc:  # a bug in a rule must not stop the stream or lose the event
+        error = ValidationError("internal_error", f"{type(exc).__name__}: {exc}"[:500])
+    letter = DeadLetter.build(
+        payload, error, topic=topic, partition=partition, offset=offset, received_at=received_at
+    )
+    return Routed("invalid", key, letter.to_json_bytes(), error_type=error.error_type)

@@ -1,33 +1,73 @@
 """The local stream validator: events.raw -> events.validated | events.invalid, exactly once.
 
-Each consumed batch is validated, produced and its consumer offsets committed inside one Kafka
-transaction, so a crash at any point neither loses nor duplicates an event: valid + invalid =
-consumed, always. The Flink job in flink_jobs/ applies the same rules (easymlops.schema).
+Each consumed batch is routed by `easymlops.schema.route` (the Flink job in flink_jobs/ calls the
+same function), its session features are applied to Redis, then its records are produced and its
+consumer offsets committed inside one Kafka transaction. So:
+- a crash (even `kill -9`) at any point neither loses nor duplicates an event: the next run
+  resumes from the committed offsets and the aborted transaction's records are never visible to
+  `read_committed` readers; valid + invalid = raw, always;
+- session-feature updates are idempotent per event id, so replaying a batch counts nothing twice;
+- a broker or Redis outage is waited out: the batch is retried (Redis first, then a fresh
+  transaction) with backoff and a log line per attempt, until `max_outage_seconds`;
+- SIGTERM/SIGINT (via `should_stop`) finish the batch in flight, commit it, and exit.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypeVar
 
+import redis
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    Consumer,
     KafkaError,
     KafkaException,
     Message,
     Producer,
     TopicPartition,
 )
+from opentelemetry.metrics import CallbackOptions, Observation
 
-from easymlops.kafka import consumer, coordinates, partitions, producer
-from easymlops.schema import DeadLetter, ValidationError, validate_bytes
+from easymlops import telemetry
+from easymlops.kafka import (
+    KafkaUnavailable,
+    consumer,
+    coordinates,
+    end_offsets,
+    partitions,
+    producer,
+)
+from easymlops.schema import Event, Routed, route
+from easymlops.session_features import SessionFeatureWriter
 from easymlops.settings import Settings
 
 GROUP_ID = "easymlops-validator"
+log = logging.getLogger("easymlops.validate")
+
+# Consumer-side errors that only mean "the broker is not answering right now".
+TRANSIENT_CONSUMER_ERRORS = {
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TIMED_OUT,
+    KafkaError._RESOLVE,
+    KafkaError._MAX_POLL_EXCEEDED,
+}
+# Producer errors after which the transactional producer cannot go on: another validator with
+# the same transactional id took over. Retrying would fight it; stop instead.
+FENCED_ERRORS = {KafkaError._FENCED, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH}
+
+
+class ValidatorFenced(RuntimeError):
+    """Another validator instance took over the transactional id; this one must stop."""
+
+
+class OutageTooLong(RuntimeError):
+    """The broker or Redis stayed unavailable longer than `max_outage_seconds`."""
 
 
 @dataclass
@@ -37,10 +77,15 @@ class ValidationStats:
     invalid: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    retries: int = 0
 
     @property
     def rate(self) -> float:
         return self.consumed / self.seconds if self.seconds else 0.0
+
+    @property
+    def invalid_ratio(self) -> float:
+        return self.invalid / self.consumed if self.consumed else 0.0
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -50,7 +95,279 @@ class ValidationStats:
             "errors": dict(self.errors),
             "seconds": round(self.seconds, 3),
             "events_per_second": round(self.rate, 1),
+            "retries": self.retries,
         }
+
+
+class _Metrics:
+    """OTel instruments, created once per process; gauges read the validator that is running."""
+
+    current: ValidationStats | None = None
+    _instance: _Metrics | None = None
+
+    def __init__(self) -> None:
+        meter = telemetry.meter("easymlops.validate")
+        self.events = meter.create_counter(
+            "easymlops.validator.events", unit="{event}", description="events routed"
+        )
+        self.batch_seconds = meter.create_histogram(
+            "easymlops.validator.batch.duration", unit="s", description="validate+commit a batch"
+        )
+        self.retries = meter.create_counter(
+            "easymlops.validator.retries", description="batch attempts retried after an outage"
+        )
+        meter.create_observable_gauge(
+            "easymlops.validator.invalid_ratio",
+            callbacks=[self._invalid_ratio],
+            description="invalid / consumed since the validator started",
+        )
+        meter.create_observable_gauge(
+            "easymlops.validator.throughput",
+            callbacks=[self._throughput],
+            unit="{event}/s",
+            description="events consumed per second since the validator started",
+        )
+
+    @classmethod
+    def get(cls) -> _Metrics:
+        if cls._instance is None:
+            telemetry.configure_metrics()
+            cls._instance = cls()
+        return cls._instance
+
+    def _invalid_ratio(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if self.current is not None:
+            yield Observation(self.current.invalid_ratio)
+
+    def _throughput(self, _options: CallbackOptions) -> Iterable[Observation]:
+        if self.current is not None:
+            yield Observation(self.current.rate)
+
+
+T = TypeVar("T")
+
+
+class Validator:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        batch_size: int = 5000,
+        session_features: bool = True,
+        max_outage_seconds: float = 300.0,
+        log_interval: float = 10.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.settings = settings
+        self.batch_size = batch_size
+        self.max_outage_seconds = max_outage_seconds
+        self.log_interval = log_interval
+        self.should_stop = should_stop
+        self.stats = ValidationStats()
+        self.metrics = _Metrics.get()
+        self.transactional_id = f"{GROUP_ID}-{settings.topic_raw}"
+        self.sessions = (
+            SessionFeatureWriter(
+                redis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=5),
+                settings.session_ttl_seconds,
+            )
+            if session_features
+            else None
+        )
+        self.source = consumer(settings, GROUP_ID)
+        self.sink = self._new_producer()
+        self.next_offsets = self._assign()
+
+    def _new_producer(self) -> Producer:
+        sink = producer(self.settings, **{"transactional.id": self.transactional_id})
+        # Also fences a previous instance (e.g. one killed with -9) and aborts its open
+        # transaction, so its half-written batch never becomes visible.
+        sink.init_transactions(30)
+        return sink
+
+    def _assign(self) -> dict[int, int]:
+        # One local runner owns every partition: it assigns them itself and resumes from the
+        # group's committed offsets instead of joining the group, whose first join costs 3-25 s
+        # on Tansu. A second runner with the same transactional id fences the first.
+        topic = self.settings.topic_raw
+        wanted = [TopicPartition(topic, p) for p in partitions(self.settings, topic)]
+        committed = self.source.committed(wanted, timeout=30)
+        self.source.assign(
+            [
+                TopicPartition(
+                    topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                )
+                for tp in committed
+            ]
+        )
+        return {tp.partition: max(tp.offset, 0) for tp in committed}
+
+    # ---- main loop ------------------------------------------------------------------------
+    def run(
+        self,
+        *,
+        until_idle: bool = True,
+        idle_seconds: float = 5.0,
+        progress: Callable[[ValidationStats], None] | None = None,
+    ) -> ValidationStats:
+        """Validate until drained (every partition read to its end and quiet for
+        `idle_seconds`), or until `should_stop` if not `until_idle`."""
+        _Metrics.current = self.stats
+        started = last_activity = last_log = time.monotonic()
+        logged_consumed = 0
+        try:
+            while not self.should_stop():
+                messages = self.source.consume(self.batch_size, timeout=0.5)
+                now = time.monotonic()
+                self.stats.seconds = now - started
+                if messages:
+                    last_activity = now
+                    self._process(messages)
+                    if progress:
+                        progress(self.stats)
+                elif until_idle and now - last_activity > idle_seconds and self._drained():
+                    break
+                if now - last_log >= self.log_interval:
+                    rate = (self.stats.consumed - logged_consumed) / (now - last_log)
+                    log.info(
+                        "validator: consumed %d (%.0f ev/s), valid %d, invalid %d (%.2f%%)",
+                        self.stats.consumed,
+                        rate,
+                        self.stats.valid,
+                        self.stats.invalid,
+                        100 * self.stats.invalid_ratio,
+                    )
+                    last_log, logged_consumed = now, self.stats.consumed
+        finally:
+            self.stats.seconds = time.monotonic() - started
+            _Metrics.current = None
+            self.source.close()
+            self.sink.flush(10)
+        return self.stats
+
+    def _drained(self) -> bool:
+        """True when every partition has been read to its end. Asking the broker also tells an
+        outage (no answer: not drained, keep waiting) from an empty topic."""
+        try:
+            ends = end_offsets(self.settings, self.settings.topic_raw, timeout=5)
+        except (KafkaUnavailable, KafkaException) as exc:
+            log.warning("validator: broker not answering (%s); waiting", exc)
+            return False
+        return all(self.next_offsets.get(p, 0) >= end for p, end in ends.items())
+
+    def _process(self, messages: list[Message]) -> None:
+        batch_started = time.monotonic()
+        received_at = datetime.now(UTC)
+        routed: list[Routed] = []
+        next_offsets: dict[int, int] = {}
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == KafkaError._PARTITION_EOF:
+                    continue
+                if error.code() in TRANSIENT_CONSUMER_ERRORS:
+                    log.warning("validator: consumer: %s; the client reconnects", error.str())
+                    continue
+                raise KafkaException(error)
+            topic, partition, offset = coordinates(message)
+            routed.append(
+                route(
+                    message.value(),
+                    key=message.key(),
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    received_at=received_at,
+                )
+            )
+            next_offsets[partition] = offset + 1
+        if not routed:
+            return
+        if self.sessions is not None:
+            writer = self.sessions
+            events: list[Event] = [r.event for r in routed if r.event is not None]
+            self._retrying("Redis", lambda: writer.apply(events))
+        self._retrying("Kafka", lambda: self._commit(routed, next_offsets))
+        # Counted only after the commit, so the stats never include an aborted batch.
+        valid = sum(1 for r in routed if r.destination == "valid")
+        errors = Counter(r.error_type for r in routed if r.error_type is not None)
+        self.stats.consumed += len(routed)
+        self.stats.valid += valid
+        self.stats.invalid += len(routed) - valid
+        self.stats.errors.update(errors)
+        self.next_offsets.update(next_offsets)
+        self.metrics.events.add(valid, {"destination": "valid"})
+        for error_type, count in errors.items():
+            self.metrics.events.add(count, {"destination": "invalid", "error_type": error_type})
+        self.metrics.batch_seconds.record(time.monotonic() - batch_started)
+
+    def _commit(self, routed: Sequence[Routed], next_offsets: dict[int, int]) -> None:
+        topics = {"valid": self.settings.topic_validated, "invalid": self.settings.topic_invalid}
+        try:
+            self.sink.begin_transaction()
+            for record in routed:
+                while True:
+                    try:
+                        self.sink.produce(topics[record.destination], record.value, record.key)
+                        break
+                    except BufferError:  # local queue full: let deliveries drain
+                        self.sink.poll(0.1)
+            self.sink.send_offsets_to_transaction(
+                [
+                    TopicPartition(self.settings.topic_raw, p, o)
+                    for p, o in sorted(next_offsets.items())
+                ],
+                self.source.consumer_group_metadata(),
+                30,
+            )
+            self.sink.commit_transaction(60)
+        except KafkaException as exc:
+            self._recover(exc)
+            raise
+
+    def _recover(self, exc: KafkaException) -> None:
+        """Leave the producer ready for a fresh attempt at the same batch."""
+        error = exc.args[0]
+        if isinstance(error, KafkaError) and error.code() in FENCED_ERRORS:
+            raise ValidatorFenced(
+                f"another validator took over transactional id {self.transactional_id!r}"
+            ) from exc
+        if isinstance(error, KafkaError) and error.fatal():
+            self.sink = self._new_producer()
+            return
+        try:
+            self.sink.abort_transaction(30)
+        except KafkaException:
+            # The broker may still be unreachable; a new producer re-initialises the
+            # transactional id (aborting the open transaction) once it is back.
+            self.sink = self._new_producer_when_possible()
+
+    def _new_producer_when_possible(self) -> Producer:
+        return self._retrying("Kafka", self._new_producer)
+
+    def _retrying(self, what: str, attempt: Callable[[], T]) -> T:
+        first_failure: float | None = None
+        delay = 0.5
+        while True:
+            try:
+                return attempt()
+            except (KafkaException, redis.ConnectionError, redis.TimeoutError) as exc:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.max_outage_seconds:
+                    raise OutageTooLong(
+                        f"{what} unavailable for over {self.max_outage_seconds:.0f} s: {exc}"
+                    ) from exc
+                self.stats.retries += 1
+                self.metrics.retries.add(1, {"dependency": what})
+                log.warning(
+                    "validator: %s unavailable (%s); retrying the batch in %.1f s",
+                    what,
+                    exc,
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 def run_validator(
@@ -59,102 +376,19 @@ def run_validator(
     until_idle: bool = True,
     idle_seconds: float = 5.0,
     batch_size: int = 5000,
+    session_features: bool = True,
+    max_outage_seconds: float = 300.0,
+    log_interval: float = 10.0,
     progress: Callable[[ValidationStats], None] | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> ValidationStats:
-    """Validate until the topic has been idle for `idle_seconds` (or forever if not until_idle)."""
-    stats = ValidationStats()
-    source = consumer(settings, GROUP_ID)
-    sink = producer(settings, **{"transactional.id": f"{GROUP_ID}-{settings.topic_raw}"})
-    sink.init_transactions(30)
-    # One local runner owns every partition: it assigns them itself and resumes from the group's
-    # committed offsets instead of joining the group, whose first join costs 3-25 s on Tansu. A
-    # second runner with the same transactional id fences the first, so two never both commit.
-    topic_partitions = [
-        TopicPartition(settings.topic_raw, p) for p in partitions(settings, settings.topic_raw)
-    ]
-    committed = source.committed(topic_partitions, timeout=30)
-    source.assign(
-        [
-            TopicPartition(
-                tp.topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
-            )
-            for tp in committed
-        ]
+    """Validate until the raw topic is drained (or forever if not `until_idle`)."""
+    validator = Validator(
+        settings,
+        batch_size=batch_size,
+        session_features=session_features,
+        max_outage_seconds=max_outage_seconds,
+        log_interval=log_interval,
+        should_stop=should_stop,
     )
-    started = time.monotonic()
-    last_activity = started
-    try:
-        while not should_stop():
-            messages = source.consume(batch_size, timeout=0.5)
-            if not messages:
-                if until_idle and time.monotonic() - last_activity > idle_seconds:
-                    break
-                continue
-            last_activity = time.monotonic()
-            _process_batch(settings, messages, source, sink, stats)
-            if progress:
-                stats.seconds = time.monotonic() - started
-                progress(stats)
-    finally:
-        stats.seconds = time.monotonic() - started
-        source.close()
-        sink.flush(10)
-    return stats
-
-
-def _process_batch(
-    settings: Settings,
-    messages: list[Message],
-    source: Consumer,
-    sink: Producer,
-    stats: ValidationStats,
-) -> None:
-    received_at = datetime.now(UTC)
-    sink.begin_transaction()
-    batch_valid = batch_invalid = 0
-    batch_errors: Counter[str] = Counter()
-    next_offsets: dict[tuple[str, int], int] = {}
-    for message in messages:
-        error = message.error()
-        if error is not None:
-            if error.code() == KafkaError._PARTITION_EOF:
-                continue
-            sink.abort_transaction()
-            raise KafkaException(error)
-        topic, partition, offset = coordinates(message)
-        payload = message.value()
-        try:
-            event = validate_bytes(payload)
-        except ValidationError as exc:
-            letter = DeadLetter.build(
-                payload,
-                exc,
-                topic=topic,
-                partition=partition,
-                offset=offset,
-                received_at=received_at,
-            )
-            sink.produce(settings.topic_invalid, key=message.key(), value=letter.to_json_bytes())
-            batch_invalid += 1
-            batch_errors[exc.error_type] += 1
-        else:
-            # Keyed by session so one session's events stay ordered in one partition.
-            sink.produce(
-                settings.topic_validated,
-                key=event.user_session.encode(),
-                value=event.to_json_bytes(),
-            )
-            batch_valid += 1
-        next_offsets[(topic, partition)] = offset + 1
-    sink.send_offsets_to_transaction(
-        [TopicPartition(t, p, o) for (t, p), o in next_offsets.items()],
-        source.consumer_group_metadata(),
-        30,
-    )
-    sink.commit_transaction(60)
-    # Counted only after the commit, so the stats never include an aborted batch.
-    stats.consumed += batch_valid + batch_invalid
-    stats.valid += batch_valid
-    stats.invalid += batch_invalid
-    stats.errors.update(batch_errors)
+    return validator.run(until_idle=until_idle, idle_seconds=idle_seconds, progress=progress)

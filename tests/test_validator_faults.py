@@ -1,0 +1,220 @@
+"""The local validator under faults, on the real broker and Redis: `kill -9` mid-stream, the broker
+paused (SIGSTOP) for 10 s, Redis restarted. After each: valid + invalid = raw, no event twice,
+every dead letter points at a distinct raw offset, and the session features in Redis equal the
+fold of the session's validated events (counted once each despite replays)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+
+import pytest
+import redis
+from confluent_kafka import Consumer, TopicPartition
+
+from easymlops import stack as stack_module
+from easymlops.features import session_key
+from easymlops.generator import generate_payloads
+from easymlops.kafka import end_offsets, ensure_topics, partitions
+from easymlops.produce import produce_payloads
+from easymlops.schema import Event, validate_bytes
+from easymlops.session_features import SessionState
+from easymlops.settings import Settings
+from easymlops.validate import GROUP_ID, ValidationStats, run_validator
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture
+def topics(stack: Settings) -> Iterator[Settings]:
+    """Settings with topics of this test's own, so counts are exact (no other test's events)."""
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    settings = stack.model_copy(
+        update={
+            "topic_raw": f"{name}.raw",
+            "topic_validated": f"{name}.validated",
+            "topic_invalid": f"{name}.invalid",
+            "topic_predictions": f"{name}.predictions",
+        }
+    )
+    ensure_topics(settings)
+    yield settings
+
+
+def read_all(settings: Settings, topic: str) -> list[tuple[int, int, bytes]]:
+    """(partition, offset, value) of every committed record, read by an independent client."""
+    ends = end_offsets(settings, topic)
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+            "isolation.level": "read_committed",
+            "enable.auto.commit": False,
+        }
+    )
+    reader.assign([TopicPartition(topic, p, 0) for p in partitions(settings, topic)])
+    records: list[tuple[int, int, bytes]] = []
+    deadline = time.monotonic() + 60
+    idle = 0
+    while idle < 6 and time.monotonic() < deadline:
+        messages = reader.consume(10_000, timeout=0.5)
+        idle = 0 if messages else idle + 1
+        for m in messages:
+            if m.error() is None:
+                records.append((m.partition() or 0, m.offset() or 0, m.value() or b""))
+    reader.close()
+    assert ends is not None
+    return records
+
+
+def committed_total(settings: Settings) -> int:
+    """How many raw records the validator group has committed so far."""
+    probe = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": GROUP_ID})
+    try:
+        parts = [
+            TopicPartition(settings.topic_raw, p) for p in partitions(settings, settings.topic_raw)
+        ]
+        return sum(max(tp.offset, 0) for tp in probe.committed(parts, timeout=10))
+    finally:
+        probe.close()
+
+
+def wait_for_progress(settings: Settings, at_least: int, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = committed_total(settings)
+        if done >= at_least:
+            return done
+        time.sleep(0.05)
+    raise AssertionError(f"validator committed fewer than {at_least} records in {timeout} s")
+
+
+def assert_conserved(settings: Settings, produced: int) -> list[Event]:
+    """valid + invalid = raw, no duplicates; returns the validated events."""
+    raw_total = sum(end_offsets(settings, settings.topic_raw).values())
+    assert raw_total == produced
+    valid = read_all(settings, settings.topic_validated)
+    invalid = read_all(settings, settings.topic_invalid)
+    assert len(valid) + len(invalid) == raw_total, (len(valid), len(invalid), raw_total)
+    events = [validate_bytes(value) for _, _, value in valid]
+    ids = [e.event_id for e in events]
+    assert len(set(ids)) == len(ids), "an event was written twice"
+    sources = [
+        (json.loads(v)["source_partition"], json.loads(v)["source_offset"]) for _, _, v in invalid
+    ]
+    assert len(set(sources)) == len(sources), "a dead letter was written twice"
+    return events
+
+
+def assert_sessions_match(settings: Settings, events: list[Event]) -> None:
+    """Redis holds exactly the fold of each session's validated events."""
+    by_session: dict[str, list[Event]] = defaultdict(list)
+    for event in events:
+        by_session[event.user_session].append(event)
+    client = redis.Redis.from_url(settings.redis, decode_responses=True)
+    for session, session_events in by_session.items():
+        stored = client.hgetall(session_key(session))
+        expected = SessionState.of(session_events).to_hash()
+        assert stored.keys() == expected.keys(), session
+        for name, value in expected.items():
+            assert float(stored[name]) == pytest.approx(float(value)), (session, name)
+
+
+def produce(settings: Settings, n: int, seed: int) -> int:
+    result = produce_payloads(settings, generate_payloads(n, days=3, seed=seed, invalid_ratio=0.02))
+    assert result.failed == 0
+    return result.delivered
+
+
+def validator_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "EASYMLOPS_TOPIC_RAW": settings.topic_raw,
+        "EASYMLOPS_TOPIC_VALIDATED": settings.topic_validated,
+        "EASYMLOPS_TOPIC_INVALID": settings.topic_invalid,
+        "EASYMLOPS_TOPIC_PREDICTIONS": settings.topic_predictions,
+    }
+
+
+def test_kill_9_mid_stream_loses_and_duplicates_nothing(topics: Settings) -> None:
+    produced = produce(topics, 40_000, seed=9101)
+    cmd = [sys.executable, "-m", "easymlops.cli", "validate", "--batch-size", "500"]
+    runner = subprocess.Popen(
+        cmd, env=validator_env(topics), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        done = wait_for_progress(topics, 2_000)
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(10)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert done < produced, "the runner finished before it could be killed"
+    # The restart resumes from the committed offsets and finishes the topic.
+    finished = subprocess.run(
+        cmd, env=validator_env(topics), capture_output=True, text=True, timeout=300
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    stats = json.loads(finished.stdout[finished.stdout.index("{") :])
+    assert 0 < stats["consumed"] < produced  # it did not start over
+    events = assert_conserved(topics, produced)
+    assert_sessions_match(topics, events)
+
+
+def run_in_thread(
+    settings: Settings, idle_seconds: float = 3
+) -> tuple[threading.Thread, dict[str, ValidationStats]]:
+    result: dict[str, ValidationStats] = {}
+
+    def work() -> None:
+        result["stats"] = run_validator(settings, batch_size=500, idle_seconds=idle_seconds)
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_broker_paused_for_10_seconds_then_resumed(topics: Settings) -> None:
+    produced = produce(topics, 30_000, seed=9102)
+    broker = next(s for s in stack_module.status(topics) if s.name == "kafka")
+    assert broker.pid is not None
+    thread, result = run_in_thread(topics)
+    wait_for_progress(topics, 1_000)
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        time.sleep(10)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    thread.join(240)
+    assert not thread.is_alive(), "the validator did not finish after the broker came back"
+    assert result["stats"].consumed == produced
+    assert_conserved(topics, produced)
+
+
+def test_redis_restart_is_waited_out(topics: Settings) -> None:
+    produced = produce(topics, 10_000, seed=9103)
+    # A long idle window: the validator must still be running when the second half arrives.
+    thread, result = run_in_thread(topics, idle_seconds=20)
+    wait_for_progress(topics, 1_000)
+    stack_module.down(topics, services=["redis"])
+    try:
+        # Produced while Redis is down: the validator has to wait for it to come back.
+        produced += produce(topics, 10_000, seed=9104)
+        time.sleep(3)
+    finally:
+        stack_module.up(topics, services=["redis"])
+    thread.join(240)
+    assert not thread.is_alive(), "the validator did not finish after Redis came back"
+    stats = result["stats"]
+    assert stats.consumed == produced
+    assert stats.retries > 0, "Redis was down for 3 s: the validator should have retried"
+    events = assert_conserved(topics, produced)
+    assert_sessions_match(topics, events)
