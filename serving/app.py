@@ -13,6 +13,7 @@ store or a feature-set mismatch -> 503 with the reason.
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import redis
@@ -23,7 +24,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from easymlops.features import FEATURE_SET_VERSION, MODEL_FEATURES
-from serving.features import FeatureRow, assemble_row, redis_keys, to_matrix
+from serving.features import FeatureRow, assemble_row, redis_keys, session_features, to_matrix
 from serving.metrics import CONTENT_TYPE, serving_metrics
 from serving.model import ChampionWatcher, LoadedModel, ServingConfig
 from serving.schemas import (
@@ -174,10 +175,20 @@ class PurchasePredictor:
             raise HTTPException(
                 status_code=503, detail=f"online store unavailable: {type(exc).__name__}: {exc}"
             ) from None
-        return [
-            assemble_row(req.request_features(), *hashes[3 * i : 3 * i + 3])
-            for i, req in enumerate(requests)
-        ]
+        now = datetime.now(UTC)
+        rows = []
+        for i, req in enumerate(requests):
+            user, product, session = hashes[3 * i : 3 * i + 3]
+            at = req.event_time or now
+            rows.append(
+                assemble_row(
+                    req.request_features(),
+                    user,
+                    product,
+                    session_features(session, req.product_id, at),
+                )
+            )
+        return rows
 
     async def _score(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
         model = self._require_model()  # one model for the whole call, even if a swap happens

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 import numpy as np
 
@@ -20,9 +21,12 @@ from easymlops.features import (
     session_key,
     user_key,
 )
+from easymlops.session_features import features_at
 
 # Redis returns str when the client decodes responses, bytes otherwise; accept both.
 RedisHash = Mapping[str, str] | Mapping[bytes, bytes] | Mapping[str, str | bytes]
+# One feature family's values: a Redis hash as read, or values derived from one (session).
+FeatureSource = RedisHash | Mapping[str, float]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,17 +57,27 @@ def _number(raw: object) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _decode(hash_: RedisHash) -> dict[str, object]:
+def _decode(hash_: FeatureSource) -> dict[str, object]:
     return {
         (k.decode("utf-8", "replace") if isinstance(k, bytes) else k): v for k, v in hash_.items()
     }
+
+
+def session_features(stored: RedisHash, product_id: int, at: datetime) -> dict[str, float]:
+    """The session features of a cart of `product_id` at `at` from the stored session state
+    (easymlops.session_features keeps it current from the stream); a session with no stored
+    state has seen no event yet, which the offline definition counts as zeros too."""
+    decoded = {
+        k: v.decode() if isinstance(v, bytes) else str(v) for k, v in _decode(stored).items()
+    }
+    return features_at(decoded, product_id, at)
 
 
 def assemble_row(
     request: Mapping[str, float | int | None],
     user: RedisHash,
     product: RedisHash,
-    session: RedisHash,
+    session: FeatureSource,
 ) -> FeatureRow:
     """Merge request attributes and the three Redis hashes into MODEL_FEATURES order.
 

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import numpy as np
@@ -32,7 +33,7 @@ from easymlops.features import (
     user_key,
 )
 from easymlops.settings import Settings
-from serving.features import assemble_row, redis_keys, to_matrix
+from serving.features import assemble_row, redis_keys, session_features, to_matrix
 from serving.model import ServingConfig
 from serving.schemas import PredictRequest
 
@@ -406,3 +407,31 @@ def _wait_for(call: Callable[[], httpx.Response], status: int, timeout: float) -
         if time.monotonic() > deadline:
             raise AssertionError(f"expected {status} within {timeout}s, last: {last}")
         time.sleep(0.25)
+
+
+def test_session_features_come_from_the_stored_session_state() -> None:
+    start = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
+    stored = {
+        "session_events": b"4",
+        "session_views": b"3",
+        "session_carts": b"1",
+        "session_distinct_products": b"2",
+        "session_start": repr(start.timestamp()).encode(),
+        "pv:7": b"2",
+        "pv:8": b"1",
+    }
+    at = start + timedelta(seconds=90)
+    features = session_features(stored, 7, at)
+    assert features == {
+        "session_events": 4.0,
+        "session_views": 3.0,
+        "session_product_views": 2.0,
+        "session_carts": 1.0,
+        "session_seconds": 90.0,
+        "session_distinct_products": 2.0,
+    }
+    assert session_features(stored, 9, at)["session_product_views"] == 0.0
+    # No stored state: the cart opens its session, which offline counts as zeros too.
+    assert set(session_features({}, 7, at).values()) == {0.0}
+    row = assemble_row({"price": 1.0}, USER, PRODUCT, features)
+    assert row.missing == ()
