@@ -8,9 +8,11 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import redis
 from rich.console import Console
 from rich.table import Table
 
+from easymlops.features import session_key
 from easymlops.settings import Settings, get_settings
 
 
@@ -52,6 +54,16 @@ def time_predictions(settings: Settings, requests: list[dict[str, Any]]) -> dict
         "mean_probability": statistics.fmean(probabilities),
         "model_version": version,
     }
+
+
+def _live_sessions(settings: Settings) -> int:
+    """Session-feature hashes the validator keeps in Redis (not their applied-id sets)."""
+    client = redis.Redis.from_url(settings.redis)
+    return sum(
+        1
+        for key in client.scan_iter(match=f"{session_key('*')}", count=10_000)
+        if not key.endswith(b":applied")
+    )
 
 
 def run_demo(
@@ -111,6 +123,8 @@ def run_demo(
     table.add_column("result", justify="right")
     table.add_row("produced to events.raw", f"{produced['delivered']:,}")
     table.add_row("validated / dead-lettered", f"{validated['valid']:,} / {validated['invalid']:,}")
+    table.add_row("validator throughput", f"{validated['events_per_second']:,.0f} events/s")
+    table.add_row("live sessions in Redis (feat:session:*)", f"{_live_sessions(settings):,}")
     table.add_row(
         "bronze_events rows landed", f"{m.get('bronze_events', {}).get('dagster/row_count', 0):,}"
     )

@@ -107,9 +107,20 @@ class Event:
     user_session: str
 
     def to_json_dict(self) -> dict[str, Any]:
-        record = asdict(self)
-        record["event_time"] = format_time(self.event_time)
-        return record
+        # Spelled out: dataclasses.asdict deep-copies every value and cost half the
+        # validator's time per event.
+        return {
+            "event_id": self.event_id,
+            "event_time": format_time(self.event_time),
+            "event_type": self.event_type,
+            "product_id": self.product_id,
+            "category_id": self.category_id,
+            "category_code": self.category_code,
+            "brand": self.brand,
+            "price": self.price,
+            "user_id": self.user_id,
+            "user_session": self.user_session,
+        }
 
     def to_json_bytes(self) -> bytes:
         return json.dumps(self.to_json_dict(), separators=(",", ":")).encode()
@@ -125,7 +136,9 @@ class ValidationError(ValueError):
 
 
 def format_time(ts: datetime) -> str:
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """`2019-10-01T00:00:00.000000Z`: always microseconds, always Z (isoformat is faster than
+    strftime; years before 1000, which would print differently, are rejected as too old)."""
+    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(value: Any, field: str = "event_time") -> datetime:
