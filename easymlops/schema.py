@@ -88,7 +88,11 @@ ERROR_TYPES: dict[str, str] = {
 }
 
 _INT_TEXT = re.compile(r"-?[0-9]{1,19}", re.ASCII)
-_DECIMAL_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
+# Decimal text, plus the spellings of NaN/infinity so that those are reported as bad_price.
+_DECIMAL_TEXT = re.compile(
+    r"[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|nan|inf|infinity)",
+    re.ASCII | re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True, slots=True)
