@@ -192,9 +192,10 @@ def _validate(
     from easymlops.validate import OutageTooLong, ValidatorFenced, run_validator
 
     # The validator's periodic progress line and outage warnings, beside the progress bar.
-    handler = RichHandler(console=console, show_path=False)
-    logging.getLogger("easymlops.validate").addHandler(handler)
-    logging.getLogger("easymlops.validate").setLevel(logging.INFO)
+    validator_log = logging.getLogger("easymlops.validate")
+    if not any(isinstance(h, RichHandler) for h in validator_log.handlers):
+        validator_log.addHandler(RichHandler(console=console, show_path=False))
+    validator_log.setLevel(logging.INFO)
 
     settings = get_settings()
     try:
