@@ -161,6 +161,9 @@ def validate(
     max_outage: Annotated[
         float, typer.Option(help="Seconds to wait out a broker or Redis outage before failing.")
     ] = 300.0,
+    log_interval: Annotated[
+        float, typer.Option(help="Seconds between progress log lines.", min=0.1)
+    ] = 10.0,
 ) -> None:
     """Validate the raw topic into the validated topic and the dead-letter topic, exactly once.
 
@@ -172,6 +175,7 @@ def validate(
         batch_size=batch_size,
         session_features=session_features,
         max_outage=max_outage,
+        log_interval=log_interval,
     )
     out.print_json(json.dumps(stats))
 
@@ -183,6 +187,7 @@ def _validate(
     batch_size: int = 5000,
     session_features: bool = True,
     max_outage: float = 300.0,
+    log_interval: float = 10.0,
 ) -> dict[str, object]:
     import logging
 
@@ -228,6 +233,7 @@ def _validate(
                 batch_size=batch_size,
                 session_features=session_features,
                 max_outage_seconds=max_outage,
+                log_interval=log_interval,
                 progress=show,
                 should_stop=lambda: stopping["flag"],
             )

@@ -218,3 +218,61 @@ def test_redis_restart_is_waited_out(topics: Settings) -> None:
     assert stats.retries > 0, "Redis was down for 3 s: the validator should have retried"
     events = assert_conserved(topics, produced)
     assert_sessions_match(topics, events)
+
+
+def test_metrics_through_opentelemetry_and_a_periodic_log_line(topics: Settings) -> None:
+    produced = produce(topics, 5_000, seed=9105)
+    env = validator_env(topics) | {
+        "EASYMLOPS_OTEL_CONSOLE": "1",
+        "OTEL_METRIC_EXPORT_INTERVAL": "500",
+        "COLUMNS": "200",
+    }
+    cmd = [sys.executable, "-m", "easymlops.cli", "validate", "--batch-size", "500"]
+    result = subprocess.run(
+        [*cmd, "--log-interval", "0.2", "--idle-seconds", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "validator: consumed" in result.stderr  # the periodic log line
+    # The console exporter prints each export as JSON; the last one holds the final totals.
+    exports = [
+        json.loads(chunk) for chunk in _json_objects(result.stdout) if "resource_metrics" in chunk
+    ]
+    assert exports, result.stdout[-2000:]
+    points: dict[str, list[dict]] = defaultdict(list)
+    for scope in exports[-1]["resource_metrics"][0]["scope_metrics"]:
+        for metric in scope["metrics"]:
+            points[metric["name"]].extend(metric["data"]["data_points"])
+    routed = {p["attributes"]["destination"]: 0 for p in points["easymlops.validator.events"]}
+    for p in points["easymlops.validator.events"]:
+        routed[p["attributes"]["destination"]] += p["value"]
+    assert routed["valid"] + routed["invalid"] == produced
+    assert routed["invalid"] == 100  # 2 % of 5,000
+    # Gauges report while the validator runs (the final export, after it stopped, has none).
+    gauges: dict[str, list[float]] = defaultdict(list)
+    for export in exports:
+        for scope in export["resource_metrics"][0]["scope_metrics"]:
+            for metric in scope["metrics"]:
+                if metric["name"].endswith(("invalid_ratio", "throughput")):
+                    gauges[metric["name"]] += [p["value"] for p in metric["data"]["data_points"]]
+    assert gauges["easymlops.validator.throughput"], "no throughput reported while running"
+    assert all(0 <= r < 0.1 for r in gauges["easymlops.validator.invalid_ratio"])
+    assert gauges["easymlops.validator.invalid_ratio"]
+
+
+def _json_objects(text: str) -> list[str]:
+    """Top-level JSON objects printed one after another (pretty-printed, so split on braces)."""
+    objects, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        if char == "{":
+            if depth == 0:
+                start = i
+            depth += 1
+        elif char == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                objects.append(text[start : i + 1])
+    return objects
