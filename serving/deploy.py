@@ -126,6 +126,7 @@ REPLICA_MODULES: tuple[str, ...] = (
     "easymlops.features",
     "easymlops.registry",
     "easymlops.schema",
+    "easymlops.session_features",
     "easymlops.settings",
     "serving.app",
     "serving.features",

@@ -149,8 +149,14 @@ def test_ray_head_accepts_a_driver(stack: Settings) -> None:
             capture_output=True,
             text=True,
             timeout=240,
-            # Under `uv run pytest` Ray would start its workers through `uv run` as well.
-            env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+            # Under `uv run pytest` Ray would start its workers through `uv run` as well; without
+            # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 the driver swaps 127.0.0.1 for the LAN address
+            # and never reaches the loopback-only head (seen in CI).
+            env={
+                **os.environ,
+                "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            },
         )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
