@@ -12,6 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving
+.PHONY: flink-venv flink-validate
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -39,11 +40,11 @@ format: install
 	$(RUN) ruff format .
 	$(RUN) ruff check --fix .
 
-test: manifest lint ## lint, then every test tier on real services on loopback
+test: manifest lint flink-venv ## lint, then every test tier on real services on loopback
 	$(RUN) dg check defs
 	$(RUN) pytest -q -ra
 
-test-fast: manifest ## tests that need no running services
+test-fast: manifest flink-venv ## tests that need no running services
 	$(RUN) pytest -q -ra -m "not services and not e2e"
 
 dev: manifest ## Dagster UI on http://127.0.0.1:13000 (stack must be up for runs: make up)
@@ -63,3 +64,19 @@ clean: down ## stop the stack and delete its data
 
 bench-serving: install ## /predict latency vs the /healthz floor (needs `make demo` first)
 	$(RUN) python benchmarks/serving.py
+
+# PyFlink's own virtualenv (apache-flink pins old pandas/pyarrow/beam; see flink_jobs/README.md).
+FLINK_VENV := .flink-venv
+FLINK_PYTHON := $(FLINK_VENV)/bin/python
+
+flink-venv: $(FLINK_VENV)/.installed ## PyFlink virtualenv in .flink-venv (for the Flink job and its tests)
+
+$(FLINK_VENV)/.installed: flink_jobs/requirements.txt | uv
+	$(UV) venv --allow-existing --python 3.11 $(FLINK_VENV)
+	$(UV) pip install --python $(FLINK_PYTHON) -r flink_jobs/requirements.txt
+	touch $@
+
+flink-validate: flink-venv ## Flink job, bounded: make flink-validate INPUT=events.jsonl OUTPUT=dir
+	@test -n "$(INPUT)" || { echo "usage: make flink-validate INPUT=<file.jsonl> OUTPUT=<dir> (INPUT is missing)" >&2; exit 2; }
+	@test -n "$(OUTPUT)" || { echo "usage: make flink-validate INPUT=<file.jsonl> OUTPUT=<dir> (OUTPUT is missing)" >&2; exit 2; }
+	PYTHONPATH=$(CURDIR) $(FLINK_PYTHON) -m flink_jobs.validation_job bounded --input "$(INPUT)" --output "$(OUTPUT)"

@@ -1,0 +1,497 @@
+"""The PyFlink stream validation job: events.raw -> events.validated | events.invalid, plus the
+real-time session features in Redis. Production counterpart of `easymlops validate`.
+
+Topology (built once, by `build_topology`, for both modes):
+
+    raw messages Row(key, value, topic, partition, offset)
+      -> RouteFunction: easymlops.schema.route(...)      (the rules are imported, never copied)
+           main output   validated (key, value, Event)  -> Row(key, value) -> valid sink
+           side output   dead letters Row(key, value)   -> invalid sink
+      -> key_by(user_session) -> SessionFeatures: easymlops.session_features.SessionState in keyed
+         ValueState, counted once per event_id; emits (user_session, full hash) on every change
+                                                         -> session sink
+
+Modes:
+
+- `kafka` (production): the raw topic is read through the Kafka table connector (a KafkaSource
+  with committed group offsets, else earliest), because PyFlink's DataStream KafkaSource only
+  offers value-only deserializers and a dead letter needs the key, partition and offset. Both
+  outputs go to KafkaSinks with DeliveryGuarantee.EXACTLY_ONCE (transactions committed on
+  checkpoints); session hashes are written to Redis (HSET of the full hash + EXPIRE: idempotent,
+  so a replay after a restore rewrites the same values). Needs the flink-sql-connector-kafka jar
+  (infra/flink/Dockerfile puts it in /opt/flink/lib; or pass --jar).
+- `bounded` (tests, replays of files): the same topology on a local mini-cluster, fed from a
+  JSON-lines file read as bytes in the driver (so non-UTF-8 lines survive; topic = the raw topic,
+  partition 0, offset = line index), writing DIR/valid/, DIR/invalid/ and DIR/sessions/.
+
+    python -m flink_jobs.validation_job bounded --input events.jsonl --output out/
+    python -m flink_jobs.validation_job kafka --checkpoint-interval-ms 10000
+
+Run from the repository root with the repository on PYTHONPATH (`make flink-validate` does both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pyflink.common import Configuration, Row, Types
+from pyflink.common.time import Time
+from pyflink.datastream import (
+    CheckpointingMode,
+    DataStream,
+    KeyedProcessFunction,
+    MapFunction,
+    OutputTag,
+    ProcessFunction,
+    RuntimeContext,
+    StreamExecutionEnvironment,
+)
+from pyflink.datastream.functions import KeySelector
+from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
+
+from easymlops.features import session_key
+from easymlops.schema import Event, route
+from easymlops.session_features import SessionState
+from easymlops.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
+# One raw Kafka message, as both sources produce it.
+RAW_FIELDS = ["key", "value", "topic", "partition", "offset"]
+RAW_TYPE = Types.ROW_NAMED(RAW_FIELDS, [BYTES, BYTES, Types.STRING(), Types.INT(), Types.LONG()])
+# One record to produce: what the Kafka sinks serialize (field 0 = key, field 1 = value).
+RECORD_TYPE = Types.ROW_NAMED(["key", "value"], [BYTES, BYTES])
+DEAD_LETTERS = OutputTag("dead-letters", RECORD_TYPE)
+
+DEFAULT_GROUP_ID = "easymlops-flink-validator"
+DEFAULT_TRANSACTIONAL_ID_PREFIX = "easymlops-flink-validator"
+KAFKA_CONNECTOR_HINT = (
+    "the Flink Kafka connector (flink-sql-connector-kafka) is not on the classpath: run the job "
+    "in the infra/flink image (the jar is in /opt/flink/lib) or pass "
+    "--jar file:///path/to/flink-sql-connector-kafka-<version>.jar"
+)
+
+
+# ---- the topology ---------------------------------------------------------------------------
+class RouteFunction(ProcessFunction):
+    """Validate each raw message with `easymlops.schema.route` (never raises): a validated event
+    goes to the main output as (key, value, Event), a dead letter to the DEAD_LETTERS side output
+    as Row(key, value)."""
+
+    def process_element(self, value: Row, ctx: ProcessFunction.Context) -> Any:
+        routed = route(
+            value[1],
+            key=value[0],
+            topic=value[2],
+            partition=value[3],
+            offset=value[4],
+            received_at=datetime.now(UTC),
+        )
+        if routed.destination == "valid":
+            yield routed.key, routed.value, routed.event
+        else:
+            yield DEAD_LETTERS, Row(routed.key, routed.value)
+
+
+class ToRecord(MapFunction):
+    """(key, value, Event) -> Row(key, value), the typed form the sinks serialize."""
+
+    def map(self, value: tuple[bytes, bytes, Event]) -> Row:
+        return Row(value[0], value[1])
+
+
+class BySession(KeySelector):
+    def get_key(self, value: tuple[bytes, bytes, Event]) -> str:
+        return value[2].user_session
+
+
+@dataclass
+class _Session:
+    """Keyed state of one session: its aggregates and the event ids already counted."""
+
+    state: SessionState = field(default_factory=SessionState)
+    applied: set[str] = field(default_factory=set)
+
+
+class SessionFeatures(KeyedProcessFunction):
+    """Fold a session's validated events into `SessionState` (keyed ValueState, expiring like the
+    Redis key `ttl_seconds` after the session's last event). Each event id counts once, as in the
+    local runner's Redis script. Emits (user_session, full hash) each time the state changes."""
+
+    def __init__(self, ttl_seconds: int) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.session: Any = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        descriptor = ValueStateDescriptor("session", Types.PICKLED_BYTE_ARRAY())
+        descriptor.enable_time_to_live(
+            StateTtlConfig.new_builder(Time.seconds(self.ttl_seconds))
+            .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
+            # NeverReturnExpired would turn off PyFlink's Python-side state cache (a JVM round
+            # trip per read: the job ran 2x slower); a just-expired session that comes back
+            # before cleanup simply goes on counting, and its Redis hash is rewritten whole.
+            .set_state_visibility(StateTtlConfig.StateVisibility.ReturnExpiredIfNotCleanedUp)
+            .build()
+        )
+        self.session = runtime_context.get_state(descriptor)
+
+    def process_element(
+        self, value: tuple[bytes, bytes, Event], ctx: KeyedProcessFunction.Context
+    ) -> Any:
+        event = value[2]
+        session: _Session = self.session.value() or _Session()
+        if event.event_id in session.applied:
+            return
+        session.applied.add(event.event_id)
+        session.state.apply(event)
+        self.session.update(session)
+        yield event.user_session, session.state.to_hash()
+
+
+@dataclass(frozen=True)
+class Streams:
+    valid: DataStream  # Row(key, value): events.validated
+    invalid: DataStream  # Row(key, value): events.invalid (dead-letter envelopes)
+    sessions: DataStream  # (user_session, hash): feat:session:{id}, on every change
+
+
+def build_topology(raw: DataStream, settings: Settings) -> Streams:
+    """The job's logic, shared by both modes; `raw` carries RAW_TYPE rows."""
+    routed = raw.process(RouteFunction(), output_type=Types.PICKLED_BYTE_ARRAY()).name(
+        "validate: easymlops.schema.route"
+    )
+    routed.uid("validate")
+    # Taken right after the process function (PyFlink loses side outputs otherwise).
+    invalid = routed.get_side_output(DEAD_LETTERS)
+    valid = routed.map(ToRecord(), output_type=RECORD_TYPE).name("validated record")
+    sessions = (
+        routed.key_by(BySession(), key_type=Types.STRING())
+        .process(SessionFeatures(settings.session_ttl_seconds), Types.PICKLED_BYTE_ARRAY())
+        .name("session features: SessionState")
+    )
+    sessions.uid("session-features")
+    return Streams(valid=valid, invalid=invalid, sessions=sessions)
+
+
+def _environment(
+    parallelism: int, config: Configuration | None = None
+) -> StreamExecutionEnvironment:
+    env = StreamExecutionEnvironment.get_execution_environment(config)
+    # Python workers must run this interpreter (the one with pyflink), not whatever `python` is.
+    env.set_python_executable(sys.executable)
+    env.set_parallelism(parallelism)
+    return env
+
+
+# ---- kafka mode (production) ----------------------------------------------------------------
+class RedisSessionSink(MapFunction):
+    """Write each emitted session hash to Redis: HSET of the full hash + EXPIRE, in one MULTI.
+    Idempotent (the hash only grows and is written whole), so the replay after a restore from a
+    checkpoint rewrites the same values. A Redis error fails the task; Flink restarts it."""
+
+    def __init__(self, redis_url: str, ttl_seconds: int) -> None:
+        self.redis_url = redis_url
+        self.ttl_seconds = ttl_seconds
+        self.client: Any = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(
+            self.redis_url, socket_timeout=5, socket_connect_timeout=5
+        )
+
+    def map(self, value: tuple[str, dict[str, str]]) -> int:
+        user_session, fields = value
+        key = session_key(user_session)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.hset(key, mapping=fields)
+        pipe.expire(key, self.ttl_seconds)
+        pipe.execute()
+        return 1
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+
+
+def _kafka_source_ddl(settings: Settings, group_id: str) -> str:
+    def quote(text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+
+    return f"""
+        CREATE TEMPORARY TABLE raw_events (
+            `key` BYTES,
+            `value` BYTES,
+            `topic` STRING METADATA VIRTUAL,
+            `partition` INT METADATA VIRTUAL,
+            `offset` BIGINT METADATA VIRTUAL
+        ) WITH (
+            'connector' = 'kafka',
+            'topic' = {quote(settings.topic_raw)},
+            'properties.bootstrap.servers' = {quote(settings.bootstrap_servers)},
+            'properties.group.id' = {quote(group_id)},
+            'properties.isolation.level' = 'read_committed',
+            'scan.startup.mode' = 'group-offsets',
+            'properties.auto.offset.reset' = 'earliest',
+            'key.format' = 'raw',
+            'key.fields' = 'key',
+            'value.format' = 'raw',
+            'value.fields-include' = 'EXCEPT_KEY'
+        )
+    """
+
+
+def _kafka_sink(settings: Settings, topic: str, transactional_id_prefix: str, timeout_ms: int):
+    from pyflink.common.serialization import RowFieldExtractorSchema
+    from pyflink.datastream.connectors.base import DeliveryGuarantee
+    from pyflink.datastream.connectors.kafka import KafkaRecordSerializationSchema, KafkaSink
+
+    serializer = (
+        KafkaRecordSerializationSchema.builder()
+        .set_topic(topic)
+        .set_key_serialization_schema(RowFieldExtractorSchema(0))
+        .set_value_serialization_schema(RowFieldExtractorSchema(1))
+        .build()
+    )
+    return (
+        KafkaSink.builder()
+        .set_bootstrap_servers(settings.bootstrap_servers)
+        .set_record_serializer(serializer)
+        .set_delivery_guarantee(DeliveryGuarantee.EXACTLY_ONCE)
+        .set_transactional_id_prefix(transactional_id_prefix)
+        # Must stay under the broker's transaction.max.timeout.ms (Kafka default 15 min) and
+        # well above the checkpoint interval plus a restart.
+        .set_property("transaction.timeout.ms", str(timeout_ms))
+        .build()
+    )
+
+
+def _require_kafka_connector() -> None:
+    from pyflink.java_gateway import get_gateway
+
+    jvm = get_gateway().jvm
+    loader = jvm.Thread.currentThread().getContextClassLoader()
+    try:
+        jvm.Class.forName("org.apache.flink.connector.kafka.sink.KafkaSink", False, loader)
+    except Exception:
+        raise SystemExit(f"error: {KAFKA_CONNECTOR_HINT}") from None
+
+
+def run_kafka(args: argparse.Namespace) -> int:
+    from pyflink.table import StreamTableEnvironment
+
+    settings = Settings()
+    config = Configuration()
+    if args.checkpoint_dir:
+        config.set_string("execution.checkpointing.dir", args.checkpoint_dir)
+    env = _environment(args.parallelism, config)
+    for jar in args.jar:
+        env.add_jars(jar if "://" in jar else Path(jar).resolve().as_uri())
+    _require_kafka_connector()
+    # Ship the rules with the job, so task managers need only pyflink (and redis) installed.
+    env.add_python_file(str(ROOT / "easymlops"))
+    env.add_python_file(str(ROOT / "flink_jobs"))
+    env.enable_checkpointing(args.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
+
+    t_env = StreamTableEnvironment.create(env)
+    t_env.execute_sql(_kafka_source_ddl(settings, args.group_id))
+    table = t_env.sql_query("SELECT `key`, `value`, `topic`, `partition`, `offset` FROM raw_events")
+    raw = t_env.to_data_stream(table).map(lambda row: row, output_type=RAW_TYPE).name("raw")
+    streams = build_topology(raw, settings)
+    prefix = args.transactional_id_prefix
+    timeout = args.transaction_timeout_ms
+    streams.valid.sink_to(
+        _kafka_sink(settings, settings.topic_validated, f"{prefix}-validated", timeout)
+    ).name(f"kafka: {settings.topic_validated}").uid("sink-validated")
+    streams.invalid.sink_to(
+        _kafka_sink(settings, settings.topic_invalid, f"{prefix}-invalid", timeout)
+    ).name(f"kafka: {settings.topic_invalid}").uid("sink-invalid")
+    if args.session_features:
+        streams.sessions.map(
+            RedisSessionSink(settings.redis, settings.session_ttl_seconds), Types.INT()
+        ).name("redis: feat:session:*").uid("sink-redis")
+    print(
+        f"flink validation (kafka): {settings.topic_raw} @ {settings.bootstrap_servers} -> "
+        f"{settings.topic_validated} | {settings.topic_invalid}, exactly-once, checkpoint every "
+        f"{args.checkpoint_interval_ms} ms, group {args.group_id}",
+        flush=True,
+    )
+    env.execute("easymlops stream validation")
+    return 0
+
+
+# ---- bounded mode (tests, file replays) -----------------------------------------------------
+def read_messages(path: Path, topic: str) -> list[Row]:
+    """The raw messages of a JSON-lines file, one per line, as bytes (a non-UTF-8 line stays a
+    message, rejected as not_utf8); offset = 0-based line index. The empty piece after a final
+    newline is not a message."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    return [Row(None, line, topic, 0, offset) for offset, line in enumerate(lines)]
+
+
+def _part_file(directory: str) -> Path:
+    # Named by a uuid, not the subtask index (which PyFlink's thread mode cannot read).
+    return Path(directory) / f"part-{uuid.uuid4().hex}.jsonl"
+
+
+class LineWriter(MapFunction):
+    """Append each record's value, one per line, to a file of its own in DIR."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.handle: Any = None
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.handle = open(_part_file(self.directory), "wb")  # noqa: SIM115
+
+    def map(self, value: Row) -> int:
+        self.handle.write(value[1] + b"\n")
+        return 1
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+class SessionWriter(MapFunction):
+    """Keep each session's latest hash; at the end write one JSON object per session."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+        self.path: Path | None = None
+        self.latest: dict[str, dict[str, str]] = {}
+
+    def open(self, runtime_context: RuntimeContext) -> None:
+        self.path = _part_file(self.directory)
+
+    def map(self, value: tuple[str, dict[str, str]]) -> int:
+        self.latest[value[0]] = value[1]
+        return 1
+
+    def close(self) -> None:
+        if self.path is None:
+            return
+        with self.path.open("w", encoding="utf-8") as handle:
+            for user_session, fields in self.latest.items():
+                handle.write(json.dumps({"user_session": user_session, **fields}) + "\n")
+
+
+def _count_lines(directory: Path) -> int:
+    return sum(len(p.read_bytes().splitlines()) for p in sorted(directory.glob("part-*.jsonl")))
+
+
+def run_bounded(args: argparse.Namespace) -> int:
+    source = Path(args.input)
+    if not source.is_file():
+        print(f"error: input file {source} does not exist (or is not a file)", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        print(f"error: output {output} exists and is not a directory", file=sys.stderr)
+        return 2
+    settings = Settings()
+    messages = read_messages(source, settings.topic_raw)
+    if not messages:
+        print(f"error: input file {source} holds no lines", file=sys.stderr)
+        return 2
+    dirs = {name: output / name for name in ("valid", "invalid", "sessions")}
+    for directory in dirs.values():
+        shutil.rmtree(directory, ignore_errors=True)
+        directory.mkdir(parents=True)
+
+    started = time.monotonic()
+    env = _environment(args.parallelism)
+    raw = env.from_collection(messages, type_info=RAW_TYPE).name(f"file: {source.name}")
+    streams = build_topology(raw, settings)
+    streams.valid.map(LineWriter(str(dirs["valid"])), Types.INT()).name("write valid/")
+    streams.invalid.map(LineWriter(str(dirs["invalid"])), Types.INT()).name("write invalid/")
+    streams.sessions.map(SessionWriter(str(dirs["sessions"])), Types.INT()).name("write sessions/")
+    result = env.execute(f"easymlops stream validation (bounded: {source.name})")
+    wall = time.monotonic() - started
+    job_seconds = result.get_net_runtime() / 1000
+
+    valid, invalid, sessions = (_count_lines(dirs[n]) for n in ("valid", "invalid", "sessions"))
+    errors: Counter[str] = Counter()
+    for part in sorted(dirs["invalid"].glob("part-*.jsonl")):
+        errors.update(json.loads(line)["error_type"] for line in part.read_bytes().splitlines())
+    print(
+        f"flink validation (bounded): {len(messages)} messages -> valid {valid}, "
+        f"invalid {invalid}, sessions {sessions}"
+    )
+    if errors:
+        print("  invalid by error_type: " + ", ".join(f"{k} {v}" for k, v in errors.most_common()))
+    print(
+        f"  {len(messages) / job_seconds:,.0f} events/s over the job's {job_seconds:.2f} s "
+        f"({len(messages) / wall:,.0f} events/s over {wall:.2f} s including the mini-cluster "
+        f"start); output in {output}"
+    )
+    if valid + invalid != len(messages):
+        print(f"error: valid + invalid = {valid + invalid} != {len(messages)} raw", file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---- command line ---------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m flink_jobs.validation_job",
+        description="PyFlink stream validation: events.raw -> events.validated | events.invalid "
+        "+ session features (rules imported from easymlops.schema). Settings from EASYMLOPS_*.",
+    )
+    modes = parser.add_subparsers(dest="mode", required=True)
+
+    kafka = modes.add_parser("kafka", help="production: Kafka in, exactly-once Kafka + Redis out")
+    kafka.add_argument("--group-id", default=DEFAULT_GROUP_ID, help="consumer group of the source")
+    kafka.add_argument(
+        "--transactional-id-prefix",
+        default=DEFAULT_TRANSACTIONAL_ID_PREFIX,
+        help="prefix of the sinks' transactional ids (keep it stable across restarts)",
+    )
+    kafka.add_argument("--checkpoint-interval-ms", type=int, default=10_000)
+    kafka.add_argument("--checkpoint-dir", help="durable checkpoint URI (e.g. s3://bucket/ckpt)")
+    kafka.add_argument("--transaction-timeout-ms", type=int, default=600_000)
+    kafka.add_argument("--parallelism", type=int, default=1)
+    kafka.add_argument(
+        "--jar", action="append", default=[], help="extra jar (path or URL), e.g. the connector"
+    )
+    kafka.add_argument(
+        "--no-session-features",
+        dest="session_features",
+        action="store_false",
+        help="do not write feat:session:* hashes to Redis",
+    )
+
+    bounded = modes.add_parser("bounded", help="tests/replays: a JSON-lines file in, files out")
+    bounded.add_argument("--input", required=True, help="JSON-lines file, one raw message a line")
+    bounded.add_argument("--output", required=True, help="directory for valid/ invalid/ sessions/")
+    bounded.add_argument("--parallelism", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.mode == "kafka":
+        return run_kafka(args)
+    return run_bounded(args)
+
+
+if __name__ == "__main__":
+    # Run the functions from the importable module, not from __main__: PyFlink pickles them (and
+    # the keyed state) by reference then, and its Python workers import flink_jobs.validation_job.
+    from flink_jobs import validation_job
+
+    sys.exit(validation_job.main())
