@@ -384,10 +384,13 @@ def _sigmoid(x: float) -> float:
 class _Simulator:
     """Draws sessions for one world; columns of one day at a time."""
 
-    def __init__(self, world: World, seed: int) -> None:
+    def __init__(self, world: World, seed: int, run: tuple[int, ...]) -> None:
         self.world = world
         self.draws = _Draws(np.random.default_rng([seed, 1]))
-        self.id_rng = np.random.default_rng([seed, 3])
+        # Session ids (and so event ids) depend on every argument of the run, not only on the
+        # seed: two runs that differ in size, days or start must not reuse ids, or deduplication
+        # downstream would drop distinct events as duplicates.
+        self.id_rng = np.random.default_rng([seed, 3, *run])
         self.user_cum = list(accumulate(world.user_activity.tolist()))
         self.category_cum = list(accumulate(world.category_weights.tolist()))
         self.category_products: list[list[int]] = []
@@ -526,7 +529,8 @@ def generate_events(
     `build_world(*default_sizes(n_events), seed)`. See the module docstring for the behaviour.
 
     `event_id` is the session UUID's first 28 hex digits plus the event's 4-hex-digit position in
-    the session: unique across runs, identical when a run is replayed (so it dedupes)."""
+    the session: unique across runs that differ in any argument, identical when the same run
+    is replayed (so a replay dedupes)."""
     _check(n_events, days)
     if world is None:
         world = build_world(*default_sizes(n_events), seed=seed)
@@ -541,7 +545,7 @@ def _events(
     world: World,
     stats: GenerationStats | None,
 ) -> Iterator[dict[str, Any]]:
-    sim = _Simulator(world, seed)
+    sim = _Simulator(world, seed, run=(n_events, days, first_day.toordinal()))
     product_ids = world.product_ids.tolist()
     category_ids = world.category_ids[world.product_category].tolist()
     codes = [world.category_codes[c] for c in world.product_category.tolist()]

@@ -50,7 +50,10 @@ def load_training_data(settings: Settings) -> TrainingData:
     with connect(settings) as con:
         frame = pl.from_arrow(
             con.execute(
-                f"select split, event_date, {LABEL}, {', '.join(MODEL_FEATURES)} from training_set"
+                f"select split, event_date, {LABEL}, {', '.join(MODEL_FEATURES)} "
+                # A total order: DuckDB returns rows in any order, and row order decides the
+                # early-stopping cut and so the model; the same data must give the same model.
+                "from training_set order by event_time, event_id"
             ).arrow()
         )
     assert isinstance(frame, pl.DataFrame)
@@ -80,13 +83,13 @@ def train(
     columns: tuple[str, ...] = MODEL_FEATURES,
 ) -> TrainResult:
     """Fit on the training period with early stopping on its last 20% (by row order, which is
-    time order within the split), then score the held-out later period."""
+    time order: load_training_data sorts), then score the held-out later period."""
     if data.train.height < 50 or data.test.height < 10:
         raise ValueError(
             f"training set too small: {data.train.height} train / {data.test.height} test rows"
         )
     params = {**DEFAULT_PARAMS, **(params or {})}
-    ordered = data.train.sort("event_date")
+    ordered = data.train.sort("event_date", maintain_order=True)
     cut = int(ordered.height * 0.8)
     fit, early = ordered.head(cut), ordered.tail(ordered.height - cut)
     booster = xgb.train(

@@ -126,6 +126,19 @@ def test_deterministic_by_seed() -> None:
     assert run(5) != run(6)
 
 
+def test_event_ids_differ_between_runs_with_other_arguments() -> None:
+    """Same seed, other size, days or start: distinct events must never share an id, or
+    deduplication in silver would drop them."""
+
+    def ids(n: int, days: int, start: date) -> set[str]:
+        return {e["event_id"] for e in generate_events(n, days=days, seed=42, start=start)}
+
+    base = ids(2000, 3, START)
+    assert base == ids(2000, 3, START)  # a replay dedupes
+    for other in (ids(2500, 3, START), ids(2000, 4, START), ids(2000, 3, START + timedelta(1))):
+        assert not base & other
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="days"):
         generate_events(10, days=0)
