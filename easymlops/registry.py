@@ -178,6 +178,28 @@ def promote(version: str | int, settings: Settings) -> RegisteredModel:
     return RegisteredModel.from_model_version(mv)
 
 
+# The promotion gate's verdict, kept on the model version itself so that any later promotion
+# (by an asset, the CLI or by hand) can refuse a version that failed or was never gated.
+GATE_TAG = "easymlops.promotion_gate"
+
+
+def record_gate(version: str | int, passed: bool, reason: str, settings: Settings) -> None:
+    mlflow_client = client(settings)
+    mlflow_client.set_model_version_tag(
+        settings.model_name, str(version), GATE_TAG, "passed" if passed else "failed"
+    )
+    mlflow_client.set_model_version_tag(
+        settings.model_name, str(version), f"{GATE_TAG}.reason", reason[:5000]
+    )
+
+
+def gate_verdict(version: str | int, settings: Settings) -> tuple[str, str]:
+    """("passed" | "failed" | "not gated", reason) for `version`."""
+    mv = client(settings).get_model_version(settings.model_name, str(version))
+    tags = mv.tags or {}
+    return tags.get(GATE_TAG, "not gated"), tags.get(f"{GATE_TAG}.reason", "")
+
+
 _MODELS_URI = re.compile(
     r"^models:/(?P<name>[^/@]+)(?:/(?P<version>[0-9]+)|@(?P<alias>[^/]+))?(?P<path>/.*)?$"
 )

@@ -8,8 +8,11 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from easymlops import registry
 from easymlops.demo import sample_requests, time_predictions
+from easymlops.features import session_key
 from easymlops.generator import generate_payloads
+from easymlops.online_store import read_entity
 from easymlops.pipeline import run_pipeline
 from easymlops.produce import produce_payloads
 from easymlops.settings import Settings, get_settings
@@ -58,6 +61,9 @@ def test_events_to_served_prediction(e2e_settings: Settings) -> None:
     assert 0.0 < timing["mean_probability"] < 1.0
 
     body = dict(requests[0])
+    # The validator kept this session's real-time features in Redis while the events streamed.
+    session = read_entity(settings, session_key(body["user_session"]))
+    assert session.get("session_events", 0) >= 1, session
     response = httpx.post(f"{settings.serve_url}/predict", json=body, timeout=10)
     assert response.status_code == 200
     payload = response.json()
@@ -69,3 +75,29 @@ def test_events_to_served_prediction(e2e_settings: Settings) -> None:
     rejected = httpx.post(f"{settings.serve_url}/predict", json=body, timeout=10)
     assert rejected.status_code == 422
     assert "user_id" in rejected.text
+
+
+def test_serving_deployment_refuses_a_version_that_failed_the_gate(e2e_settings: Settings) -> None:
+    """Materialized on its own, after the gate failed for the latest version, the deployment
+    fails with the gate's reason and leaves the champion where it was (runs after the test
+    above, on the model it registered)."""
+    import dagster as dg
+
+    from easymlops_assets.defs.serving.assets import serving_deployment
+    from easymlops_assets.defs.training.assets import latest_model_version
+
+    settings = e2e_settings
+    with dg.DagsterInstance.get() as instance:
+        version = latest_model_version(instance)
+        assert registry.gate_verdict(version, settings)[0] == "passed"
+        champion = registry.champion(settings)
+        registry.record_gate(version, False, "test: AUC regressed", settings)
+        try:
+            run = dg.materialize([serving_deployment], instance=instance, raise_on_error=False)
+        finally:
+            registry.record_gate(version, True, "challenger may be promoted", settings)
+    assert not run.success
+    failure = next(e for e in run.all_events if e.event_type_value == "STEP_FAILURE")
+    message = failure.event_specific_data.error.message  # type: ignore[union-attr]
+    assert f"version {version}" in message and "test: AUC regressed" in message, message
+    assert registry.champion(settings) == champion

@@ -59,6 +59,16 @@ def test_register_promote_load_round_trip(settings: Settings, tmp_path: Path) ->
     assert tags[registry.FEATURE_SET_VERSION_TAG] == FEATURE_SET_VERSION
     assert tags["trigger"] == "test"
 
+    assert registry.gate_verdict(v1.version, settings) == ("not gated", "")
+    registry.record_gate(v1.version, False, "AUC 0.5 does not beat the baseline", settings)
+    assert registry.gate_verdict(v1.version, settings) == (
+        "failed",
+        "AUC 0.5 does not beat the baseline",
+    )
+    registry.record_gate(v1.version, True, "challenger may be promoted", settings)
+    assert registry.gate_verdict(v1.version, settings)[0] == "passed"
+    assert registry.gate_verdict(v2.version, settings)[0] == "not gated"
+
     registry.promote(v1.version, settings)
     assert registry.champion(settings) == v1
     registry.promote(v2.version, settings)

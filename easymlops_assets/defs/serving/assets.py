@@ -10,12 +10,22 @@ from easymlops_assets.defs.training.assets import latest_model_version
 
 @dg.asset(deps=["purchase_model", "online_features"], group_name="serving", kinds={"ray"})
 def serving_deployment(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """Sets the `champion` alias to the version that passed the promotion gate, then makes sure
-    the Ray Serve app runs on the local Ray head; a running app hot-reloads the new champion."""
+    """Sets the `champion` alias to the latest version if it passed the promotion gate, then
+    makes sure the Ray Serve app runs on the local Ray head; a running app hot-reloads the new
+    champion. A version that failed the gate, or was never gated, is refused."""
     from serving.deploy import deploy  # ray is heavy: imported only when this asset runs
 
     settings = get_settings()
     version = latest_model_version(context.instance)
+    # The blocking gate stops this asset in the run that trained the model; this also covers a
+    # deployment materialized on its own later, after a gate that failed or never ran.
+    verdict, reason = registry.gate_verdict(version, settings)
+    if verdict != "passed":
+        raise dg.Failure(
+            f"version {version} of {settings.model_name} is not promoted: promotion gate "
+            f"{verdict}{': ' + reason if reason else ''} (materialize purchase_model with its "
+            "promotion_gate check first)"
+        )
     registry.promote(version, settings)
     url = deploy(settings, wait_ready=True)
     model = _wait_for_version(url, version)

@@ -7,9 +7,11 @@ from easymlops import registry, training
 from easymlops.settings import get_settings
 
 # A model this much better than the request-only baseline is learning the behaviour; one near
-# perfect on a held-out later period has almost certainly seen the label (leakage).
+# perfect on a held-out later period has almost certainly seen the label (leakage). On generated
+# data the honest features reach ~0.72-0.76 and a leaked future purchase count ~0.91
+# (tests/test_generator.py); purchase-after-cart models on real clickstreams rarely pass 0.85.
 MIN_LIFT_OVER_BASELINE = 0.02
-MAX_PLAUSIBLE_AUC = 0.97
+MAX_PLAUSIBLE_AUC = 0.90
 MAX_REGRESSION_VS_CHAMPION = 0.01
 
 
@@ -67,9 +69,11 @@ def promotion_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResul
         champion_auc = registry.version_metrics(champion.version, settings).get("test_auc")
         if champion_auc is not None and test_auc < champion_auc - MAX_REGRESSION_VS_CHAMPION:
             reasons.append(f"AUC {test_auc:.4f} regresses against champion {champion_auc:.4f}")
+    description = "; ".join(reasons) or "challenger may be promoted"
+    registry.record_gate(version, not reasons, description, settings)
     return dg.AssetCheckResult(
         passed=not reasons,
-        description="; ".join(reasons) or "challenger may be promoted",
+        description=description,
         metadata={
             "model_version": version,
             "test_auc": test_auc,
