@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import redis
 from redis.typing import EncodableT, FieldT
@@ -13,9 +13,14 @@ from easymlops import features
 from easymlops.settings import Settings
 from easymlops.warehouse import connect
 
-# The latest row per entity (the open-ended one, valid_to is null): features are cumulative,
-# so it holds everything known up to now, which is what serving should see "today".
-LATEST_SQL = "select {key}, {columns}, valid_from from {table} where valid_to is null"
+# The row per entity valid on day `as_of` (today): the one with the greatest valid_from <= as_of.
+# Exactly what the training set joins for an event on that day, so history is only ever from
+# days strictly before it, online as offline; a row built from today's own partial activity
+# (valid_from tomorrow) is not served, since no training row ever saw same-day history.
+AS_OF_SQL = """
+select {key}, {columns}, valid_from from {table}
+where valid_from <= $as_of and (valid_to is null or valid_to > $as_of)
+"""
 
 
 @dataclass
@@ -25,10 +30,12 @@ class OnlineMaterialization:
     as_of: str
 
 
-def _latest(settings: Settings, table: str, key: str, columns: tuple[str, ...]) -> list[tuple]:
+def rows_as_of(
+    settings: Settings, table: str, key: str, columns: tuple[str, ...], as_of: date
+) -> list[tuple]:
     with connect(settings) as con:
-        sql = LATEST_SQL.format(key=key, columns=", ".join(columns), table=table)
-        return con.execute(sql).fetchall()
+        sql = AS_OF_SQL.format(key=key, columns=", ".join(columns), table=table)
+        return con.execute(sql, {"as_of": as_of}).fetchall()
 
 
 def _write(pipe: redis.client.Pipeline, key: str, names: tuple[str, ...], values: tuple) -> None:
@@ -42,12 +49,18 @@ def _write(pipe: redis.client.Pipeline, key: str, names: tuple[str, ...], values
         pipe.hset(key, mapping=mapping)
 
 
-def materialize(settings: Settings, *, batch: int = 5000) -> OnlineMaterialization:
-    """Write every user's and product's latest features; returns counts for metadata."""
+def materialize(
+    settings: Settings, *, as_of: date | None = None, batch: int = 5000
+) -> OnlineMaterialization:
+    """Write every user's and product's features valid on `as_of` (default: today, UTC);
+    returns counts for metadata."""
     client = redis.Redis.from_url(settings.redis)
-    users = _latest(settings, "user_features", "user_id", features.USER_FEATURES)
-    products = _latest(settings, "product_features", "product_id", features.PRODUCT_FEATURES)
-    as_of = max((row[-1] for row in users + products), default=None)
+    day = as_of or datetime.now(UTC).date()
+    users = rows_as_of(settings, "user_features", "user_id", features.USER_FEATURES, day)
+    products = rows_as_of(
+        settings, "product_features", "product_id", features.PRODUCT_FEATURES, day
+    )
+    newest = max((row[-1] for row in users + products), default=None)
     # MULTI/EXEC per batch: serving never sees a key between its delete and its rewrite.
     pipe = client.pipeline(transaction=True)
     for i, row in enumerate(users, 1):
@@ -63,13 +76,21 @@ def materialize(settings: Settings, *, batch: int = 5000) -> OnlineMaterializati
         mapping={
             "feature_set_version": features.FEATURE_SET_VERSION,
             "materialized_at": datetime.now(UTC).isoformat(),
-            "as_of": str(as_of),
+            "as_of": str(day),
+            "newest_valid_from": str(newest),
             "users": len(users),
             "products": len(products),
         },
     )
     pipe.execute()
-    return OnlineMaterialization(users=len(users), products=len(products), as_of=str(as_of))
+    return OnlineMaterialization(users=len(users), products=len(products), as_of=str(day))
+
+
+def materialized_as_of(settings: Settings) -> date | None:
+    """The `as_of` day of the last materialization (from `feat:meta`), if any."""
+    client = redis.Redis.from_url(settings.redis, decode_responses=True)
+    value = client.hget(features.META_KEY, "as_of")
+    return date.fromisoformat(str(value)) if value else None
 
 
 def read_entity(settings: Settings, key: str) -> dict[str, float]:
