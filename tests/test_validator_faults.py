@@ -169,6 +169,48 @@ def test_kill_9_mid_stream_loses_and_duplicates_nothing(topics: Settings) -> Non
     assert_sessions_match(topics, events)
 
 
+def test_follow_mode_stops_cleanly_on_sigterm_and_a_restart_resumes(topics: Settings) -> None:
+    """Continuous mode keeps consuming what arrives after it started; SIGTERM finishes and
+    commits the batch in flight and exits 0 with its counts; the restart takes the rest."""
+    first = produce(topics, 4_000, seed=9301)
+    cmd = [sys.executable, "-m", "easymlops.cli", "validate", "--follow", "--batch-size", "500"]
+    runner = subprocess.Popen(
+        cmd,
+        env=validator_env(topics),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_progress(topics, first)  # drained, and still running: it follows
+        time.sleep(2)
+        assert runner.poll() is None, "--follow exited on an idle topic"
+        second = produce(topics, 30_000, seed=9302)
+        wait_for_progress(topics, first + 1_000)
+        runner.send_signal(signal.SIGTERM)
+        stdout, stderr = runner.communicate(timeout=60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert runner.returncode == 0, stderr[-2000:]
+    stopped = json.loads(stdout[stdout.index("{") :])
+    # Everything it reports was committed: the restart starts exactly there.
+    assert committed_total(topics) == stopped["consumed"]
+    assert first < stopped["consumed"] < first + second, "SIGTERM came too late to test"
+
+    finished = subprocess.run(
+        [sys.executable, "-m", "easymlops.cli", "validate", "--until-idle"],
+        env=validator_env(topics),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rest = json.loads(finished.stdout[finished.stdout.index("{") :])
+    assert stopped["consumed"] + rest["consumed"] == first + second
+    assert_sessions_match(topics, assert_conserved(topics, first + second))
+
+
 def run_in_thread(
     settings: Settings, idle_seconds: float = 3
 ) -> tuple[threading.Thread, dict[str, ValidationStats]]:
