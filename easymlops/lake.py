@@ -38,9 +38,13 @@ KAFKA_COLUMNS: dict[str, pl.DataType] = {
     "kafka_offset": pl.Int64(),
     "landed_at": pl.Datetime("us"),
 }
+# The fields of schema.DeadLetter, in its order (a test holds them equal: decoding drops any key
+# missing here). Envelopes written before a field existed decode with nulls in it.
 DEAD_LETTER_COLUMNS: dict[str, pl.DataType] = {
     "payload": pl.String(),
     "payload_encoding": pl.String(),
+    "payload_bytes": pl.Int64(),
+    "payload_truncated": pl.Boolean(),
     "error_type": pl.String(),
     "error_message": pl.String(),
     "error_field": pl.String(),
@@ -70,6 +74,10 @@ class LandingResult:
     delta_version: int | None = None
 
 
+class TopicBehindLake(RuntimeError):
+    """A topic partition ends before the offsets a bronze table already landed from it."""
+
+
 def landed_offsets(table_path: str, topic: str, parts: list[int]) -> dict[int, int]:
     """Next offset to land per partition, read from the Delta log's application transactions
     (app id `topic:partition`), which are committed atomically with the data."""
@@ -77,6 +85,16 @@ def landed_offsets(table_path: str, topic: str, parts: list[int]) -> dict[int, i
         return dict.fromkeys(parts, 0)
     table = DeltaTable(table_path)
     return {p: table.transaction_version(f"{topic}:{p}") or 0 for p in parts}
+
+
+def next_offset(reached: int, position: int, end: int) -> int:
+    """Where a partition's landing stands once the consumer's position moved to `position` with
+    no record delivered (transaction markers and aborted records are skipped that way).
+
+    Capped at `end`, the run's range: the position can be past records written after the run
+    read its end offsets, which it skipped as out of range; committing the position would skip
+    them forever."""
+    return max(reached, min(position, end))
 
 
 def _decode_validated(values: list[bytes]) -> pl.DataFrame:
@@ -114,11 +132,29 @@ def land_topic(
     Exactly-once: the range starts at the offsets recorded in the table's last commit and the new
     end offsets are committed in the same Delta transaction as the rows, so a crash before the
     commit lands nothing and a re-run lands nothing twice.
+
+    Raises TopicBehindLake when the topic ends before offsets already landed (it was emptied or
+    recreated): the table then belongs to another incarnation of the topic.
     """
     decode = DECODERS[kind]
     parts = partitions(settings, topic)
     starts = landed_offsets(table_path, topic, parts)
     ends = end_offsets(settings, topic)
+    behind = {p: (starts[p], ends.get(p, 0)) for p in parts if ends.get(p, 0) < starts[p]}
+    if behind:
+        # Landing nothing here would look fine and then skip the new records below the landed
+        # offsets: a different incarnation of the topic must not go into the same table.
+        raise TopicBehindLake(
+            f"topic {topic!r} is behind the bronze table {table_path}: "
+            + "; ".join(
+                f"partition {p} was landed up to offset {landed} but now ends at offset {end}"
+                for p, (landed, end) in sorted(behind.items())
+            )
+            + ". The topic lost its records or was recreated (the embedded broker keeps topics "
+            "in memory only, so restarting it empties them), so the table holds an older "
+            "incarnation of it. Move or delete the table (and rebuild silver from it) to land "
+            "the topic again from offset 0."
+        )
     result = LandingResult(topic=topic, start_offsets=starts, end_offsets=dict(starts))
     todo = {p: ends[p] for p in parts if ends.get(p, 0) > starts[p]}
     if not todo:
@@ -145,7 +181,8 @@ def land_topic(
                 # Control records of transactions never reach us: read the position instead.
                 for tp in consumer.position([TopicPartition(topic, p) for p in todo]):
                     if tp.offset >= 0:
-                        reached[tp.partition] = max(reached[tp.partition], tp.offset)
+                        p = tp.partition
+                        reached[p] = next_offset(reached[p], tp.offset, todo[p])
                 if time.monotonic() - last_message > idle_timeout:
                     break
                 continue
@@ -177,6 +214,9 @@ def land_topic(
         table_path,
         frame.to_arrow(),
         mode="append",
+        # Dead-letter envelopes gain fields over time (payload_bytes, payload_truncated): add
+        # them as columns to a table landed before. Events keep a fixed schema; drift there fails.
+        schema_mode="merge" if kind == "invalid" else None,
         commit_properties=CommitProperties(
             app_transactions=[Transaction(f"{topic}:{p}", o) for p, o in new_offsets.items()],
             custom_metadata={"easymlops.topic": topic},

@@ -1,0 +1,203 @@
+"""Landing Kafka topics into bronze Delta tables: offsets committed never pass what was read,
+a topic that went back behind its table is refused, dead-letter envelopes keep every field.
+Broker tests use topics and lakes of their own (the session stack is shared)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+from deltalake import DeltaTable, write_deltalake
+from test_stream_to_lake import read_topic
+
+from easymlops import lake
+from easymlops.generator import generate_payloads
+from easymlops.kafka import admin, end_offsets, ensure_topics, producer
+from easymlops.schema import MAX_MESSAGE_BYTES, DeadLetter, ValidationError, validate_bytes
+from easymlops.settings import Settings
+
+services = pytest.mark.services
+
+
+def own_topic(stack: Settings, tmp_path: Path, kind: str) -> Settings:
+    """Settings whose `kind` topic ("validated" or "invalid") is a new, empty topic and whose
+    lake is under tmp_path."""
+    name = f"test.lake.{kind}.{uuid.uuid4().hex[:8]}"
+    settings = stack.model_copy(update={f"topic_{kind}": name, "lake_uri": str(tmp_path / "lake")})
+    assert name in ensure_topics(settings)
+    return settings
+
+
+def produce_in_transaction(settings: Settings, topic: str, values: list[bytes]) -> None:
+    """As the validator writes: one transaction, so each partition ends with a commit marker."""
+    client = producer(settings, **{"transactional.id": f"test-lake-{uuid.uuid4().hex}"})
+    client.init_transactions(30)
+    client.begin_transaction()
+    for i, value in enumerate(values):
+        client.produce(topic, value=value, partition=i % settings.topic_partitions)
+    client.commit_transaction(30)
+
+
+def validated_events(n: int, seed: int) -> list[bytes]:
+    return [validate_bytes(p).to_json_bytes() for p in generate_payloads(n, days=1, seed=seed)]
+
+
+def dead_letter(payload: bytes, offset: int) -> DeadLetter:
+    return DeadLetter.build(
+        payload,
+        ValidationError("malformed_json", "payload is not JSON"),
+        topic="events.raw",
+        partition=0,
+        offset=offset,
+        received_at=datetime(2024, 1, 1, tzinfo=UTC),
+    )
+
+
+def test_next_offset_stops_at_the_runs_end() -> None:
+    # The position passed records written after the run read its end offsets: stop at the end.
+    assert lake.next_offset(reached=9, position=15, end=10) == 10
+    # A transaction marker was skipped inside the range: follow the position.
+    assert lake.next_offset(reached=8, position=9, end=10) == 9
+    # Never backwards.
+    assert lake.next_offset(reached=9, position=4, end=10) == 9
+
+
+def test_dead_letter_columns_are_the_envelope_fields() -> None:
+    # pl.DataFrame(rows, schema=...) drops keys the schema lacks: a new envelope field must be
+    # added to the lake's columns, in the envelope's order.
+    assert list(lake.DEAD_LETTER_COLUMNS) == [f.name for f in fields(DeadLetter)]
+    assert lake.DEAD_LETTER_COLUMNS["payload_bytes"] == pl.Int64()
+    assert lake.DEAD_LETTER_COLUMNS["payload_truncated"] == pl.Boolean()
+
+
+def test_dead_letters_decode_every_field_and_older_envelopes() -> None:
+    letters = [dead_letter(b"{oops", 1), dead_letter(b"y" * (MAX_MESSAGE_BYTES + 5), 2)]
+    old = asdict(dead_letter(b"[", 3))
+    del old["payload_bytes"], old["payload_truncated"]  # written before those fields existed
+
+    frame = lake.DECODERS["invalid"](
+        [*(d.to_json_bytes() for d in letters), json.dumps(old).encode()]
+    )
+
+    assert frame.to_dicts() == [
+        asdict(letters[0]),
+        asdict(letters[1]),
+        {**old, "payload_bytes": None, "payload_truncated": None},
+    ]
+    assert frame["payload_truncated"].to_list()[:2] == [False, True]
+
+
+@services
+def test_landing_commits_only_what_it_read_while_the_topic_grows(
+    stack: Settings, tmp_path: Path
+) -> None:
+    settings = own_topic(stack, tmp_path, "validated")
+    topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
+    events = validated_events(300, seed=11)
+    produce_in_transaction(settings, topic, events[:200])
+    ends_before = end_offsets(settings, topic)
+
+    grown: list[int] = []
+
+    def grow_topic(_read: int) -> None:
+        # Records written while the landing runs are past its range: the next run lands them.
+        if not grown:
+            produce_in_transaction(settings, topic, events[200:])
+            grown.append(1)
+
+    first = lake.land_topic(settings, topic, table, "validated", progress=grow_topic)
+    assert grown
+    assert first.rows == 200
+    assert first.end_offsets == ends_before  # not the consumer's position past the new records
+
+    second = lake.land_topic(settings, topic, table, "validated")
+    assert second.start_offsets == ends_before
+    assert second.rows == 100
+
+    ends = end_offsets(settings, topic)
+    assert lake.landed_offsets(table, topic, sorted(ends)) == ends
+    bronze = lake.read_bronze(table)
+    records = read_topic(settings, topic)
+    landed = sorted(zip(bronze["kafka_partition"], bronze["kafka_offset"], strict=True))
+    assert landed == sorted((r.partition, r.offset) for r in records)  # each offset once
+    assert sorted(bronze["event_id"]) == sorted(json.loads(e)["event_id"] for e in events)
+
+
+@services
+def test_landing_refuses_a_topic_behind_its_table(stack: Settings, tmp_path: Path) -> None:
+    settings = own_topic(stack, tmp_path, "validated")
+    topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
+    produce_in_transaction(settings, topic, validated_events(30, seed=12))
+    landed = lake.land_topic(settings, topic, table, "validated").end_offsets
+    assert all(offset > 0 for offset in landed.values())
+
+    # The same topic, deleted and created again (as after a restart of the in-memory broker).
+    client = admin(settings)
+    client.delete_topics([topic], operation_timeout=15)[topic].result()
+    deadline = time.monotonic() + 15
+    while topic in client.list_topics(timeout=5).topics and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ensure_topics(settings) == [topic]
+    assert set(end_offsets(settings, topic).values()) == {0}
+
+    with pytest.raises(lake.TopicBehindLake) as error:
+        lake.land_topic(settings, topic, table, "validated")
+    message = str(error.value)
+    assert f"topic {topic!r} is behind the bronze table {table}" in message
+    for partition, offset in landed.items():
+        assert (
+            f"partition {partition} was landed up to offset {offset} but now ends at offset 0"
+            in message
+        )
+    assert "Move or delete the table" in message
+    assert DeltaTable(table).version() == 0  # nothing committed
+
+
+@services
+def test_dead_letters_append_to_a_table_from_before_the_new_fields(
+    stack: Settings, tmp_path: Path
+) -> None:
+    settings = own_topic(stack, tmp_path, "invalid")
+    topic, table = settings.topic_invalid, lake.bronze_path(settings, "invalid_events")
+    # A bronze_invalid table as landed before payload_bytes/payload_truncated existed.
+    old_columns = {
+        k: t
+        for k, t in lake.DEAD_LETTER_COLUMNS.items()
+        if k not in ("payload_bytes", "payload_truncated")
+    }
+    old_row = {k: v for k, v in asdict(dead_letter(b"old", 0)).items() if k in old_columns}
+    old_frame = pl.DataFrame(
+        [{**old_row, "kafka_partition": 0, "kafka_offset": 0, "landed_at": datetime(2024, 1, 1)}],
+        schema={**old_columns, **lake.KAFKA_COLUMNS},
+    )
+    write_deltalake(table, old_frame.to_arrow())
+
+    letters = [dead_letter(b"{new", 1), dead_letter(b"z" * (MAX_MESSAGE_BYTES + 1), 2)]
+    older_envelope = {k: v for k, v in asdict(dead_letter(b"[", 3)).items() if k in old_columns}
+    values = [*(d.to_json_bytes() for d in letters), json.dumps(older_envelope).encode()]
+    produce_in_transaction(settings, topic, values)
+
+    result = lake.land_topic(settings, topic, table, "invalid")
+
+    assert result.rows == 3
+    bronze = lake.read_bronze(table)
+    assert bronze.schema["payload_bytes"] == pl.Int64()
+    assert bronze.schema["payload_truncated"] == pl.Boolean()
+    by_payload = {row["payload"]: row for row in bronze.to_dicts()}
+    assert len(by_payload) == 4
+    for payload in ("old", "["):  # the old row and the envelope without the new fields
+        assert by_payload[payload]["payload_bytes"] is None
+        assert by_payload[payload]["payload_truncated"] is None
+    for letter in letters:
+        row = by_payload[letter.payload]
+        assert (row["payload_bytes"], row["payload_truncated"]) == (
+            letter.payload_bytes,
+            letter.payload_truncated,
+        )
+    assert by_payload["z" * MAX_MESSAGE_BYTES]["payload_truncated"] is True
