@@ -5,7 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaException,
+    Message,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from easymlops.settings import Settings
@@ -107,6 +114,16 @@ def partitions(settings: Settings, topic: str, timeout: float = 10.0) -> list[in
             "`easymlops up` creates the platform's topics"
         )
     return sorted(meta.topics[topic].partitions)
+
+
+def topic_id(settings: Settings, topic: str, timeout: float = 10.0) -> str:
+    """The topic's id (a UUID, base64 as Kafka prints it): a recreated topic gets a new one, so
+    it tells one incarnation of a topic from the next (the embedded broker empties its topics
+    on restart; offsets then start again from 0)."""
+    partitions(settings, topic, timeout)  # the clear errors for no broker / no topic
+    client = admin(settings)  # held until the result arrives: a collected client cancels it
+    futures = client.describe_topics(TopicCollection([topic]), request_timeout=timeout)
+    return str(futures[topic].result(timeout).topic_id)
 
 
 def end_offsets(settings: Settings, topic: str, timeout: float = 10.0) -> dict[int, int]:

@@ -16,7 +16,7 @@ import polars as pl
 from confluent_kafka import Consumer, TopicPartition
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from easymlops.kafka import coordinates, end_offsets, partitions
+from easymlops.kafka import coordinates, end_offsets, partitions, topic_id
 from easymlops.settings import Settings
 
 # Typed columns of a validated event in the lake (event_time is naive UTC: DuckDB and dbt read
@@ -34,6 +34,7 @@ EVENT_COLUMNS: dict[str, pl.DataType] = {
     "user_session": pl.String(),
 }
 KAFKA_COLUMNS: dict[str, pl.DataType] = {
+    "kafka_topic_id": pl.String(),
     "kafka_partition": pl.Int32(),
     "kafka_offset": pl.Int64(),
     "landed_at": pl.Datetime("us"),
@@ -75,16 +76,24 @@ class LandingResult:
 
 
 class TopicBehindLake(RuntimeError):
-    """A topic partition ends before the offsets a bronze table already landed from it."""
+    """A topic partition ends before the offsets a bronze table already landed from the same
+    incarnation (topic id) of it."""
 
 
-def landed_offsets(table_path: str, topic: str, parts: list[int]) -> dict[int, int]:
+def app_id(topic: str, topic_id: str, partition: int) -> str:
+    """The Delta application-transaction id of one partition of one incarnation of a topic: a
+    recreated topic (new topic id, offsets from 0 again) lands from 0 into the same table, and
+    the table keeps the history of the incarnations before it."""
+    return f"{topic}/{topic_id}:{partition}"
+
+
+def landed_offsets(table_path: str, topic: str, topic_id: str, parts: list[int]) -> dict[int, int]:
     """Next offset to land per partition, read from the Delta log's application transactions
-    (app id `topic:partition`), which are committed atomically with the data."""
+    (`app_id`), which are committed atomically with the data."""
     if not DeltaTable.is_deltatable(table_path):
         return dict.fromkeys(parts, 0)
     table = DeltaTable(table_path)
-    return {p: table.transaction_version(f"{topic}:{p}") or 0 for p in parts}
+    return {p: table.transaction_version(app_id(topic, topic_id, p)) or 0 for p in parts}
 
 
 def next_offset(reached: int, position: int, end: int) -> int:
@@ -138,22 +147,22 @@ def land_topic(
     """
     decode = DECODERS[kind]
     parts = partitions(settings, topic)
-    starts = landed_offsets(table_path, topic, parts)
+    incarnation = topic_id(settings, topic)
+    starts = landed_offsets(table_path, topic, incarnation, parts)
     ends = end_offsets(settings, topic)
     behind = {p: (starts[p], ends.get(p, 0)) for p in parts if ends.get(p, 0) < starts[p]}
     if behind:
-        # Landing nothing here would look fine and then skip the new records below the landed
-        # offsets: a different incarnation of the topic must not go into the same table.
+        # Same topic id, fewer records: the broker lost records it had acknowledged. Landing
+        # nothing would look fine and later skip the records written below the landed offsets.
         raise TopicBehindLake(
-            f"topic {topic!r} is behind the bronze table {table_path}: "
+            f"topic {topic!r} (id {incarnation}) is behind the bronze table {table_path}: "
             + "; ".join(
                 f"partition {p} was landed up to offset {landed} but now ends at offset {end}"
                 for p, (landed, end) in sorted(behind.items())
             )
-            + ". The topic lost its records or was recreated (the embedded broker keeps topics "
-            "in memory only, so restarting it empties them), so the table holds an older "
-            "incarnation of it. Move or delete the table (and rebuild silver from it) to land "
-            "the topic again from offset 0."
+            + ". The broker lost acknowledged records of this topic (a recreated topic would "
+            "have a new id and land from offset 0 on its own). Nothing was landed: check the "
+            "broker's storage before landing again."
         )
     result = LandingResult(topic=topic, start_offsets=starts, end_offsets=dict(starts))
     todo = {p: ends[p] for p in parts if ends.get(p, 0) > starts[p]}
@@ -205,6 +214,7 @@ def land_topic(
     frame = decode(values) if values else pl.DataFrame(schema={**_empty_schema(kind)})
     landed_at = datetime.now(UTC).replace(tzinfo=None)
     frame = frame.with_columns(
+        pl.lit(incarnation, dtype=pl.String).alias("kafka_topic_id"),
         pl.Series("kafka_partition", meta_partition, dtype=pl.Int32),
         pl.Series("kafka_offset", meta_offset, dtype=pl.Int64),
         pl.lit(landed_at, dtype=pl.Datetime("us")).alias("landed_at"),
@@ -214,11 +224,13 @@ def land_topic(
         table_path,
         frame.to_arrow(),
         mode="append",
-        # Dead-letter envelopes gain fields over time (payload_bytes, payload_truncated): add
-        # them as columns to a table landed before. Events keep a fixed schema; drift there fails.
-        schema_mode="merge" if kind == "invalid" else None,
+        # Columns added over time (dead-letter payload_bytes/payload_truncated, kafka_topic_id)
+        # join a table landed before them; the frame's columns come from the fixed dicts above.
+        schema_mode="merge",
         commit_properties=CommitProperties(
-            app_transactions=[Transaction(f"{topic}:{p}", o) for p, o in new_offsets.items()],
+            app_transactions=[
+                Transaction(app_id(topic, incarnation, p), o) for p, o in new_offsets.items()
+            ],
             custom_metadata={"easymlops.topic": topic},
         ),
     )
@@ -253,7 +265,7 @@ def build_silver(settings: Settings) -> SilverResult:
     partition, and a rebuild overwrites instead of appending (idempotent).
     """
     bronze = read_bronze(bronze_path(settings, "events"))
-    deduped = bronze.sort("kafka_partition", "kafka_offset").unique(
+    deduped = bronze.sort("landed_at", "kafka_partition", "kafka_offset").unique(
         subset="event_id", keep="first", maintain_order=True
     )
     silver = (

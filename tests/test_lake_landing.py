@@ -13,12 +13,12 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from test_stream_to_lake import read_topic
 
 from easymlops import lake
 from easymlops.generator import generate_payloads
-from easymlops.kafka import admin, end_offsets, ensure_topics, producer
+from easymlops.kafka import admin, end_offsets, ensure_topics, producer, topic_id
 from easymlops.schema import MAX_MESSAGE_BYTES, DeadLetter, ValidationError, validate_bytes
 from easymlops.settings import Settings
 
@@ -121,7 +121,7 @@ def test_landing_commits_only_what_it_read_while_the_topic_grows(
     assert second.rows == 100
 
     ends = end_offsets(settings, topic)
-    assert lake.landed_offsets(table, topic, sorted(ends)) == ends
+    assert lake.landed_offsets(table, topic, topic_id(settings, topic), sorted(ends)) == ends
     bronze = lake.read_bronze(table)
     records = read_topic(settings, topic)
     landed = sorted(zip(bronze["kafka_partition"], bronze["kafka_offset"], strict=True))
@@ -130,33 +130,74 @@ def test_landing_commits_only_what_it_read_while_the_topic_grows(
 
 
 @services
-def test_landing_refuses_a_topic_behind_its_table(stack: Settings, tmp_path: Path) -> None:
+def test_a_recreated_topic_lands_from_offset_0_and_the_table_keeps_its_history(
+    stack: Settings, tmp_path: Path
+) -> None:
+    """The embedded broker empties its topics on restart: the new incarnation (new topic id,
+    offsets from 0) lands in full beside the old one; nothing is skipped or refused."""
     settings = own_topic(stack, tmp_path, "validated")
     topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
-    produce_in_transaction(settings, topic, validated_events(30, seed=12))
-    landed = lake.land_topic(settings, topic, table, "validated").end_offsets
-    assert all(offset > 0 for offset in landed.values())
+    old_events, new_events = validated_events(30, seed=12), validated_events(20, seed=13)
+    produce_in_transaction(settings, topic, old_events)
+    old_id = topic_id(settings, topic)
+    assert lake.land_topic(settings, topic, table, "validated").rows == 30
 
-    # The same topic, deleted and created again (as after a restart of the in-memory broker).
     client = admin(settings)
     client.delete_topics([topic], operation_timeout=15)[topic].result()
     deadline = time.monotonic() + 15
     while topic in client.list_topics(timeout=5).topics and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ensure_topics(settings) == [topic]
-    assert set(end_offsets(settings, topic).values()) == {0}
+    new_id = topic_id(settings, topic)
+    assert new_id != old_id
+    produce_in_transaction(settings, topic, new_events)
+
+    again = lake.land_topic(settings, topic, table, "validated")
+    assert again.start_offsets == dict.fromkeys(again.start_offsets, 0)
+    assert again.rows == 20
+    bronze = lake.read_bronze(table)
+    assert sorted(bronze["event_id"]) == sorted(
+        json.loads(e)["event_id"] for e in old_events + new_events
+    )
+    assert bronze.group_by("kafka_topic_id").len().sort("len")["len"].to_list() == [20, 30]
+    assert bronze.select("kafka_topic_id", "kafka_partition", "kafka_offset").n_unique() == 50
+    assert lake.land_topic(settings, topic, table, "validated").rows == 0
+
+
+@services
+def test_landing_refuses_a_topic_behind_its_table(stack: Settings, tmp_path: Path) -> None:
+    """Same topic id but fewer records than landed: the broker lost acknowledged records."""
+    settings = own_topic(stack, tmp_path, "validated")
+    topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
+    produce_in_transaction(settings, topic, validated_events(30, seed=14))
+    landed = lake.land_topic(settings, topic, table, "validated").end_offsets
+    incarnation = topic_id(settings, topic)
+    # What the table would hold had the broker acknowledged 1,000 more records per partition
+    # and then lost them: landed offsets beyond the topic's end, for the same topic id.
+    ahead = {p: o + 1000 for p, o in landed.items()}
+    write_deltalake(
+        table,
+        lake.read_bronze(table).head(0).to_arrow(),
+        mode="append",
+        commit_properties=CommitProperties(
+            app_transactions=[
+                Transaction(lake.app_id(topic, incarnation, p), o) for p, o in ahead.items()
+            ]
+        ),
+    )
+    version = DeltaTable(table).version()
 
     with pytest.raises(lake.TopicBehindLake) as error:
         lake.land_topic(settings, topic, table, "validated")
     message = str(error.value)
-    assert f"topic {topic!r} is behind the bronze table {table}" in message
-    for partition, offset in landed.items():
+    assert f"topic {topic!r} (id {incarnation}) is behind the bronze table {table}" in message
+    for partition, offset in ahead.items():
         assert (
-            f"partition {partition} was landed up to offset {offset} but now ends at offset 0"
-            in message
+            f"partition {partition} was landed up to offset {offset} but now ends at offset "
+            f"{landed[partition]}" in message
         )
-    assert "Move or delete the table" in message
-    assert DeltaTable(table).version() == 0  # nothing committed
+    assert "broker lost acknowledged records" in message
+    assert DeltaTable(table).version() == version  # nothing committed
 
 
 @services

@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, TopicPartition
 from easymlops import lake
 from easymlops.csv_replay import read_csv_events
 from easymlops.generator import generate_payloads
-from easymlops.kafka import coordinates, end_offsets, partitions
+from easymlops.kafka import coordinates, end_offsets, partitions, topic_id
 from easymlops.produce import produce_payloads
 from easymlops.schema import MAX_MESSAGE_BYTES
 from easymlops.settings import Settings
@@ -89,7 +89,8 @@ def test_generated_events_flow_to_bronze_and_silver_exactly_once(
     ends = end_offsets(stack, topic)
     first = lake.land_topic(own_lake, topic, table, "validated")
     assert first.end_offsets == ends
-    assert lake.landed_offsets(table, topic, sorted(ends)) == ends  # as committed in the log
+    committed = lake.landed_offsets(table, topic, topic_id(stack, topic), sorted(ends))
+    assert committed == ends  # as committed in the log
     assert first.rows == len(valid)
     bronze = lake.read_bronze(table)
     landed = sorted(zip(bronze["kafka_partition"], bronze["kafka_offset"], strict=True))
@@ -114,8 +115,14 @@ def test_generated_events_flow_to_bronze_and_silver_exactly_once(
     dead_table = lake.bronze_path(own_lake, "invalid_events")
     lake.land_topic(own_lake, stack.topic_invalid, dead_table, "invalid")
     dead = lake.read_bronze(dead_table).drop("landed_at").sort("kafka_partition", "kafka_offset")
+    invalid_id = topic_id(stack, stack.topic_invalid)
     expected = [
-        {**json.loads(r.value), "kafka_partition": r.partition, "kafka_offset": r.offset}
+        {
+            **json.loads(r.value),
+            "kafka_topic_id": invalid_id,
+            "kafka_partition": r.partition,
+            "kafka_offset": r.offset,
+        }
         for r in sorted(invalid)
     ]
     assert dead.to_dicts() == expected

@@ -55,9 +55,11 @@ def bronze_invalid_events(context: dg.AssetExecutionContext) -> dg.MaterializeRe
 
 @dg.asset_check(asset=bronze_events, blocking=True)
 def bronze_events_offsets_unique() -> dg.AssetCheckResult:
-    """Exactly-once landing: no Kafka (partition, offset) appears twice in bronze."""
+    """Exactly-once landing: no Kafka record (topic incarnation, partition, offset) appears
+    twice in bronze."""
     frame = lake.read_bronze(lake.bronze_path(get_settings(), "events"))
-    duplicates = frame.height - frame.select("kafka_partition", "kafka_offset").n_unique()
+    record = ("kafka_topic_id", "kafka_partition", "kafka_offset")
+    duplicates = frame.height - frame.select(record).n_unique()
     return dg.AssetCheckResult(
         passed=duplicates == 0, metadata={"rows": frame.height, "duplicate_offsets": duplicates}
     )
