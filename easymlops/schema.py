@@ -75,7 +75,9 @@ ERROR_TYPES: dict[str, str] = {
     "not_utf8": "the bytes are not UTF-8",
     "malformed_json": "the text is not JSON (or nests too deep)",
     "wrong_type": "the event is not an object, or a field has the wrong JSON type or format",
-    "missing_field": "a required field is absent, null or empty",
+    # An empty string in another required field breaks that field's own rule (an empty
+    # event_type is unknown_event_type, an empty id wrong_type, an empty time bad_timestamp).
+    "missing_field": "a required field is absent or null, or user_session is blank",
     "int_out_of_range": "an integer field does not fit in int64",
     "bad_price": "the price is negative, NaN or infinite",
     "unknown_event_type": f"event_type is not one of {', '.join(EVENT_TYPES)}",
@@ -87,7 +89,13 @@ ERROR_TYPES: dict[str, str] = {
     "internal_error": "a rule failed unexpectedly; the event is kept here, never dropped",
 }
 
+# An int64 in decimal text: the form producers should send (the generated JSON Schema uses it).
 _INT_TEXT = re.compile(r"-?[0-9]{1,19}", re.ASCII)
+# What the validator accepts as integer text: any ASCII digits, so zero padding is fine; the
+# value decides whether it fits.
+_ANY_INT_TEXT = re.compile(r"-?[0-9]+", re.ASCII)
+# Whitespace around numbers in strings is tolerated; only ASCII whitespace (not e.g. U+3000).
+_ASCII_SPACE = " \t\r\n"
 # Decimal text, plus the spellings of NaN/infinity so that those are reported as bad_price.
 _DECIMAL_TEXT = re.compile(
     r"[+-]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?|nan|inf|infinity)",
@@ -168,14 +176,16 @@ def _int64(record: dict[str, Any], field: str) -> int:
     if isinstance(value, bool):
         raise ValidationError("wrong_type", f"{field} must be an integer, got a boolean", field)
     if isinstance(value, str):
-        text = value.strip()
-        if not _INT_TEXT.fullmatch(text):
-            if re.fullmatch(r"-?[0-9]+", text, re.ASCII):
-                raise ValidationError(
-                    "int_out_of_range", f"{field} {text[:40]} does not fit in int64", field
-                )
+        text = value.strip(_ASCII_SPACE)
+        if not _ANY_INT_TEXT.fullmatch(text):
             raise ValidationError(
                 "wrong_type", f"{field} must be an integer, got {text[:40]!r}", field
+            )
+        # Checked on the significant digits before int(): Python refuses to parse strings of
+        # over 4300 digits, and a 20-digit zero-padded string can still be a small number.
+        if len(text.lstrip("-").lstrip("0")) > 19:
+            raise ValidationError(
+                "int_out_of_range", f"{field} {text[:40]} does not fit in int64", field
             )
         value = int(text)
     elif isinstance(value, float):
@@ -191,7 +201,9 @@ def _int64(record: dict[str, Any], field: str) -> int:
             "wrong_type", f"{field} must be an integer, got {type(value).__name__}", field
         )
     if not INT64_MIN <= value <= INT64_MAX:
-        raise ValidationError("int_out_of_range", f"{field} {value} does not fit in int64", field)
+        # Not f"{value}": formatting an int of over 4300 digits raises ValueError.
+        shown = str(value) if value.bit_length() <= 256 else f"of {value.bit_length()} bits"
+        raise ValidationError("int_out_of_range", f"{field} {shown} does not fit in int64", field)
     return value
 
 
@@ -200,7 +212,7 @@ def _price(record: dict[str, Any]) -> float:
     if isinstance(value, bool):
         raise ValidationError("wrong_type", "price must be a number, got a boolean", "price")
     if isinstance(value, str):
-        text = value.strip()
+        text = value.strip(_ASCII_SPACE)
         if not _DECIMAL_TEXT.fullmatch(text):
             raise ValidationError(
                 "wrong_type", f"price must be a decimal number, got {text[:40]!r}", "price"

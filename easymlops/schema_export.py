@@ -30,14 +30,16 @@ What the raw JSON Schema cannot say; the validator stays the authority and rejec
   `Z`/offset). Python's parser also takes week dates, the basic format or `2019-1-1 0:0:0 UTC`;
   producers must not rely on those, so there the schema is stricter than the validator;
 - the int64 range of decimal strings: the pattern allows 19 digits, so `"9999999999999999999"`
-  passes and is `int_out_of_range` (an exact regex exists but nobody could review it);
+  passes and is `int_out_of_range` (an exact regex exists but nobody could review it); the
+  other way round, the validator takes zero padding past 19 digits, the schema does not;
 - a price string that overflows a double (`"1e999"`, `bad_price`). The other way round, the
   validator takes a negative zero (`"-0"`, or `"-1e-999"` which underflows) as a price of 0,
   the schema does not: producers should not write a minus sign;
 - lone surrogates (`invalid_string`): a schema sees code points, not their UTF-8 encoding;
 - the byte-level rules (`message_too_large`, `not_utf8`, `malformed_json`) come before any
-  schema. Surrounding whitespace, which the validator strips, is `\\s` in the patterns;
-  ECMA-262 and Python differ on a few control characters there.
+  schema. Around numbers the validator strips ASCII whitespace only, as the patterns say;
+  around timestamps it strips any whitespace, `\\s` in the pattern (ECMA-262 and Python
+  differ on a few control characters there).
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ CONTRACTS_DIR = Path(__file__).parent / "contracts"
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 AVRO_NAMESPACE = "easymlops.events"
 
-# Decimal strings, surrounded by the whitespace the validator strips. The integer is the
-# validator's own regex; the price is its decimal grammar without the NaN/infinity spellings
-# and without a minus sign.
-INT_TEXT_PATTERN = rf"^\s*({_INT_TEXT.pattern})\s*$"
-PRICE_TEXT_PATTERN = r"^\s*\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?\s*$"
+# Decimal strings, surrounded by the ASCII whitespace the validator strips. The integer is the
+# validator's own regex for the form producers should send; the price is its decimal grammar
+# without the NaN/infinity spellings and without a minus sign.
+_SPACE = "[ \\t\\r\\n]*"
+INT_TEXT_PATTERN = rf"^{_SPACE}({_INT_TEXT.pattern}){_SPACE}$"
+PRICE_TEXT_PATTERN = rf"^{_SPACE}\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?{_SPACE}$"
 
 _DATE = r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
 _HOUR_MINUTE = r"([01][0-9]|2[0-3]):[0-5][0-9]"

@@ -221,7 +221,9 @@ def test_raw_schema_agrees_with_the_validator_on_ids(value: Any) -> None:
     record = {**base_event(), "product_id": value}
     error = verdict(record)
     if error is None:
-        assert RAW.is_valid(record)
+        # the one gap this way: the validator takes zero padding past 19 digits, the schema
+        # asks producers for at most 19
+        assert RAW.is_valid(record) or len(str(value).strip(" \t\r\n").lstrip("-")) > 19, value
     elif RAW.is_valid(record):
         # the pattern's 19 digits reach past int64 (9223372036854775807)
         assert error == "int_out_of_range" and len(value.strip().lstrip("-")) == 19, value
