@@ -11,11 +11,11 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving
+.PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving bench-validation
 .PHONY: flink-venv flink-validate
 
 help: ## list targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 
 uv:
 	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m uv --version >/dev/null 2>&1 || \
@@ -64,6 +64,9 @@ clean: down ## stop the stack and delete its data
 
 bench-serving: install ## /predict latency vs the /healthz floor (needs `make demo` first)
 	$(RUN) python benchmarks/serving.py
+
+bench-validation: install flink-venv ## validator events/s vs a transactional passthrough, + Flink
+	$(RUN) python benchmarks/validation.py
 
 # PyFlink's own virtualenv (apache-flink pins old pandas/pyarrow/beam; see flink_jobs/README.md).
 FLINK_VENV := .flink-venv
