@@ -18,6 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -174,6 +175,7 @@ class Validator:
             if session_features
             else None
         )
+        self.redis_thread = ThreadPoolExecutor(1, thread_name_prefix="validator-redis")
         self.source = consumer(settings, GROUP_ID)
         self.sink = self._new_producer()
         self.next_offsets = self._assign()
@@ -241,6 +243,7 @@ class Validator:
         finally:
             self.stats.seconds = time.monotonic() - started
             _Metrics.current = None
+            self.redis_thread.shutdown(wait=True)
             self.source.close()
             self.sink.flush(10)
         return self.stats
@@ -283,11 +286,16 @@ class Validator:
             next_offsets[partition] = offset + 1
         if not routed:
             return
+        redis_done: Future[int] | None = None
         if self.sessions is not None:
             writer = self.sessions
             events: list[Event] = [r.event for r in routed if r.event is not None]
-            self._retrying("Redis", lambda: writer.apply(events))
-        self._retrying("Kafka", lambda: self._commit(routed, next_offsets))
+            # Redis works while this thread produces the batch; _commit waits for it before
+            # the transaction commits, so the features are written before the offsets move.
+            redis_done = self.redis_thread.submit(
+                self._retrying, "Redis", lambda: writer.apply(events)
+            )
+        self._retrying("Kafka", lambda: self._commit(routed, next_offsets, redis_done))
         # Counted only after the commit, so the stats never include an aborted batch.
         valid = sum(1 for r in routed if r.destination == "valid")
         errors = Counter(r.error_type for r in routed if r.error_type is not None)
@@ -301,7 +309,12 @@ class Validator:
             self.metrics.events.add(count, {"destination": "invalid", "error_type": error_type})
         self.metrics.batch_seconds.record(time.monotonic() - batch_started)
 
-    def _commit(self, routed: Sequence[Routed], next_offsets: dict[int, int]) -> None:
+    def _commit(
+        self,
+        routed: Sequence[Routed],
+        next_offsets: dict[int, int],
+        redis_done: Future[int] | None = None,
+    ) -> None:
         topics = {"valid": self.settings.topic_validated, "invalid": self.settings.topic_invalid}
         try:
             self.sink.begin_transaction()
@@ -320,6 +333,8 @@ class Validator:
                 self.source.consumer_group_metadata(),
                 30,
             )
+            if redis_done is not None:
+                redis_done.result()  # raises OutageTooLong after a Redis outage too long
             self.sink.commit_transaction(60)
         except KafkaException as exc:
             self._recover(exc)
