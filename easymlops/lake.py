@@ -133,10 +133,16 @@ def land_topic(
     table_path: str,
     kind: str,
     *,
+    until: dict[int, int] | None = None,
     progress: Callable[[int], None] | None = None,
     idle_timeout: float = 5.0,
 ) -> LandingResult:
-    """Append every record of `topic` not yet in the bronze table, up to the current end offsets.
+    """Append every record of `topic` not yet in the bronze table, up to the current end offsets
+    or, given `until`, up to those offsets (capped at the current ends; a partition missing from
+    `until` lands nothing).
+
+    The range always starts where the table's log says, never where a caller thinks: a range
+    already landed lands nothing, and a range starting past the landed offsets lands the gap too.
 
     Exactly-once: the range starts at the offsets recorded in the table's last commit and the new
     end offsets are committed in the same Delta transaction as the rows, so a crash before the
@@ -165,7 +171,11 @@ def land_topic(
             "broker's storage before landing again."
         )
     result = LandingResult(topic=topic, start_offsets=starts, end_offsets=dict(starts))
-    todo = {p: ends[p] for p in parts if ends.get(p, 0) > starts[p]}
+    stops = {
+        p: ends.get(p, 0) if until is None else min(ends.get(p, 0), until.get(p, starts[p]))
+        for p in parts
+    }
+    todo = {p: stops[p] for p in parts if stops[p] > starts[p]}
     if not todo:
         return result
 

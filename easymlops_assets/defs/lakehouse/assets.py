@@ -8,15 +8,29 @@ from easymlops.schema import EVENT_TYPES
 from easymlops.settings import get_settings
 
 
+class LandingConfig(dg.Config):
+    """The range a landing run covers. The sensors set `until_offsets` (partition -> end offset
+    to stop at, from the run key's range); without it a run lands everything up to the current
+    end offsets. The start is always what the bronze table's Delta log recorded."""
+
+    until_offsets: dict[str, int] | None = None
+
+
 def _land(
-    context: dg.AssetExecutionContext, topic: str, table: str, kind: str
+    context: dg.AssetExecutionContext, config: LandingConfig, topic: str, table: str, kind: str
 ) -> dg.MaterializeResult:
     settings = get_settings()
+    until = (
+        None
+        if config.until_offsets is None
+        else {int(p): o for p, o in config.until_offsets.items()}
+    )
     result = lake.land_topic(
         settings,
         topic,
         lake.bronze_path(settings, table),
         kind,
+        until=until,
         progress=lambda n: context.log.debug(f"{topic}: {n} records read"),
     )
     context.log.info(
@@ -39,18 +53,20 @@ def _land(
 
 
 @dg.asset(deps=["events_validated"], group_name="lakehouse", kinds={"delta", "polars"})
-def bronze_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def bronze_events(context: dg.AssetExecutionContext, config: LandingConfig) -> dg.MaterializeResult:
     """Validated events landed from Kafka into a Delta table, with their partition and offset.
     Re-running lands only offsets not yet landed (row_count is what this run added)."""
     settings = get_settings()
-    return _land(context, settings.topic_validated, "events", "validated")
+    return _land(context, config, settings.topic_validated, "events", "validated")
 
 
 @dg.asset(deps=["events_invalid"], group_name="lakehouse", kinds={"delta", "polars"})
-def bronze_invalid_events(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def bronze_invalid_events(
+    context: dg.AssetExecutionContext, config: LandingConfig
+) -> dg.MaterializeResult:
     """Dead-letter envelopes landed from Kafka, kept for inspection and replay."""
     settings = get_settings()
-    return _land(context, settings.topic_invalid, "invalid_events", "invalid")
+    return _land(context, config, settings.topic_invalid, "invalid_events", "invalid")
 
 
 @dg.asset_check(asset=bronze_events, blocking=True)

@@ -1,0 +1,90 @@
+"""Kafka sensors: request a bronze landing run for each new range of offsets of a topic.
+
+A sensor reads only the topic's id and end offsets (never a message), so a tick is cheap. Its
+cursor is the end of the last range it requested; the run key names the range, so Dagster
+never launches the same range twice, and the run itself commits its offsets atomically with the
+data (see `lake.land_topic`), so a re-run or a crash mid-run neither loses nor duplicates.
+
+Stopped by default: `easymlops demo` and `full_pipeline` land bronze themselves, and a second
+landing run of the same table at the same time could read the same start offsets from the
+Delta log. Turn a sensor on in the UI (Automation) for continuous landing.
+"""
+
+import json
+from collections.abc import Callable
+
+import dagster as dg
+
+from easymlops.kafka import KafkaUnavailable, end_offsets, topic_id
+from easymlops.settings import Settings, get_settings
+from easymlops_assets.defs.lakehouse.assets import bronze_events, bronze_invalid_events
+
+
+def offset_range(offsets: dict[int, int]) -> str:
+    return ",".join(f"{p}={o}" for p, o in sorted(offsets.items()))
+
+
+def run_key(topic: str, incarnation: str, start: dict[int, int], end: dict[int, int]) -> str:
+    return f"{topic}@{incarnation}:{offset_range(start)}-{offset_range(end)}"
+
+
+def landing_request(
+    context: dg.SensorEvaluationContext, topic: str, asset: dg.AssetsDefinition
+) -> dg.SensorResult | dg.SkipReason:
+    settings = get_settings()
+    try:
+        incarnation = topic_id(settings, topic)
+        ends = end_offsets(settings, topic)
+    except KafkaUnavailable as exc:
+        return dg.SkipReason(str(exc))
+    cursor = json.loads(context.cursor) if context.cursor else None
+    if cursor is None or cursor["topic_id"] != incarnation:
+        # First tick, or a recreated topic (offsets from 0 again): the range starts at 0; the
+        # run starts at what the table's log recorded anyway, so nothing lands twice.
+        start = dict.fromkeys(ends, 0)
+    else:
+        start = {int(p): o for p, o in cursor["offsets"].items()}
+    if not any(end > start.get(p, 0) for p, end in ends.items()):
+        return dg.SkipReason(f"{topic}: no new offsets past {offset_range(start)}")
+    start = {p: start.get(p, 0) for p in ends}
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=run_key(topic, incarnation, start, ends),
+                run_config={
+                    "ops": {
+                        asset.op.name: {
+                            "config": {"until_offsets": {str(p): o for p, o in ends.items()}}
+                        }
+                    }
+                },
+                asset_selection=[asset.key],
+            )
+        ],
+        cursor=json.dumps(
+            {"topic_id": incarnation, "offsets": {str(p): o for p, o in ends.items()}}
+        ),
+    )
+
+
+def landing_sensor(
+    asset: dg.AssetsDefinition, topic_of: Callable[[Settings], str]
+) -> dg.SensorDefinition:
+    name = f"{asset.key.to_user_string()}_sensor"
+
+    @dg.sensor(
+        name=name,
+        asset_selection=[asset],
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description=f"Requests a landing run of {asset.key.to_user_string()} for each new range "
+        "of offsets of its Kafka topic (reads end offsets only).",
+    )
+    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
+        return landing_request(context, topic_of(get_settings()), asset)
+
+    return _sensor
+
+
+bronze_events_sensor = landing_sensor(bronze_events, lambda s: s.topic_validated)
+bronze_invalid_events_sensor = landing_sensor(bronze_invalid_events, lambda s: s.topic_invalid)
