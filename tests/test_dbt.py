@@ -1,5 +1,6 @@
 """The dbt project for real: a hand-crafted silver lake -> `dbt build` on DuckDB -> exact labels,
-session features, point-in-time user/product features, split, and the dbt tests themselves.
+session features, sessions / users / products marts, point-in-time user/product features, split,
+and the dbt tests themselves.
 
 Timeline of the dataset (three days, three users; e<NN> are event ids):
 
@@ -199,6 +200,10 @@ def test_all_models_built_and_dbt_tests_passed(build: Build) -> None:
     models = {r["unique_id"].split(".")[-1] for r in by_type["model"]}
     assert models == {
         "stg_events",
+        "int_sessions",
+        "fct_sessions",
+        "dim_users",
+        "dim_products",
         "fct_cart_events",
         "user_features",
         "product_features",
@@ -214,6 +219,8 @@ def test_all_models_built_and_dbt_tests_passed(build: Build) -> None:
     assert any("accepted_values_training_set_split" in n for n in names)
     assert any("accepted_values_fct_cart_events_label" in n for n in names)
     assert any("unique_stg_events_event_id" in n for n in names)
+    assert any("relationships_fct_sessions_user_id__user_id__ref_dim_users_" in n for n in names)
+    assert any("unique_dim_products_product_id" in n for n in names)
     assert len(tests) >= 15
 
 
@@ -365,6 +372,87 @@ def test_training_set_columns_and_split(build: Build) -> None:
         "e18": "test",
         "e20": "test",
     }
+
+
+def rows_by_key(warehouse: Path, table: str, key: str, columns: str) -> dict[Any, tuple[Any, ...]]:
+    """`columns` (SQL list) of every row of `table`, as a tuple keyed by the row's `key`."""
+    rows = query(warehouse, f"select {key} as row_key, {columns} from main.{table}")
+    return {r.pop("row_key"): tuple(r.values()) for r in rows}
+
+
+def test_sessions(build: Build) -> None:
+    columns = (
+        "user_id, session_date, session_start, session_end, duration_seconds, events, views, "
+        "carts, removes, purchases, distinct_products, purchase_value, converted"
+    )
+    sessions = rows_by_key(build.warehouse, "fct_sessions", "user_session", columns)
+    t = datetime.fromisoformat
+    # fmt: off
+    assert sessions == {
+        # s0 crosses midnight: it belongs to day 1, and lasts 15 s.
+        "s0": (3, D1, t("2024-03-01 23:59:50"), t("2024-03-02 00:00:05"), 15.0,
+               2, 2, 0, 0, 0, 2, 0.0, 0),
+        "s1": (1, D1, t("2024-03-01 10:00:00"), t("2024-03-01 10:05:00"), 300.0,
+               5, 3, 1, 0, 1, 2, 100.0, 1),
+        "s2": (2, D1, t("2024-03-01 11:00:00"), t("2024-03-01 11:03:00"), 180.0,
+               4, 2, 1, 0, 1, 2, 70.0, 1),
+        "s3": (1, D2, t("2024-03-02 09:00:00"), t("2024-03-02 09:02:00"), 120.0,
+               3, 1, 1, 1, 0, 1, 0.0, 0),
+        "s4": (1, D2, t("2024-03-02 15:00:00"), t("2024-03-02 15:00:00"), 0.0,
+               1, 0, 0, 0, 1, 1, 210.0, 1),
+        # s5: the replayed copy of e14 is not counted.
+        "s5": (3, D2, t("2024-03-02 12:00:00"), t("2024-03-02 12:00:10"), 10.0,
+               3, 1, 1, 0, 1, 1, 100.0, 1),
+        "s6": (2, D3, t("2024-03-03 08:00:00"), t("2024-03-03 08:05:00"), 300.0,
+               3, 1, 1, 0, 1, 1, 50.0, 1),
+        "s7": (1, D3, t("2024-03-03 10:00:00"), t("2024-03-03 10:00:00"), 0.0,
+               1, 0, 1, 0, 0, 1, 0.0, 0),
+    }
+    # fmt: on
+    intermediate = rows_by_key(build.warehouse, "int_sessions", "user_session", "events")
+    assert intermediate == {k: (v[5],) for k, v in sessions.items()}
+
+
+def test_dim_users(build: Build) -> None:
+    columns = (
+        "first_seen, last_seen, sessions, converted_sessions, events, views, carts, removes, "
+        "purchases, purchase_value"
+    )
+    users = rows_by_key(build.warehouse, "dim_users", "user_id", columns)
+    t = datetime.fromisoformat
+    assert users == {
+        # s1 s3 s4 s7; purchases e05 (100) and e13 (210)
+        1: (t("2024-03-01 10:00:00"), t("2024-03-03 10:00:00"), 4, 2, 10, 4, 3, 1, 2, 310.0),
+        # s2 s6; purchases e09 (70) and e19 (50)
+        2: (t("2024-03-01 11:00:00"), t("2024-03-03 08:05:00"), 2, 2, 7, 3, 2, 0, 2, 120.0),
+        # s0 s5; views e00 e00b e14, purchase e16 (100)
+        3: (t("2024-03-01 23:59:50"), t("2024-03-02 12:00:10"), 2, 1, 5, 3, 1, 0, 1, 100.0),
+    }
+
+
+def test_dim_products(build: Build) -> None:
+    columns = (
+        "category_id, category_code, category_l1, brand, last_price, first_seen, last_seen, "
+        "events, views, carts, removes, purchases"
+    )
+    products = rows_by_key(build.warehouse, "dim_products", "product_id", columns)
+    t = datetime.fromisoformat
+    phone = (10, "electronics.smartphone", "electronics")
+    # fmt: off
+    assert products == {
+        # attributes are constant in the fixture; last_price tells the latest event (see 102)
+        101: (*phone, "acme", 100.0, t("2024-03-01 10:00:00"), t("2024-03-02 12:00:10"),
+              8, 4, 2, 0, 2),
+        # viewed at 200 on day 1, last seen at 210 (e13): the latest event wins
+        102: (*phone, None, 210.0, t("2024-03-01 10:00:30"), t("2024-03-02 15:00:00"),
+              5, 2, 1, 1, 1),
+        103: (20, "appliances.kitchen.washer", "appliances", "wash", 50.0,
+              t("2024-03-01 11:00:00"), t("2024-03-03 08:05:00"), 5, 2, 2, 0, 1),
+        # first seen at e08 (11:02); e00 comes later that day (23:59:50)
+        104: (20, None, None, None, 70.0, t("2024-03-01 11:02:00"), t("2024-03-03 10:00:00"),
+              4, 2, 1, 0, 1),
+    }
+    # fmt: on
 
 
 def copy_warehouse(build: Build, name: str) -> tuple[Path, dict[str, str], Path]:

@@ -62,6 +62,10 @@ SILVER_COLUMNS = (
 # model -> the columns that identify a row (to put both warehouses' rows in the same order)
 MODELS = {
     "stg_events": "event_id",
+    "int_sessions": "user_session",
+    "fct_sessions": "user_session",
+    "dim_users": "user_id",
+    "dim_products": "product_id",
     "fct_cart_events": "event_id",
     "user_features": "user_id, valid_from",
     "product_features": "product_id, valid_from",

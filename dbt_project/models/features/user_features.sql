@@ -15,15 +15,12 @@ with events as (
 
 ),
 
+-- sessions counted on the day they started (int_sessions.session_date)
 session_starts as (
 
-    select user_id, event_date as activity_date, count(*) as new_sessions
-    from (
-        select user_id, user_session, min(event_date) as event_date
-        from events
-        group by user_id, user_session
-    ) as sessions
-    group by user_id, event_date
+    select user_id, session_date as activity_date, count(*) as new_sessions
+    from {{ ref('int_sessions') }}
+    group by user_id, session_date
 
 ),
 
