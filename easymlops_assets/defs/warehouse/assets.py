@@ -1,5 +1,5 @@
-"""dbt gold models (staging -> marts -> feature tables -> training set) as Dagster assets; dbt
-tests attached to models surface as asset checks."""
+"""dbt gold models (staging -> intermediate -> marts -> feature tables -> training set) as
+Dagster assets; dbt tests attached to models surface as asset checks."""
 
 from collections.abc import Iterator
 from typing import Any
