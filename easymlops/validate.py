@@ -77,12 +77,14 @@ class ValidationStats:
     valid: int = 0
     invalid: int = 0
     errors: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run, idle waiting included
+    busy_seconds: float = 0.0  # from the first message received to the last batch committed
     retries: int = 0
 
     @property
     def rate(self) -> float:
-        return self.consumed / self.seconds if self.seconds else 0.0
+        """Events per second while there was work (not diluted by the idle wait at the end)."""
+        return self.consumed / self.busy_seconds if self.busy_seconds else 0.0
 
     @property
     def invalid_ratio(self) -> float:
@@ -95,6 +97,7 @@ class ValidationStats:
             "invalid": self.invalid,
             "errors": dict(self.errors),
             "seconds": round(self.seconds, 3),
+            "busy_seconds": round(self.busy_seconds, 3),
             "events_per_second": round(self.rate, 1),
             "retries": self.retries,
         }
@@ -216,6 +219,7 @@ class Validator:
         `idle_seconds`), or until `should_stop` if not `until_idle`."""
         _Metrics.current = self.stats
         started = last_activity = last_log = time.monotonic()
+        first_message: float | None = None
         logged_consumed = 0
         try:
             while not self.should_stop():
@@ -224,7 +228,9 @@ class Validator:
                 self.stats.seconds = now - started
                 if messages:
                     last_activity = now
+                    first_message = first_message or now
                     self._process(messages)
+                    self.stats.busy_seconds = time.monotonic() - first_message
                     if progress:
                         progress(self.stats)
                 elif until_idle and now - last_activity > idle_seconds and self._drained():
