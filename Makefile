@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving bench-validation
+.PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse
 .PHONY: flink-venv flink-validate
 
 help: ## list targets
@@ -67,6 +67,9 @@ bench-serving: install ## /predict latency vs the /healthz floor (needs `make de
 
 bench-validation: install flink-venv ## validator events/s vs a transactional passthrough, + Flink
 	$(RUN) python benchmarks/validation.py
+
+bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events)
+	$(RUN) python benchmarks/lakehouse.py
 
 # PyFlink's own virtualenv (apache-flink pins old pandas/pyarrow/beam; see flink_jobs/README.md).
 FLINK_VENV := .flink-venv
