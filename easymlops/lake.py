@@ -15,6 +15,7 @@ from pathlib import Path
 import polars as pl
 from confluent_kafka import Consumer, TopicPartition
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError
 
 from easymlops.kafka import coordinates, end_offsets, partitions, topic_id
 from easymlops.settings import Settings
@@ -87,13 +88,20 @@ def app_id(topic: str, topic_id: str, partition: int) -> str:
     return f"{topic}/{topic_id}:{partition}"
 
 
-def landed_offsets(table_path: str, topic: str, topic_id: str, parts: list[int]) -> dict[int, int]:
+def landed_offsets(
+    table: str | DeltaTable, topic: str, topic_id: str, parts: list[int]
+) -> dict[int, int]:
     """Next offset to land per partition, read from the Delta log's application transactions
-    (`app_id`), which are committed atomically with the data."""
-    if not DeltaTable.is_deltatable(table_path):
-        return dict.fromkeys(parts, 0)
-    table = DeltaTable(table_path)
+    (`app_id`), which are committed atomically with the data. `table`: a path or a snapshot."""
+    if isinstance(table, str):
+        if not DeltaTable.is_deltatable(table):
+            return dict.fromkeys(parts, 0)
+        table = DeltaTable(table)
     return {p: table.transaction_version(app_id(topic, topic_id, p)) or 0 for p in parts}
+
+
+class ConcurrentLanding(RuntimeError):
+    """Another landing of the same topic into the same table committed first."""
 
 
 def next_offset(reached: int, position: int, end: int) -> int:
@@ -154,7 +162,11 @@ def land_topic(
     decode = DECODERS[kind]
     parts = partitions(settings, topic)
     incarnation = topic_id(settings, topic)
-    starts = landed_offsets(table_path, topic, incarnation, parts)
+    # The snapshot the start offsets come from is also the one the commit is checked against:
+    # if another landing committed offsets of this topic meanwhile, Delta refuses this commit
+    # ("concurrent transaction") instead of appending the same records twice.
+    snapshot = DeltaTable(table_path) if DeltaTable.is_deltatable(table_path) else None
+    starts = landed_offsets(snapshot or table_path, topic, incarnation, parts)
     ends = end_offsets(settings, topic)
     behind = {p: (starts[p], ends.get(p, 0)) for p in parts if ends.get(p, 0) < starts[p]}
     if behind:
@@ -230,20 +242,27 @@ def land_topic(
         pl.lit(landed_at, dtype=pl.Datetime("us")).alias("landed_at"),
     )
     new_offsets = {p: max(reached[p], starts[p]) for p in todo}
-    write_deltalake(
-        table_path,
-        frame.to_arrow(),
-        mode="append",
-        # Columns added over time (dead-letter payload_bytes/payload_truncated, kafka_topic_id)
-        # join a table landed before them; the frame's columns come from the fixed dicts above.
-        schema_mode="merge",
-        commit_properties=CommitProperties(
-            app_transactions=[
-                Transaction(app_id(topic, incarnation, p), o) for p, o in new_offsets.items()
-            ],
-            custom_metadata={"easymlops.topic": topic},
-        ),
-    )
+    try:
+        write_deltalake(
+            snapshot if snapshot is not None else table_path,
+            frame.to_arrow(),
+            mode="append",
+            # Columns added over time (dead-letter payload_bytes/payload_truncated,
+            # kafka_topic_id) join a table landed before them; the frame's columns come from
+            # the fixed dicts above.
+            schema_mode="merge",
+            commit_properties=CommitProperties(
+                app_transactions=[
+                    Transaction(app_id(topic, incarnation, p), o) for p, o in new_offsets.items()
+                ],
+                custom_metadata={"easymlops.topic": topic},
+            ),
+        )
+    except CommitFailedError as exc:
+        raise ConcurrentLanding(
+            f"another landing of {topic!r} into {table_path} committed while this one ran "
+            f"({exc}); nothing of this run was committed: run it again to land what is left"
+        ) from exc
     result.rows = frame.height
     result.end_offsets = {**starts, **new_offsets}
     result.delta_version = DeltaTable(table_path).version()

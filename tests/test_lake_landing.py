@@ -5,6 +5,9 @@ Broker tests use topics and lakes of their own (the session stack is shared)."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import asdict, fields
@@ -242,3 +245,74 @@ def test_dead_letters_append_to_a_table_from_before_the_new_fields(
             letter.payload_truncated,
         )
     assert by_payload["z" * MAX_MESSAGE_BYTES]["payload_truncated"] is True
+
+
+@services
+def test_a_concurrent_landing_is_refused_and_nothing_lands_twice(
+    stack: Settings, tmp_path: Path
+) -> None:
+    """A second landing commits while the first is still reading: the first one's commit is
+    refused (Delta's concurrent-transaction check on the app ids), so no record lands twice."""
+    settings = own_topic(stack, tmp_path, "validated")
+    topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
+    events = validated_events(400, seed=15)
+    produce_in_transaction(settings, topic, events[:100])
+    assert lake.land_topic(settings, topic, table, "validated").rows == 100  # the table exists
+    produce_in_transaction(settings, topic, events[100:])
+
+    inner: list[lake.LandingResult] = []
+
+    def land_concurrently(_read: int) -> None:
+        if not inner:
+            inner.append(lake.land_topic(settings, topic, table, "validated"))
+
+    with pytest.raises(lake.ConcurrentLanding, match="committed while this one ran"):
+        lake.land_topic(settings, topic, table, "validated", progress=land_concurrently)
+    assert inner[0].rows == 300
+    bronze = lake.read_bronze(table)
+    assert sorted(bronze["event_id"]) == sorted(json.loads(e)["event_id"] for e in events)
+    assert lake.land_topic(settings, topic, table, "validated").rows == 0
+
+
+LAND_AND_HANG = """
+import sys, time
+from easymlops import lake
+from easymlops.settings import Settings
+
+settings = Settings(lake_uri=sys.argv[2], topic_validated=sys.argv[1])
+def hang(read):
+    print(read, flush=True)
+    time.sleep(3600)  # killed here: the records are read, nothing is committed
+lake.land_topic(settings, sys.argv[1], sys.argv[3], "validated", progress=hang)
+"""
+
+
+@services
+def test_kill_9_mid_landing_then_rerun_gives_exact_counts(stack: Settings, tmp_path: Path) -> None:
+    settings = own_topic(stack, tmp_path, "validated")
+    topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
+    events = validated_events(2000, seed=16)
+    produce_in_transaction(settings, topic, events[:500])
+    assert lake.land_topic(settings, topic, table, "validated").rows == 500
+    produce_in_transaction(settings, topic, events[500:])
+    version = DeltaTable(table).version()
+
+    landing = subprocess.Popen(
+        [sys.executable, "-c", LAND_AND_HANG, topic, settings.lake_uri, table],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert landing.stdout is not None
+        assert int(landing.stdout.readline()) > 0  # mid-landing: records read, none committed
+        landing.send_signal(signal.SIGKILL)
+        landing.wait(10)
+    finally:
+        if landing.poll() is None:
+            landing.kill()
+    assert DeltaTable(table).version() == version
+
+    assert lake.land_topic(settings, topic, table, "validated").rows == 1500
+    bronze = lake.read_bronze(table)
+    assert sorted(bronze["event_id"]) == sorted(json.loads(e)["event_id"] for e in events)
+    assert bronze.select("kafka_partition", "kafka_offset").n_unique() == 2000
