@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_validation_acceptance import bad  # the same base event, one field changed
 
 from easymlops.csv_replay import read_csv_events
 from easymlops.generator import INVALID_KINDS, encode_event, generate_events, make_invalid
@@ -40,24 +41,6 @@ ROOT = Path(__file__).resolve().parent.parent
 FLINK_PYTHON = ROOT / ".flink-venv" / "bin" / "python"
 FIXTURE_CSV = Path(__file__).parent / "fixtures" / "ecommerce_sample.csv"
 TOPIC = "flink-test.raw"  # passed as EASYMLOPS_TOPIC_RAW: the job must read it from Settings
-
-GOOD = {
-    "event_time": "2019-10-01 00:00:00 UTC",
-    "event_type": "view",
-    "product_id": 44600062,
-    "category_id": 2103807459595387724,
-    "category_code": "",
-    "brand": "shiseido",
-    "price": 35.79,
-    "user_id": 541312140,
-    "user_session": "72d76fde-8bb3-4e00-8c23-a032dfed738c",
-}
-
-
-def bad(**change: object) -> bytes:
-    record = {**GOOD, **change}
-    return json.dumps({k: v for k, v in record.items() if v is not ...}).encode()
-
 
 # Each hand-crafted message and the error_type it must be dead-lettered with.
 HAND_CRAFTED: list[tuple[bytes, str]] = [
