@@ -4,8 +4,9 @@ Each consumed batch is routed by `easymlops.schema.route` (the Flink job in flin
 same function), its session features are applied to Redis, then its records are produced and its
 consumer offsets committed inside one Kafka transaction. So:
 - a crash (even `kill -9`) at any point neither loses nor duplicates an event: the next run
-  resumes from the committed offsets and the aborted transaction's records are never visible to
-  `read_committed` readers; valid + invalid = raw, always;
+  resumes from the committed offsets, and the aborted transaction's records are not produced
+  twice even on a broker that shows them to `read_committed` readers (see `_find_leaked`);
+  valid + invalid = raw, always;
 - session-feature updates are idempotent per event id, so replaying a batch counts nothing twice;
 - a broker or Redis outage is waited out: the batch is retried (Redis first, then a fresh
   transaction) with backoff and a log line per attempt, until `max_outage_seconds`;
@@ -48,6 +49,12 @@ from easymlops.session_features import SessionFeatureWriter
 from easymlops.settings import Settings
 
 GROUP_ID = "easymlops-validator"
+# Every output record names its raw record ("<partition>:<offset>"), so a record of an aborted
+# transaction that the broker shows anyway can be recognised and not produced again.
+SOURCE_HEADER = "easymlops-source"
+# Tansu reports a partition's high watermark as the base offset of its last record batch + 1, so
+# the true end can lie up to one producer batch (kafka.producer: batch.num.messages) beyond it.
+TANSU_WATERMARK_LAG = 10_000
 log = logging.getLogger("easymlops.validate")
 
 # Consumer-side errors that only mean "the broker is not answering right now".
@@ -80,6 +87,9 @@ class ValidationStats:
     seconds: float = 0.0  # the whole run, idle waiting included
     busy_seconds: float = 0.0  # from the first message received to the last batch committed
     retries: int = 0
+    # Records of aborted transactions the broker showed anyway (Tansu does, Kafka never):
+    # consumed and counted valid/invalid as usual, but not produced a second time.
+    leaked_skipped: int = 0
 
     @property
     def rate(self) -> float:
@@ -100,6 +110,7 @@ class ValidationStats:
             "busy_seconds": round(self.busy_seconds, 3),
             "events_per_second": round(self.rate, 1),
             "retries": self.retries,
+            "leaked_skipped": self.leaked_skipped,
         }
 
 
@@ -179,6 +190,17 @@ class Validator:
             else None
         )
         self.redis_thread = ThreadPoolExecutor(1, thread_name_prefix="validator-redis")
+        # Output records of aborted transactions still visible, by source ("<partition>:<offset>"),
+        # and whether to look for more before the next attempt (after every init or abort).
+        self.leaked: set[bytes] = set()
+        self.find_leaked = True
+        # How far back each output partition is searched. An aborted attempt holds at most one
+        # batch, and later attempts skip what is visible, so the leaks of the batch in flight
+        # are at most one batch at the tail; committed records follow them only when a run
+        # with smaller batches worked through them (while it held them in `self.leaked`) and
+        # was then killed as well. Four batches of the default size cover that chain three
+        # crashes deep, plus Tansu's watermark lag.
+        self.leak_scan_depth = 4 * max(batch_size, 5000) + TANSU_WATERMARK_LAG
         self.source = consumer(settings, GROUP_ID)
         self.sink = self._new_producer()
         self.next_offsets = self._assign()
@@ -268,6 +290,7 @@ class Validator:
         batch_started = time.monotonic()
         received_at = datetime.now(UTC)
         routed: list[Routed] = []
+        sources: list[bytes] = []  # the SOURCE_HEADER of each routed record
         next_offsets: dict[int, int] = {}
         for message in messages:
             error = message.error()
@@ -279,6 +302,7 @@ class Validator:
                     continue
                 raise KafkaException(error)
             topic, partition, offset = coordinates(message)
+            sources.append(b"%d:%d" % (partition, offset))
             routed.append(
                 route(
                     message.value(),
@@ -301,7 +325,9 @@ class Validator:
             redis_done = self.redis_thread.submit(
                 self._retrying, "Redis", lambda: writer.apply(events)
             )
-        self._retrying("Kafka", lambda: self._commit(routed, next_offsets, redis_done))
+        skipped = self._retrying(
+            "Kafka", lambda: self._commit(routed, sources, next_offsets, redis_done)
+        )
         # Counted only after the commit, so the stats never include an aborted batch.
         valid = sum(1 for r in routed if r.destination == "valid")
         errors = Counter(r.error_type for r in routed if r.error_type is not None)
@@ -309,7 +335,10 @@ class Validator:
         self.stats.valid += valid
         self.stats.invalid += len(routed) - valid
         self.stats.errors.update(errors)
+        self.stats.leaked_skipped += skipped
         self.next_offsets.update(next_offsets)
+        if self.leaked:  # the ones behind the committed offsets can never come up again
+            self.leaked = {s for s in self.leaked if not self._behind_committed(s)}
         self.metrics.events.add(valid, {"destination": "valid"})
         for error_type, count in errors.items():
             self.metrics.events.add(count, {"destination": "invalid", "error_type": error_type})
@@ -318,16 +347,32 @@ class Validator:
     def _commit(
         self,
         routed: Sequence[Routed],
+        sources: Sequence[bytes],
         next_offsets: dict[int, int],
         redis_done: Future[int] | None = None,
-    ) -> None:
+    ) -> int:
+        """Produce the batch and commit its offsets in one transaction; return how many of its
+        records were not produced because an aborted transaction left them visible."""
         topics = {"valid": self.settings.topic_validated, "invalid": self.settings.topic_invalid}
+        if self.find_leaked:  # a failed scan raises, to be retried like the commit
+            self._find_leaked()
+            self.find_leaked = False
+        leaked = self.leaked
+        skipped = 0
         try:
             self.sink.begin_transaction()
-            for record in routed:
+            for record, source in zip(routed, sources, strict=True):
+                if leaked and source in leaked:
+                    skipped += 1
+                    continue
                 while True:
                     try:
-                        self.sink.produce(topics[record.destination], record.value, record.key)
+                        self.sink.produce(
+                            topics[record.destination],
+                            record.value,
+                            record.key,
+                            headers=[(SOURCE_HEADER, source)],
+                        )
                         break
                     except BufferError:  # local queue full: let deliveries drain
                         self.sink.poll(0.1)
@@ -345,6 +390,80 @@ class Validator:
         except KafkaException as exc:
             self._recover(exc)
             raise
+        return skipped
+
+    def _behind_committed(self, source: bytes) -> bool:
+        partition, offset = source.split(b":")
+        return int(offset) < self.next_offsets.get(int(partition), 0)
+
+    def _find_leaked(self) -> None:
+        """Add to `self.leaked` the output records of aborted transactions that the broker
+        shows to read_committed readers anyway.
+
+        Kafka hides them; Tansu shows them (it hides only open transactions). A visible record
+        whose source lies at or beyond the committed offsets of its raw partition cannot come
+        from a committed transaction (that would have moved the offsets past it), so it is
+        from an aborted one: the killed runner's batch, or an earlier attempt at this one.
+        Producing it again would show it twice. `self.next_offsets` are the offsets this batch
+        started from: if a commit reported as failed did go through, its records count as
+        leaked too and are not produced again. On Kafka this finds nothing.
+        """
+        found = 0
+        reader = consumer(
+            self.settings,
+            f"{GROUP_ID}-leak-scan",
+            **{"enable.partition.eof": True},
+        )
+        try:
+            tail: list[TopicPartition] = []
+            for topic in (self.settings.topic_validated, self.settings.topic_invalid):
+                # Not kafka.partitions: its KafkaUnavailable would not be retried.
+                meta = reader.list_topics(topic, timeout=10).topics[topic]
+                if meta.error is not None:
+                    if meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        continue  # nothing written yet
+                    raise KafkaException(meta.error)
+                for part in sorted(meta.partitions):
+                    low, high = reader.get_watermark_offsets(
+                        TopicPartition(topic, part), timeout=10, cached=False
+                    )
+                    if high > low:
+                        start = max(low, high - self.leak_scan_depth)
+                        tail.append(TopicPartition(topic, part, start))
+            if not tail:
+                return
+            # Assigned, not subscribed: no group join, nothing committed.
+            reader.assign(tail)
+            pending = {(tp.topic, tp.partition) for tp in tail}
+            deadline = time.monotonic() + 60
+            while pending:
+                if time.monotonic() > deadline:
+                    raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "leak scan"))
+                for message in reader.consume(10_000, timeout=0.2):
+                    error = message.error()
+                    if error is not None:
+                        if error.code() != KafkaError._PARTITION_EOF:
+                            raise KafkaException(error)
+                        topic, part, _ = coordinates(message)
+                        pending.discard((topic, part))
+                        continue
+                    source = dict(message.headers() or ()).get(SOURCE_HEADER)
+                    if (
+                        isinstance(source, bytes)
+                        and source not in self.leaked
+                        and not self._behind_committed(source)
+                    ):
+                        self.leaked.add(source)
+                        found += 1
+        finally:
+            reader.close()
+        if found:
+            log.warning(
+                "validator: %d records of aborted transactions are visible in the output "
+                "(a broker that does not hide aborted transactions); they are not produced "
+                "again",
+                found,
+            )
 
     def _recover(self, exc: KafkaException) -> None:
         """Leave the producer ready for a fresh attempt at the same batch."""
@@ -353,6 +472,8 @@ class Validator:
             raise ValidatorFenced(
                 f"another validator took over transactional id {self.transactional_id!r}"
             ) from exc
+        # Whatever happens below aborts the attempt; on Tansu its records stay visible.
+        self.find_leaked = True
         if isinstance(error, KafkaError) and error.fatal():
             self.sink = self._new_producer()
             return
