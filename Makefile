@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse
-.PHONY: flink-venv flink-validate
+.PHONY: flink-venv flink-validate backfill
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -49,6 +49,13 @@ test-fast: manifest flink-venv ## tests that need no running services
 
 dev: manifest ## Dagster UI on http://127.0.0.1:13000 (stack must be up for runs: make up)
 	$(RUN) dagster dev -w workspace.yaml -h 127.0.0.1 -p 13000
+
+# The Dagster CLI runs a date range of daily partitions as one run (single-run backfill policy).
+BACKFILL_SELECT ?= silver_events,group:warehouse
+backfill: manifest ## silver + gold for a date range: make backfill FROM=2026-11-20 TO=2026-11-22
+	@[[ -n "$(FROM)" && -n "$(TO)" ]] || { echo "usage: make backfill FROM=YYYY-MM-DD TO=YYYY-MM-DD"; exit 2; }
+	$(RUN) dagster asset materialize -m easymlops_assets.definitions \
+		--select '$(BACKFILL_SELECT)' --partition-range '$(FROM)...$(TO)'
 
 up: install ## start the embedded stack
 	$(RUN) easymlops up

@@ -4,19 +4,19 @@ sessionized Parquet partitioned by event date, read by dbt)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import UTC, date, datetime
+from datetime import time as dt_time
 
 import polars as pl
+import pyarrow.fs as pafs
 from confluent_kafka import Consumer, TopicPartition
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
+from easymlops import s3
 from easymlops.kafka import coordinates, end_offsets, partitions, topic_id
 from easymlops.settings import Settings
 
@@ -57,12 +57,18 @@ DEAD_LETTER_COLUMNS: dict[str, pl.DataType] = {
 }
 
 
+# The lake root is a local directory or s3://bucket/prefix. Delta tables and Parquet files are
+# read and written through URIs (deltalake and polars take S3 endpoint and credentials from the
+# AWS_* variables); listing and deleting silver partitions goes through pyarrow's filesystems.
+
+
 def bronze_path(settings: Settings, name: str) -> str:
     return f"{settings.lake}/bronze/{name}"
 
 
-def silver_events_path(settings: Settings) -> Path:
-    return Path(settings.lake) / "silver" / "events"
+def silver_events_path(settings: Settings) -> str:
+    """The silver events dataset: a local directory or an s3:// URI."""
+    return f"{settings.lake}/silver/events"
 
 
 @dataclass
@@ -74,6 +80,8 @@ class LandingResult:
     start_offsets: dict[int, int] = field(default_factory=dict)
     end_offsets: dict[int, int] = field(default_factory=dict)
     delta_version: int | None = None
+    # Landed events per event date (validated events only): the silver partitions to rebuild.
+    rows_by_date: dict[str, int] = field(default_factory=dict)
 
 
 class TopicBehindLake(RuntimeError):
@@ -242,6 +250,11 @@ def land_topic(
         pl.lit(landed_at, dtype=pl.Datetime("us")).alias("landed_at"),
     )
     new_offsets = {p: max(reached[p], starts[p]) for p in todo}
+    # On S3 the refusal below rests on the store: deltalake 1.x writes each commit file with a
+    # conditional PUT (If-None-Match: *), so of two writers of the same version one gets "already
+    # exists" and goes through the conflict check instead of overwriting the other's commit.
+    # SeaweedFS and AWS S3 honour it (tests/test_s3_lake.py); deltalake 1.x has no DynamoDB
+    # locking provider any more and refuses to commit to a store without conditional PUT.
     try:
         write_deltalake(
             snapshot if snapshot is not None else table_path,
@@ -264,6 +277,10 @@ def land_topic(
             f"({exc}); nothing of this run was committed: run it again to land what is left"
         ) from exc
     result.rows = frame.height
+    if "event_time" in frame.columns:
+        result.rows_by_date = dict(
+            sorted(frame.group_by(pl.col("event_time").dt.date().cast(pl.String)).len().iter_rows())
+        )
     result.end_offsets = {**starts, **new_offsets}
     result.delta_version = DeltaTable(table_path).version()
     return result
@@ -284,51 +301,134 @@ class SilverResult:
     rows: int
     duplicates_removed: int
     dates: list[str]
+    rows_by_date: dict[str, int] = field(default_factory=dict)
 
 
-def build_silver(settings: Settings) -> SilverResult:
-    """Rebuild silver from bronze: typed, deduplicated by event_id (first landed wins), with the
-    position of each event in its session, written as one Parquet file per event date.
+def read_bronze_window(table_path: str, start: date | None, end: date | None) -> pl.DataFrame:
+    """Bronze rows whose event_time falls on a date in [start, end) (all rows without bounds).
+    The filter is pushed down to the Parquet statistics of the Delta files."""
+    if not DeltaTable.is_deltatable(table_path):
+        return read_bronze(table_path)
+    scan = pl.scan_delta(table_path)
+    if start is not None:
+        scan = scan.filter(pl.col("event_time") >= datetime.combine(start, dt_time()))
+    if end is not None:
+        scan = scan.filter(pl.col("event_time") < datetime.combine(end, dt_time()))
+    return scan.collect()
 
-    Each date's file is written to a temporary name and renamed, so readers never see a partial
-    partition, and a rebuild overwrites instead of appending (idempotent).
+
+def bronze_date_range(settings: Settings) -> tuple[date, date] | None:
+    """First and last event date in bronze, or None when it holds no event."""
+    path = bronze_path(settings, "events")
+    if not DeltaTable.is_deltatable(path):
+        return None
+    bounds = (
+        pl.scan_delta(path)
+        .select(
+            pl.col("event_time").min().dt.date().alias("first"),
+            pl.col("event_time").max().dt.date().alias("last"),
+        )
+        .collect()
+    )
+    first, last = bounds.row(0)
+    return None if first is None else (first, last)
+
+
+def build_silver(
+    settings: Settings, start: date | None = None, end: date | None = None
+) -> SilverResult:
+    """Rebuild the silver partitions of the event dates in [start, end) (every date without
+    bounds) from bronze: typed, deduplicated by event_id (first landed wins), with the position
+    of each event among its session's events of that date (`session_seq`; a session crossing
+    midnight starts again at 0, so a partition never depends on another), one Parquet file per
+    event date.
+
+    Overwrites: a reader never sees a partial partition (see below); a date of the window with
+    no event left in bronze is removed.
+    Rebuilding a window twice gives the same files (idempotent).
     """
-    bronze = read_bronze(bronze_path(settings, "events"))
+    bronze = read_bronze_window(bronze_path(settings, "events"), start, end)
+    # Copies of an event share its event_time, so deduplicating inside a date window is
+    # deduplicating globally.
     deduped = bronze.sort("landed_at", "kafka_partition", "kafka_offset").unique(
         subset="event_id", keep="first", maintain_order=True
     )
     silver = (
         deduped.select(list(EVENT_COLUMNS))
+        .with_columns(pl.col("event_time").dt.date().alias("event_date"))
         .sort("user_session", "event_time", "event_id")
         .with_columns(
-            pl.col("event_time").dt.date().alias("event_date"),
-            pl.int_range(pl.len()).over("user_session").cast(pl.Int32).alias("session_seq"),
+            pl.int_range(pl.len())
+            .over("user_session", "event_date")
+            .cast(pl.Int32)
+            .alias("session_seq"),
         )
     )
-    root = silver_events_path(settings)
-    dates: list[str] = []
+    fs, root = s3.filesystem(silver_events_path(settings))
+    rows_by_date: dict[str, int] = {}
     for (event_date,), part in silver.partition_by("event_date", as_dict=True).items():
         day = str(event_date)
-        directory = root / f"event_date={day}"
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / ".part-0.parquet.tmp"
-        part.drop("event_date").write_parquet(tmp)
-        os.replace(tmp, directory / "part-0.parquet")
-        dates.append(day)
-    # Dates no longer present in bronze (e.g. after a lake reset) must not linger in silver.
-    if root.exists():
-        for stale in root.iterdir():
-            if stale.is_dir() and stale.name.removeprefix("event_date=") not in dates:
-                shutil.rmtree(stale)
+        directory = f"{root}/event_date={day}"
+        final = f"{directory}/part-0.parquet"
+        # Readers never see a partial partition: on S3 an object appears whole when its PUT (or
+        # multipart upload) completes; on a local disk the file is written under a temporary
+        # name and renamed.
+        target = final
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(directory, recursive=True)
+            target = f"{directory}/.part-0.parquet.tmp"
+        with fs.open_output_stream(target) as out:
+            part.drop("event_date").write_parquet(out)
+        if target != final:
+            fs.move(target, final)
+        rows_by_date[day] = part.height
+    # Dates of the window no longer in bronze (e.g. after a lake reset) must not linger.
+    for stale in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        day = stale.base_name.removeprefix("event_date=")
+        if (
+            stale.type == pafs.FileType.Directory
+            and day not in rows_by_date
+            and _in_window(day, start, end)
+        ):
+            fs.delete_dir(stale.path)
     return SilverResult(
-        rows=silver.height, duplicates_removed=bronze.height - deduped.height, dates=sorted(dates)
+        rows=silver.height,
+        duplicates_removed=bronze.height - deduped.height,
+        dates=sorted(rows_by_date),
+        rows_by_date=dict(sorted(rows_by_date.items())),
     )
 
 
-def read_silver(settings: Settings) -> pl.DataFrame:
-    root = silver_events_path(settings)
-    if not any(root.glob("event_date=*/*.parquet")):
-        return pl.DataFrame(
-            schema={**EVENT_COLUMNS, "session_seq": pl.Int32(), "event_date": pl.Date()}
-        )
-    return pl.read_parquet(root / "**/*.parquet", hive_partitioning=True)
+def _in_window(day: str, start: date | None, end: date | None) -> bool:
+    try:
+        value = date.fromisoformat(day)
+    except ValueError:
+        return False
+    return (start is None or value >= start) and (end is None or value < end)
+
+
+SILVER_COLUMNS: dict[str, pl.DataType] = {
+    **EVENT_COLUMNS,
+    "session_seq": pl.Int32(),
+    "event_date": pl.Date(),
+}
+
+
+def read_silver(
+    settings: Settings, start: date | None = None, end: date | None = None
+) -> pl.DataFrame:
+    """Silver events of the dates in [start, end) (every date without bounds); only the
+    partitions of those dates are read."""
+    uri = silver_events_path(settings)
+    fs, root = s3.filesystem(uri)
+    files = sorted(
+        f"{uri}/{info.path.removeprefix(root).lstrip('/')}"
+        for info in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True, recursive=True))
+        if info.type == pafs.FileType.File
+        and info.base_name.endswith(".parquet")
+        and info.path.removeprefix(root).count("/") == 2  # event_date=YYYY-MM-DD/<file>
+        and _in_window(info.path.split("/")[-2].removeprefix("event_date="), start, end)
+    )
+    if not files:
+        return pl.DataFrame(schema=SILVER_COLUMNS)
+    return pl.read_parquet(files, hive_partitioning=True)

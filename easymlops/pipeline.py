@@ -28,41 +28,76 @@ class PipelineResult:
     materializations: dict[str, dict[str, Any]] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    # Daily partitioned assets: partition -> metadata of its latest materialization in the run.
+    partitions: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    first_date: str = ""
+    last_date: str = ""
 
 
 def run_pipeline(settings: Settings, job_name: str = "full_pipeline") -> PipelineResult:
-    """Materialize every asset of the code location (the same Definitions `dagster dev` loads)."""
+    """Materialize every asset of the code location (the same Definitions `dagster dev` loads):
+    first the Kafka landing (job `land_kafka`), then `job_name` over the daily partitions of
+    every event date bronze holds, as one run."""
     os.environ.setdefault("DAGSTER_HOME", dagster_home(settings))
     from easymlops.warehouse import prepare_manifest
 
     prepare_manifest()
     import dagster as dg
 
+    from easymlops import lake
     from easymlops_assets.definitions import defs as load_defs
+    from easymlops_assets.partitions import daily_partitions, partition_range_tags
 
     definitions = load_defs()
-    job = definitions.resolve_job_def(job_name)
+    # INFO on the console shows each step as it starts and ends; the full DEBUG event log is
+    # stored in the instance and visible in the UI.
+    run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
     with dg.DagsterInstance.get() as instance:
-        # INFO on the console shows each step as it starts and ends; the full DEBUG event log
-        # is stored in the instance and visible in the UI.
-        run = job.execute_in_process(
+        landing = definitions.resolve_job_def("land_kafka").execute_in_process(
+            instance=instance, raise_on_error=False, run_config=run_config
+        )
+        if not landing.success:
+            return _summarize(landing)
+        dates = lake.bronze_date_range(settings)
+        if dates is None:
+            raise RuntimeError("bronze holds no event: produce and validate events first")
+        first = max(dates[0].isoformat(), daily_partitions.get_first_partition_key() or "")
+        last = min(dates[1].isoformat(), daily_partitions.get_last_partition_key() or "")
+        if first > last:
+            raise RuntimeError(
+                f"bronze events span {dates[0]}..{dates[1]}, outside the daily partitions "
+                f"({daily_partitions.get_first_partition_key()} to today): set "
+                "EASYMLOPS_PARTITIONS_START earlier"
+            )
+        run = definitions.resolve_job_def(job_name).execute_in_process(
             instance=instance,
             raise_on_error=False,
-            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            run_config=run_config,
+            tags=partition_range_tags(first, last),
         )
+    result = _summarize(run)
+    result.first_date, result.last_date = first, last
+    return result
+
+
+def _summarize(run: Any) -> PipelineResult:
     result = PipelineResult(success=run.success, run_id=run.run_id)
     for event in run.all_events:
         if event.event_type_value == "ASSET_MATERIALIZATION":
-            materialization = event.step_materialization_data.materialization  # type: ignore[union-attr]
-            result.materializations[materialization.asset_key.to_user_string()] = {
-                k: v.value for k, v in materialization.metadata.items()
-            }
+            materialization = event.step_materialization_data.materialization
+            name = materialization.asset_key.to_user_string()
+            metadata = {k: v.value for k, v in materialization.metadata.items()}
+            if materialization.partition is None:
+                result.materializations[name] = metadata
+            else:
+                result.partitions.setdefault(name, {})[materialization.partition] = metadata
+                result.materializations[name] = metadata
         elif event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data
-            key = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"  # type: ignore[union-attr]
-            result.checks[key] = bool(evaluation.passed)  # type: ignore[union-attr]
+            key = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+            result.checks[key] = bool(evaluation.passed)
         elif event.event_type_value == "STEP_FAILURE":
-            error = event.event_specific_data.error  # type: ignore[union-attr]
+            error = event.event_specific_data.error
             result.failures.append(
                 f"{event.step_key}: {error.message.strip() if error else 'failed'}"
             )

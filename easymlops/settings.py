@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import date
 from functools import lru_cache
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class Settings(BaseSettings):
 
     session_ttl_seconds: int = 6 * 3600
     holdout_days: int = 1
+    # First daily partition (event date) of silver and the partitioned gold models. The
+    # default covers the public 2019 e-commerce dataset and everything generated since.
+    partitions_start: date = date(2019, 10, 1)
 
     @field_validator("home")
     @classmethod

@@ -4,26 +4,36 @@ from __future__ import annotations
 
 import json
 import os
+from datetime import date
 from pathlib import Path
 
 import duckdb
 
+from easymlops import s3
 from easymlops.settings import Settings
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
 
 
 def dbt_env(settings: Settings) -> dict[str, str]:
-    """Environment for dbt: absolute paths, so dbt's working directory does not matter."""
+    """Environment for dbt: absolute paths, so dbt's working directory does not matter; for a
+    lake on S3 also the DuckDB extensions and S3 secret that profiles.yml gives dbt-duckdb (S3
+    endpoint and keys: the AWS_* variables of the environment)."""
     settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
-    return {
+    env = {
         "EASYMLOPS_WAREHOUSE_PATH": str(settings.warehouse.resolve()),
         "EASYMLOPS_LAKE_ROOT": settings.lake,
     }
+    return env | (s3.duckdb_dbt_env() if s3.is_s3(settings.lake) else {})
 
 
-def dbt_vars(settings: Settings) -> str:
-    return json.dumps({"lake_root": settings.lake, "holdout_days": settings.holdout_days})
+def dbt_vars(settings: Settings, window: tuple[date, date] | None = None) -> str:
+    """--vars of a dbt run; `window` (first, last date, inclusive) restricts the daily
+    partitioned models (tag:daily) to those dates."""
+    values: dict[str, object] = {"lake_root": settings.lake, "holdout_days": settings.holdout_days}
+    if window is not None:
+        values.update(min_date=window[0].isoformat(), max_date=window[1].isoformat())
+    return json.dumps(values)
 
 
 def export_dbt_env(settings: Settings) -> None:
@@ -31,8 +41,12 @@ def export_dbt_env(settings: Settings) -> None:
 
 
 def connect(settings: Settings, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """A connection to the warehouse; dbt holds the write lock only while it runs."""
-    return duckdb.connect(str(settings.warehouse), read_only=read_only)
+    """A connection to the warehouse; dbt holds the write lock only while it runs. With the lake
+    on S3 it can read S3, as the staging views over silver do."""
+    con = duckdb.connect(str(settings.warehouse), read_only=read_only)
+    if s3.is_s3(settings.lake):
+        s3.enable_duckdb_s3(con)
+    return con
 
 
 def prepare_manifest() -> Path:
@@ -69,3 +83,16 @@ def row_counts(settings: Settings, tables: list[str]) -> dict[str, int]:
                 row = con.execute(f'select count(*) from "{name}"').fetchone()
                 counts[name] = int(row[0]) if row else 0
         return counts
+
+
+def row_counts_by_date(
+    settings: Settings, table: str, first: date, last: date, column: str = "event_date"
+) -> dict[str, int]:
+    """Rows per date of a daily partitioned table for the dates in [first, last]."""
+    with connect(settings) as con:
+        rows = con.execute(
+            f'select cast("{column}" as varchar), count(*) from "{table}" '
+            f'where "{column}" between ? and ? group by 1',
+            [first, last],
+        ).fetchall()
+    return {day: int(count) for day, count in rows}

@@ -491,3 +491,65 @@ def test_point_in_time_check_catches_a_leak(build: Build) -> None:
     assert result["unique_id"] == "test.easymlops.assert_point_in_time"
     assert result["status"] == "fail"
     assert result["failures"] == 1
+
+
+def cart_event_rows(warehouse: Path) -> list[tuple[Any, ...]]:
+    with duckdb.connect(str(warehouse), read_only=True) as con:
+        return con.execute("select * from main.fct_cart_events order by event_id").fetchall()
+
+
+# Session s0 (user 3) continued: a cart of 104 on day 2 after the view of 104 at 23:59:50 on
+# day 1, and its purchase just after midnight on day 3.
+MIDNIGHT_EVENTS = [
+    ("e21", "2024-03-02 00:00:30", "cart", 104, 70.0, 3, "s0"),
+    ("e22", "2024-03-03 00:00:10", "purchase", 104, 70.0, 3, "s0"),
+]
+
+
+def test_daily_partitions_one_day_at_a_time_equal_the_one_shot_build(
+    build: Build, tmp_path: Path
+) -> None:
+    """fct_cart_events is a daily partitioned (incremental) model: building it one date at a
+    time (`--vars min_date/max_date`, as Dagster's partitions do), in any order, gives the rows
+    of the one-shot build, including e21 whose session started the day before (session
+    features) and whose purchase comes the day after (label). Rebuilding a date replaces it."""
+    lake, workdir = tmp_path / "lake", tmp_path / "work"
+    workdir.mkdir()
+    frame = silver_frame(EVENTS + MIDNIGHT_EVENTS)
+    for (day,), part in frame.group_by(pl.col("event_time").dt.date()):
+        directory = lake / "silver" / "events" / f"event_date={day}"
+        directory.mkdir(parents=True)
+        part.write_parquet(directory / "part-0.parquet")
+    one_shot, per_day = tmp_path / "one_shot.duckdb", tmp_path / "per_day.duckdb"
+    proc, _ = run_dbt(["run", "-s", "+fct_cart_events"], dbt_env(lake, one_shot, workdir), workdir)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    env = dbt_env(lake, per_day, workdir)
+    proc, _ = run_dbt(["run", "-s", "stg_events"], env, workdir)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    for day in (D3, D1, D2, D2):
+        window = json.dumps({"min_date": str(day), "max_date": str(day)})
+        proc, _ = run_dbt(["run", "-s", "fct_cart_events", "--vars", window], env, workdir)
+        assert proc.returncode == 0, proc.stdout[-6000:]
+    assert cart_event_rows(per_day) == cart_event_rows(one_shot)
+    [e21] = query(per_day, "select * from main.fct_cart_events where event_id = 'e21'")
+    assert (e21["label"], e21["session_events"], e21["session_product_views"]) == (1, 2, 1)
+    assert len(cart_event_rows(per_day)) == len(EXPECTED_LABELS) + 1
+
+
+def test_a_daily_partition_rebuild_leaves_other_dates_alone(build: Build) -> None:
+    """A window rebuild deletes and re-inserts only its dates: rows of other dates that were
+    tampered with stay tampered, the window's rows come back right."""
+    warehouse, env, workdir = copy_warehouse(build, "window")
+    with duckdb.connect(str(warehouse)) as con:
+        con.execute("update main.fct_cart_events set label = 9")
+    window = json.dumps({"min_date": str(D2), "max_date": str(D3), "holdout_days": 1})
+    proc, _ = run_dbt(["run", "-s", "fct_cart_events", "--vars", window], env, workdir)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    labels = {
+        r["event_id"]: (r["event_date"], r["label"])
+        for r in query(warehouse, "select event_id, event_date, label from main.fct_cart_events")
+    }
+    assert {e: lab for e, (d, lab) in labels.items() if d == D1} == {"e04": 9, "e07": 9}
+    assert {e: lab for e, (d, lab) in labels.items() if d != D1} == {
+        e: EXPECTED_LABELS[e] for e in ("e11", "e15", "e18", "e20")
+    }

@@ -49,7 +49,10 @@ def test_events_to_served_prediction(e2e_settings: Settings) -> None:
     assert result.success, result.failures
     assert result.checks and all(result.checks.values()), result.checks
     m = result.materializations
-    assert m["silver_events"]["dagster/row_count"] > 15_000
+    # One silver (and fct_cart_events) partition per event date, each with its own row count.
+    silver = result.partitions["silver_events"]
+    assert len(silver) >= 5 and sorted(silver) == sorted(result.partitions["fct_cart_events"])
+    assert sum(p["dagster/row_count"] for p in silver.values()) > 15_000
     assert m["training_set"]["dagster/row_count"] > 200
     model = m["purchase_model"]
     assert model["test_auc"] > model["baseline_test_auc"]

@@ -1,11 +1,20 @@
 """Lake layers: bronze lands Kafka topics exactly once; silver types, deduplicates, sessionizes."""
 
+from collections.abc import Iterator
+from datetime import timedelta
+
 import dagster as dg
 import polars as pl
 
 from easymlops import lake
 from easymlops.schema import EVENT_TYPES
 from easymlops.settings import get_settings
+from easymlops_assets.partitions import (
+    daily_partitions,
+    per_partition_row_counts,
+    single_run,
+    window_dates,
+)
 
 
 class LandingConfig(dg.Config):
@@ -48,6 +57,8 @@ def _land(
             ),
             "delta_version": result.delta_version,
             "path": lake.bronze_path(settings, table),
+            # Read by the late-events sensor: the silver partitions this landing touched.
+            "rows_by_date": dg.MetadataValue.json(result.rows_by_date),
         }
     )
 
@@ -98,42 +109,115 @@ def invalid_ratio_below_threshold() -> dg.AssetCheckResult:
     )
 
 
-@dg.asset(deps=[bronze_events], group_name="lakehouse", kinds={"parquet", "polars"})
-def silver_events() -> dg.MaterializeResult:
-    """Typed, deduplicated (by event_id), sessionized events, one Parquet file per event date."""
+@dg.asset(
+    deps=[bronze_events],
+    group_name="lakehouse",
+    kinds={"parquet", "polars"},
+    partitions_def=daily_partitions,
+    backfill_policy=single_run,
+    # The late-events sensor rebuilds touched dates after every landing: a day without any
+    # silver materialization means landing or the sensor stopped.
+    freshness_policy=dg.FreshnessPolicy.time_window(
+        fail_window=timedelta(hours=26), warn_window=timedelta(hours=25)
+    ),
+)
+def silver_events(
+    context: dg.AssetExecutionContext,
+) -> Iterator[dg.AssetMaterialization | dg.MaterializeResult]:
+    """Typed, deduplicated (by event_id), sessionized events, one Parquet file per event date.
+    Each partition is rebuilt from the bronze events of its date and overwritten (idempotent);
+    `dagster/row_count` is the partition's event count."""
     settings = get_settings()
-    result = lake.build_silver(settings)
-    return dg.MaterializeResult(
+    first, end = window_dates(context)
+    result = lake.build_silver(settings, first, end)
+    context.log.info(
+        f"silver {first}..{end}: {result.rows} events in {len(result.dates)} dates, "
+        f"{result.duplicates_removed} duplicates removed"
+    )
+    single = context.partition_keys[0] if len(context.partition_keys) == 1 else None
+    yield dg.MaterializeResult(
         metadata={
-            "dagster/row_count": result.rows,
+            **({"dagster/row_count": result.rows_by_date.get(single, 0)} if single else {}),
+            "rows": result.rows,
+            "rows_by_date": dg.MetadataValue.json(result.rows_by_date),
             "duplicates_removed": result.duplicates_removed,
-            "dates": dg.MetadataValue.json(result.dates),
             "path": str(lake.silver_events_path(settings)),
         }
     )
+    yield from per_partition_row_counts(context, context.asset_key, result.rows_by_date)
 
 
-@dg.asset_check(asset=silver_events, blocking=True)
-def silver_events_valid() -> dg.AssetCheckResult:
-    """Guards everything downstream: unique event ids, no nulls where the schema forbids them,
-    known event types, non-negative prices."""
-    frame = lake.read_silver(get_settings())
+@dg.asset_check(asset=silver_events, blocking=True, partitions_def=daily_partitions)
+def silver_events_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """Guards everything downstream, for the run's dates: the columns and types of the silver
+    schema, unique event ids, no nulls where the schema forbids them, known event types,
+    non-negative prices. Failing dates are named in `bad_dates`."""
+    window = context.partition_time_window
+    frame = lake.read_silver(get_settings(), window.start.date(), window.end.date())
+    wrong_types = {
+        column: f"{frame.schema.get(column)} != {dtype}"
+        for column, dtype in lake.SILVER_COLUMNS.items()
+        if frame.schema.get(column) != dtype
+    }
+    if wrong_types:
+        return dg.AssetCheckResult(
+            passed=False,
+            description="silver does not have the schema downstream models read",
+            metadata={"wrong_types": dg.MetadataValue.json(wrong_types)},
+        )
     required = ["event_id", "event_time", "event_type", "product_id", "user_id", "user_session"]
-    nulls = {c: int(frame[c].null_count()) for c in required if frame[c].null_count()}
-    duplicate_ids = frame.height - frame["event_id"].n_unique()
-    unknown_types = frame.filter(~pl.col("event_type").is_in(EVENT_TYPES)).height
-    negative_prices = frame.filter(pl.col("price") < 0).height
+    problems = frame.group_by("event_date").agg(
+        pl.len().alias("rows"),
+        (pl.len() - pl.col("event_id").n_unique()).alias("duplicate_event_ids"),
+        pl.sum_horizontal(*(pl.col(c).null_count() for c in required)).alias("nulls"),
+        (~pl.col("event_type").is_in(EVENT_TYPES)).sum().alias("unknown_event_types"),
+        (pl.col("price") < 0).sum().alias("negative_prices"),
+    )
+    bad = problems.filter(
+        (pl.col("duplicate_event_ids") > 0)
+        | (pl.col("nulls") > 0)
+        | (pl.col("unknown_event_types") > 0)
+        | (pl.col("negative_prices") > 0)
+    ).sort("event_date")
+    totals = problems.drop("event_date").sum()
     return dg.AssetCheckResult(
-        passed=frame.height > 0
-        and not nulls
-        and duplicate_ids == 0
-        and unknown_types == 0
-        and negative_prices == 0,
+        passed=bad.is_empty(),
         metadata={
-            "rows": frame.height,
-            "null_counts": dg.MetadataValue.json(nulls),
-            "duplicate_event_ids": duplicate_ids,
-            "unknown_event_types": unknown_types,
-            "negative_prices": negative_prices,
+            **{name: int(totals[name][0] or 0) for name in totals.columns},
+            "bad_dates": dg.MetadataValue.json(
+                {str(row.pop("event_date")): row for row in bad.to_dicts()}
+            ),
+        },
+    )
+
+
+@dg.asset_check(asset=silver_events, blocking=True, partitions_def=daily_partitions)
+def silver_reconciles_with_bronze(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+    """Reconciliation per date: each date's silver rows equal the distinct validated events
+    landed in bronze for that date (nothing lost or added between the layers)."""
+    settings = get_settings()
+    first, end = (
+        context.partition_time_window.start.date(),
+        context.partition_time_window.end.date(),
+    )
+    bronze = lake.read_bronze_window(lake.bronze_path(settings, "events"), first, end)
+    expected = dict(
+        bronze.group_by(pl.col("event_time").dt.date().cast(pl.String))
+        .agg(pl.col("event_id").n_unique())
+        .iter_rows()
+    )
+    silver = lake.read_silver(settings, first, end)
+    actual = dict(silver.group_by(pl.col("event_date").cast(pl.String)).len().iter_rows())
+    mismatches = {
+        day: {"bronze_events": expected.get(day, 0), "silver_rows": actual.get(day, 0)}
+        for day in sorted(set(expected) | set(actual))
+        if expected.get(day, 0) != actual.get(day, 0)
+    }
+    return dg.AssetCheckResult(
+        passed=not mismatches,
+        metadata={
+            "bronze_events": sum(expected.values()),
+            "silver_rows": sum(actual.values()),
+            "mismatched_dates": dg.MetadataValue.json(mismatches),
         },
     )

@@ -12,12 +12,14 @@ Delta log. Turn a sensor on in the UI (Automation) for continuous landing.
 
 import json
 from collections.abc import Callable
+from datetime import date, timedelta
 
 import dagster as dg
 
 from easymlops.kafka import KafkaUnavailable, end_offsets, topic_id
 from easymlops.settings import Settings, get_settings
 from easymlops_assets.defs.lakehouse.assets import bronze_events, bronze_invalid_events
+from easymlops_assets.partitions import daily_partitions, partition_range_tags
 
 
 def offset_range(offsets: dict[int, int]) -> str:
@@ -88,3 +90,61 @@ def landing_sensor(
 
 bronze_events_sensor = landing_sensor(bronze_events, lambda s: s.topic_validated)
 bronze_invalid_events_sensor = landing_sensor(bronze_invalid_events, lambda s: s.topic_invalid)
+
+
+def refresh_window(dates: list[str], first: str, last: str) -> tuple[str, str] | None:
+    """The partitions to rebuild after events of `dates` landed: those dates and one day on
+    each side (a cart's label can come from the next day's purchase, a session's features from
+    the previous day's events), clipped to the partitions [first, last]."""
+    days = sorted(date.fromisoformat(d) for d in dates)
+    if not days:
+        return None
+    start = max((days[0] - timedelta(days=1)).isoformat(), first)
+    end = min((days[-1] + timedelta(days=1)).isoformat(), last)
+    return (start, end) if start <= end else None
+
+
+@dg.sensor(
+    job_name="lakehouse_refresh",
+    minimum_interval_seconds=30,
+    default_status=dg.DefaultSensorStatus.STOPPED,
+    description="After landings of bronze_events, rebuilds the silver and gold partitions of the "
+    "event dates they landed (late events included), as one single-run backfill per tick.",
+)
+def late_events_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    # Every landing since the cursor (storage id), oldest first: dagster's asset_sensor would
+    # only see the latest one when two landed between ticks, and miss the other's dates.
+    records = context.instance.fetch_materializations(
+        dg.AssetRecordsFilter(
+            asset_key=bronze_events.key,
+            after_storage_id=int(context.cursor) if context.cursor else None,
+        ),
+        limit=100,
+        ascending=True,
+    ).records
+    if not records:
+        return dg.SensorResult(skip_reason="no landing of bronze_events since the last tick")
+    dates: set[str] = set()
+    for record in records:
+        landed = record.asset_materialization.metadata.get("rows_by_date")  # type: ignore[union-attr]
+        if isinstance(landed, dg.JsonMetadataValue) and isinstance(landed.value, dict):
+            dates.update(landed.value)
+    cursor = str(records[-1].storage_id)
+    window = refresh_window(
+        sorted(dates),
+        daily_partitions.get_first_partition_key() or "",
+        daily_partitions.get_last_partition_key() or "",
+    )
+    if window is None:
+        return dg.SensorResult(
+            skip_reason=f"{len(records)} landing(s) added no event in a partition", cursor=cursor
+        )
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"late-events:{records[0].storage_id}-{records[-1].storage_id}",
+                tags=partition_range_tags(*window),
+            )
+        ],
+        cursor=cursor,
+    )

@@ -1,19 +1,42 @@
 """dbt gold models (staging -> intermediate -> marts -> feature tables -> training set) as
-Dagster assets; dbt tests attached to models surface as asset checks."""
+Dagster assets; dbt tests attached to models surface as asset checks.
 
-from collections.abc import Iterator
+Three selections of the one dbt project, because a Dagster step cannot run both before and
+after another step:
+- gold_models: everything upstream of the daily models (unpartitioned: staging, sessions,
+  dims, user/product feature history, whose rows' validity ends depend on later days);
+- gold_daily_models: the models tagged `daily` (fct_cart_events), partitioned by event date;
+  a run gets its dates as --vars min_date/max_date and a backfill of N dates is one run;
+- gold_training_models: what reads the daily models (training_set), unpartitioned.
+"""
+
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
 from easymlops.settings import get_settings
-from easymlops.warehouse import DBT_PROJECT_DIR, dbt_vars, export_dbt_env, row_counts
+from easymlops.warehouse import (
+    DBT_PROJECT_DIR,
+    dbt_vars,
+    export_dbt_env,
+    row_counts,
+    row_counts_by_date,
+)
+from easymlops_assets.partitions import (
+    daily_partitions,
+    inclusive_window,
+    per_partition_row_counts,
+    single_run,
+)
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 # Under `dagster dev` this runs `dbt parse` when the manifest is missing; elsewhere the manifest
 # is prepared beforehand (`make`, `easymlops demo`, tests) and never parsed at import.
 dbt_project.prepare_if_dev()
+
+DAILY = "tag:daily"
 
 
 class WarehouseTranslator(DagsterDbtTranslator):
@@ -25,25 +48,85 @@ class WarehouseTranslator(DagsterDbtTranslator):
         )
 
 
-@dbt_assets(
-    manifest=dbt_project.manifest_path,
-    project=dbt_project,
-    dagster_dbt_translator=WarehouseTranslator(),
-)
-def gold_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
-    settings = get_settings()
-    export_dbt_env(settings)
-    # dbt holds DuckDB's write lock while it runs, so row counts are read after it finishes
-    # (dagster-dbt's fetch_row_counts would keep a read-write connection open in this process).
-    events = list(dbt.cli(["build", "--vars", dbt_vars(settings)], context=context).stream())
+def _dbt_build(
+    context: dg.AssetExecutionContext, dbt: DbtCliResource, args: Sequence[str]
+) -> tuple[list[Any], dict[str, str]]:
+    """Run `dbt build` for the step's selection; returns its events and output -> table."""
+    export_dbt_env(get_settings())
+    events = list(dbt.cli(["build", *args], context=context).stream())
     names = {
         e.output_name: context.asset_key_for_output(e.output_name).path[-1]
         for e in events
         if isinstance(e, dg.Output)
     }
-    counts = row_counts(settings, list(names.values()))
+    return events, names
+
+
+def _with_row_counts(
+    context: dg.AssetExecutionContext, events: list[Any], names: dict[str, str]
+) -> Iterator[Any]:
+    # dbt holds DuckDB's write lock while it runs, so row counts are read after it finishes
+    # (dagster-dbt's fetch_row_counts would keep a read-write connection open in this process).
+    counts = row_counts(get_settings(), list(names.values()))
     for event in events:
         if isinstance(event, dg.Output) and names[event.output_name] in counts:
             count = counts[names[event.output_name]]
             event = event.with_metadata({**event.metadata, "dagster/row_count": count})
         yield event
+
+
+@dbt_assets(
+    manifest=dbt_project.manifest_path,
+    project=dbt_project,
+    dagster_dbt_translator=WarehouseTranslator(),
+    exclude=f"{DAILY}+",
+    # Unpartitioned, but a command-line range backfill (`dagster asset materialize
+    # --partition-range`) only runs selections whose assets all have a single-run policy.
+    backfill_policy=single_run,
+)
+def gold_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
+    events, names = _dbt_build(context, dbt, ["--vars", dbt_vars(get_settings())])
+    yield from _with_row_counts(context, events, names)
+
+
+@dbt_assets(
+    manifest=dbt_project.manifest_path,
+    project=dbt_project,
+    dagster_dbt_translator=WarehouseTranslator(),
+    select=DAILY,
+    name="gold_daily_models",
+    partitions_def=daily_partitions,
+    backfill_policy=single_run,
+)
+def gold_daily_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
+    settings = get_settings()
+    first, last = inclusive_window(context)
+    events, names = _dbt_build(context, dbt, ["--vars", dbt_vars(settings, (first, last))])
+    for event in events:
+        if not isinstance(event, dg.Output):
+            yield event
+            continue
+        table = names[event.output_name]
+        counts = row_counts_by_date(settings, table, first, last)
+        single = context.partition_keys[0] if len(context.partition_keys) == 1 else None
+        extra = {"dagster/row_count": counts.get(single, 0)} if single else {}
+        yield event.with_metadata(
+            {**event.metadata, **extra, "rows_by_date": dg.MetadataValue.json(counts)}
+        )
+        yield from per_partition_row_counts(
+            context, context.asset_key_for_output(event.output_name), counts
+        )
+
+
+@dbt_assets(
+    manifest=dbt_project.manifest_path,
+    project=dbt_project,
+    dagster_dbt_translator=WarehouseTranslator(),
+    select=f"{DAILY}+",
+    exclude=DAILY,
+    name="gold_training_models",
+    backfill_policy=single_run,
+)
+def gold_training_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
+    events, names = _dbt_build(context, dbt, ["--vars", dbt_vars(get_settings())])
+    yield from _with_row_counts(context, events, names)
