@@ -125,18 +125,16 @@ def run_demo(
     table.add_row("validated / dead-lettered", f"{validated['valid']:,} / {validated['invalid']:,}")
     table.add_row("validator throughput", f"{validated['events_per_second']:,.0f} events/s")
     table.add_row("live sessions in Redis (feat:session:*)", f"{_live_sessions(settings):,}")
+    table.add_row("bronze_events rows landed", f"{result.rows('bronze_events') or 0:,}")
+    table.add_row("bronze_invalid_events rows", f"{result.rows('bronze_invalid_events') or 0:,}")
+    silver_dates = result.partitions.get("silver_events", {})
     table.add_row(
-        "bronze_events rows landed", f"{m.get('bronze_events', {}).get('dagster/row_count', 0):,}"
-    )
-    table.add_row(
-        "bronze_invalid_events rows",
-        f"{m.get('bronze_invalid_events', {}).get('dagster/row_count', 0):,}",
-    )
-    table.add_row(
-        "silver_events rows", f"{m.get('silver_events', {}).get('dagster/row_count', 0):,}"
+        f"silver_events rows ({len(silver_dates)} daily partitions)",
+        f"{result.rows('silver_events') or 0:,}",
     )
     for name in ("fct_cart_events", "user_features", "product_features", "training_set"):
-        table.add_row(f"{name} rows (dbt)", f"{m.get(name, {}).get('dagster/row_count', '?')}")
+        count = result.rows(name)
+        table.add_row(f"{name} rows (dbt)", "?" if count is None else f"{count:,}")
     table.add_row(
         "online_features (users + products)",
         f"{m.get('online_features', {}).get('dagster/row_count', 0):,}",

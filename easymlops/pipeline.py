@@ -30,14 +30,22 @@ class PipelineResult:
     failures: list[str] = field(default_factory=list)
     # Daily partitioned assets: partition -> metadata of its latest materialization in the run.
     partitions: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+
+    def rows(self, asset: str) -> int | None:
+        """dagster/row_count of an asset: summed over its partitions when partitioned."""
+        if asset in self.partitions:
+            return sum(int(m.get("dagster/row_count", 0)) for m in self.partitions[asset].values())
+        count = self.materializations.get(asset, {}).get("dagster/row_count")
+        return None if count is None else int(count)
+
     first_date: str = ""
     last_date: str = ""
 
 
 def run_pipeline(settings: Settings, job_name: str = "full_pipeline") -> PipelineResult:
     """Materialize every asset of the code location (the same Definitions `dagster dev` loads):
-    first the Kafka landing (job `land_kafka`), then `job_name` over the daily partitions of
-    every event date bronze holds, as one run."""
+    first the Kafka landing (job `land_kafka`), then the rest of `job_name` over the daily
+    partitions of every event date bronze holds, as one run. The result merges both runs."""
     os.environ.setdefault("DAGSTER_HOME", dagster_home(settings))
     from easymlops.warehouse import prepare_manifest
 
@@ -69,13 +77,20 @@ def run_pipeline(settings: Settings, job_name: str = "full_pipeline") -> Pipelin
                 f"({daily_partitions.get_first_partition_key()} to today): set "
                 "EASYMLOPS_PARTITIONS_START earlier"
             )
-        run = definitions.resolve_job_def(job_name).execute_in_process(
+        job = definitions.resolve_job_def(job_name)
+        landed = {dg.AssetKey("bronze_events"), dg.AssetKey("bronze_invalid_events")}
+        run = job.execute_in_process(
             instance=instance,
             raise_on_error=False,
             run_config=run_config,
             tags=partition_range_tags(first, last),
+            # Landing just ran: landing again here would only record a second, empty landing.
+            asset_selection=sorted(set(job.asset_layer.executable_asset_keys) - landed),
         )
     result = _summarize(run)
+    landing_result = _summarize(landing)
+    result.materializations = {**landing_result.materializations, **result.materializations}
+    result.checks = {**landing_result.checks, **result.checks}
     result.first_date, result.last_date = first, last
     return result
 
