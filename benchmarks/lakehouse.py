@@ -198,8 +198,11 @@ def pandas_silver(layout: Layout) -> int:
     silver = bronze.drop_duplicates("event_id", keep="first")[list(EVENT_COLUMNS)]
     del bronze
     silver = silver.sort_values(["user_session", "event_time", "event_id"], kind="stable")
-    silver["session_seq"] = silver.groupby("user_session", sort=False).cumcount().astype("int32")
+    # Position among the session's events of the same date (silver partitions are per date).
     days = silver["event_time"].dt.normalize()
+    silver["session_seq"] = (
+        silver.groupby(["user_session", days], sort=False).cumcount().astype("int32")
+    )
     for day, part in silver.groupby(days, sort=True):
         directory = layout.pandas_silver / f"event_date={pd.Timestamp(day).date()}"
         directory.mkdir(parents=True, exist_ok=True)
