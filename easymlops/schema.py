@@ -153,6 +153,10 @@ class ValidationError(ValueError):
 def format_time(ts: datetime) -> str:
     """`2019-10-01T00:00:00.000000Z`: always microseconds, always Z (isoformat is faster than
     strftime; years before 1000, which would print differently, are rejected as too old)."""
+    if ts.microsecond and ts.tzinfo is UTC:
+        # The usual case, in a fifth of the time: orjson prints an aware UTC time the same way,
+        # except that it leaves out a zero microsecond part.
+        return orjson.dumps(ts, option=orjson.OPT_UTC_Z)[1:-1].decode()
     return ts.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
@@ -273,6 +277,11 @@ def _string(record: dict[str, Any], field: str, *, nullable: bool) -> str | None
     return value
 
 
+def _plain_string(value: Any) -> bool:
+    """A str that passes every string rule as it is (ASCII always encodes as UTF-8)."""
+    return type(value) is str and len(value) <= MAX_STRING_LENGTH and value.isascii()
+
+
 def derive_event_id(
     event_time: datetime,
     event_type: str,
@@ -316,15 +325,38 @@ def validate_record(record: Any, *, now: datetime | None = None) -> Event:
             f"event_time {format_time(event_time)} is before {MIN_EVENT_TIME:%Y-%m-%d}",
             "event_time",
         )
-    product_id = _int64(record, "product_id")
-    category_id = _int64(record, "category_id")
-    user_id = _int64(record, "user_id")
-    price = _price(record)
-    user_session = _string(record, "user_session", nullable=False)
-    assert user_session is not None
-    category_code = _string(record, "category_code", nullable=True)
-    brand = _string(record, "brand", nullable=True)
-    event_id = _string(record, "event_id", nullable=True) or derive_event_id(
+    # Each field first gets a quick look for the form producers send (a plain int in range, a
+    # finite non-negative float, a short ASCII string): that value passes its rule unchanged.
+    # Anything else goes through the rule, which decides the value or the error. Checked in
+    # the rules' order, so the first broken rule is still the one reported.
+    product_id = record["product_id"]
+    if type(product_id) is not int or not INT64_MIN <= product_id <= INT64_MAX:
+        product_id = _int64(record, "product_id")
+    category_id = record["category_id"]
+    if type(category_id) is not int or not INT64_MIN <= category_id <= INT64_MAX:
+        category_id = _int64(record, "category_id")
+    user_id = record["user_id"]
+    if type(user_id) is not int or not INT64_MIN <= user_id <= INT64_MAX:
+        user_id = _int64(record, "user_id")
+    price = record["price"]
+    if type(price) is not float or not 0.0 <= price < math.inf:  # NaN fails both comparisons
+        price = _price(record)
+    user_session = record["user_session"]
+    if not (_plain_string(user_session) and user_session.strip()):
+        user_session = _string(record, "user_session", nullable=False)
+        assert user_session is not None
+    category_code = record.get("category_code")
+    if category_code is not None and not _plain_string(category_code):
+        category_code = _string(record, "category_code", nullable=True)
+    brand = record.get("brand")
+    if brand is not None and not _plain_string(brand):
+        brand = _string(record, "brand", nullable=True)
+    event_id = record.get("event_id")
+    if event_id is not None and not _plain_string(event_id):
+        event_id = _string(record, "event_id", nullable=True)
+    # An empty optional string means null, as in _string.
+    category_code, brand = category_code or None, brand or None
+    event_id = event_id or derive_event_id(
         event_time, event_type, product_id, user_id, user_session, price
     )
     return Event(

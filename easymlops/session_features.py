@@ -97,50 +97,65 @@ def features_at(session_hash: Mapping[str, str], product_id: int, at: datetime) 
     }
 
 
-# One call per session and batch. KEYS: session hash, applied-ids set. ARGV: ttl, then four
-# values per event: event_id, event_type, product_id, epoch seconds. Events already applied
-# (their id is in the set) are skipped, so a replayed batch changes nothing. The counts are
-# summed here and written once per field; returns how many events were new.
+# One call per group of sessions. KEYS: per session its hash and its applied-ids set. ARGV: ttl,
+# then per session the number of its events and four values per event: event_id, event_type,
+# product_id, epoch seconds. Events already applied (their id is in the set) are skipped, so a
+# replayed batch changes nothing. The counts are summed here and written once per field; returns
+# how many events were new. Several sessions per call because redis-py's per-command cost (and
+# the server's per-script setup) was most of the features' cost with one call per session.
 APPLY_EVENTS_LUA = """
-local h = KEYS[1]
-local events, views, carts, new_products, start = 0, 0, 0, 0, nil
-local product_views = {}
-for i = 2, #ARGV, 4 do
-  if redis.call('SADD', KEYS[2], ARGV[i]) == 1 then
-    events = events + 1
-    if ARGV[i + 1] == 'view' then
-      views = views + 1
-      product_views[ARGV[i + 2]] = (product_views[ARGV[i + 2]] or 0) + 1
-    elseif ARGV[i + 1] == 'cart' then
-      carts = carts + 1
-    end
-    local ts = tonumber(ARGV[i + 3])
-    if start == nil or ts < start then start = ts end
-  end
-end
-if events == 0 then return 0 end
-for product, n in pairs(product_views) do
-  if redis.call('HINCRBY', h, 'pv:' .. product, n) == n then new_products = new_products + 1 end
-end
--- every count field exists from the first event on, as in SessionState.to_hash
-redis.call('HINCRBY', h, 'session_events', events)
-redis.call('HINCRBY', h, 'session_views', views)
-redis.call('HINCRBY', h, 'session_carts', carts)
-redis.call('HINCRBY', h, 'session_distinct_products', new_products)
-local stored = redis.call('HGET', h, 'session_start')
-if (not stored) or start < tonumber(stored) then
-  -- the caller's repr() of the float, kept as text so the stored value round-trips exactly
-  for i = 2, #ARGV, 4 do
-    if tonumber(ARGV[i + 3]) == start then
-      redis.call('HSET', h, 'session_start', ARGV[i + 3])
-      break
+local ttl, a, total = ARGV[1], 2, 0
+for s = 1, #KEYS, 2 do
+  local h, applied = KEYS[s], KEYS[s + 1]
+  local first = a + 1
+  local last = a + 4 * tonumber(ARGV[a])
+  a = last + 1
+  local events, views, carts, new_products, start = 0, 0, 0, 0, nil
+  local product_views = {}
+  for i = first, last, 4 do
+    if redis.call('SADD', applied, ARGV[i]) == 1 then
+      events = events + 1
+      if ARGV[i + 1] == 'view' then
+        views = views + 1
+        product_views[ARGV[i + 2]] = (product_views[ARGV[i + 2]] or 0) + 1
+      elseif ARGV[i + 1] == 'cart' then
+        carts = carts + 1
+      end
+      local ts = tonumber(ARGV[i + 3])
+      if start == nil or ts < start then start = ts end
     end
   end
+  if events > 0 then
+    for product, n in pairs(product_views) do
+      if redis.call('HINCRBY', h, 'pv:' .. product, n) == n then
+        new_products = new_products + 1
+      end
+    end
+    -- every count field exists from the first event on, as in SessionState.to_hash
+    redis.call('HINCRBY', h, 'session_events', events)
+    redis.call('HINCRBY', h, 'session_views', views)
+    redis.call('HINCRBY', h, 'session_carts', carts)
+    redis.call('HINCRBY', h, 'session_distinct_products', new_products)
+    local stored = redis.call('HGET', h, 'session_start')
+    if (not stored) or start < tonumber(stored) then
+      -- the caller's repr() of the float, kept as text so the stored value round-trips exactly
+      for i = first, last, 4 do
+        if tonumber(ARGV[i + 3]) == start then
+          redis.call('HSET', h, 'session_start', ARGV[i + 3])
+          break
+        end
+      end
+    end
+    redis.call('EXPIRE', h, ttl)
+    redis.call('EXPIRE', applied, ttl)
+    total = total + events
+  end
 end
-redis.call('EXPIRE', h, ARGV[1])
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return events
+return total
 """
+# Sessions per script call: few calls per batch, yet each call short, since a script blocks
+# Redis (serving's reads included) while it runs.
+SESSIONS_PER_CALL = 200
 
 
 class SessionFeatureWriter:
@@ -157,28 +172,29 @@ class SessionFeatureWriter:
         which retries the batch (safe: re-applying is a no-op)."""
         by_session: dict[str, list[Any]] = {}
         for event in events:
-            by_session.setdefault(event.user_session, []).extend(
-                (
-                    event.event_id,
-                    event.event_type,
-                    event.product_id,
-                    repr(event.event_time.timestamp()),
-                )
+            values = by_session.get(event.user_session)
+            if values is None:
+                values = by_session[event.user_session] = [0]
+            values[0] += 1
+            values += (
+                event.event_id,
+                event.event_type,
+                event.product_id,
+                repr(event.event_time.timestamp()),
             )
         if not by_session:
             return 0
         if self._sha is None:
             self._sha = self.client.script_load(APPLY_EVENTS_LUA)
         pipe = self.client.pipeline(transaction=False)
-        for user_session, values in by_session.items():
-            pipe.evalsha(
-                self._sha,
-                2,
-                session_key(user_session),
-                applied_key(user_session),
-                self.ttl_seconds,
-                *values,
-            )
+        sessions = list(by_session.items())
+        for lo in range(0, len(sessions), SESSIONS_PER_CALL):
+            keys: list[str] = []
+            args: list[Any] = [self.ttl_seconds]
+            for user_session, values in sessions[lo : lo + SESSIONS_PER_CALL]:
+                keys += (session_key(user_session), applied_key(user_session))
+                args += values
+            pipe.evalsha(self._sha, len(keys), *keys, *args)
         try:
             results = pipe.execute()
         except Exception as exc:

@@ -55,6 +55,9 @@ SOURCE_HEADER = "easymlops-source"
 # Tansu reports a partition's high watermark as the base offset of its last record batch + 1, so
 # the true end can lie up to one producer batch (kafka.producer: batch.num.messages) beyond it.
 TANSU_WATERMARK_LAG = 10_000
+# Valid events per Redis session-feature call: small enough that Redis starts while the rest of
+# the batch is still being routed, large enough that a session's events mostly share a call.
+REDIS_CHUNK = 1000
 log = logging.getLogger("easymlops.validate")
 
 # Consumer-side errors that only mean "the broker is not answering right now".
@@ -292,6 +295,10 @@ class Validator:
         routed: list[Routed] = []
         sources: list[bytes] = []  # the SOURCE_HEADER of each routed record
         next_offsets: dict[int, int] = {}
+        redis_done: list[Future[int]] = []
+        events: list[Event] = []
+        valid = 0
+        errors: Counter[str] = Counter()
         for message in messages:
             error = message.error()
             if error is not None:
@@ -303,34 +310,33 @@ class Validator:
                 raise KafkaException(error)
             topic, partition, offset = coordinates(message)
             sources.append(b"%d:%d" % (partition, offset))
-            routed.append(
-                route(
-                    message.value(),
-                    key=message.key(),
-                    topic=topic,
-                    partition=partition,
-                    offset=offset,
-                    received_at=received_at,
-                )
+            record = route(
+                message.value(),
+                key=message.key(),
+                topic=topic,
+                partition=partition,
+                offset=offset,
+                received_at=received_at,
             )
+            routed.append(record)
             next_offsets[partition] = offset + 1
+            if record.destination == "valid":
+                valid += 1
+            elif record.error_type is not None:
+                errors[record.error_type] += 1
+            if self.sessions is not None and record.event is not None:
+                events.append(record.event)
+                if len(events) == REDIS_CHUNK:
+                    redis_done.append(self._apply_sessions(events))
+                    events = []
         if not routed:
             return
-        redis_done: Future[int] | None = None
-        if self.sessions is not None:
-            writer = self.sessions
-            events: list[Event] = [r.event for r in routed if r.event is not None]
-            # Redis works while this thread produces the batch; _commit waits for it before
-            # the transaction commits, so the features are written before the offsets move.
-            redis_done = self.redis_thread.submit(
-                self._retrying, "Redis", lambda: writer.apply(events)
-            )
+        if events:
+            redis_done.append(self._apply_sessions(events))
         skipped = self._retrying(
             "Kafka", lambda: self._commit(routed, sources, next_offsets, redis_done)
         )
         # Counted only after the commit, so the stats never include an aborted batch.
-        valid = sum(1 for r in routed if r.destination == "valid")
-        errors = Counter(r.error_type for r in routed if r.error_type is not None)
         self.stats.consumed += len(routed)
         self.stats.valid += valid
         self.stats.invalid += len(routed) - valid
@@ -344,39 +350,51 @@ class Validator:
             self.metrics.events.add(count, {"destination": "invalid", "error_type": error_type})
         self.metrics.batch_seconds.record(time.monotonic() - batch_started)
 
+    def _apply_sessions(self, events: list[Event]) -> Future[int]:
+        """Apply the events' session features in the Redis thread. Submitted in chunks while
+        the batch is still being routed, so Redis works in parallel with routing; _commit waits
+        for every chunk before the transaction commits, so the features are written before the
+        offsets move. Chunks may land in any order: the features are counts, sets and minima."""
+        writer = self.sessions
+        assert writer is not None
+        return self.redis_thread.submit(self._retrying, "Redis", lambda: writer.apply(events))
+
     def _commit(
         self,
         routed: Sequence[Routed],
         sources: Sequence[bytes],
         next_offsets: dict[int, int],
-        redis_done: Future[int] | None = None,
+        redis_done: Sequence[Future[int]] = (),
     ) -> int:
         """Produce the batch and commit its offsets in one transaction; return how many of its
         records were not produced because an aborted transaction left them visible."""
-        topics = {"valid": self.settings.topic_validated, "invalid": self.settings.topic_invalid}
         if self.find_leaked:  # a failed scan raises, to be retried like the commit
             self._find_leaked()
             self.find_leaked = False
         leaked = self.leaked
         skipped = 0
+        sink = self.sink
+        produce = sink.produce
+        valid_topic, invalid_topic = self.settings.topic_validated, self.settings.topic_invalid
         try:
-            self.sink.begin_transaction()
+            sink.begin_transaction()
             for record, source in zip(routed, sources, strict=True):
                 if leaked and source in leaked:
                     skipped += 1
                     continue
-                while True:
-                    try:
-                        self.sink.produce(
-                            topics[record.destination],
-                            record.value,
-                            record.key,
-                            headers=[(SOURCE_HEADER, source)],
-                        )
-                        break
-                    except BufferError:  # local queue full: let deliveries drain
-                        self.sink.poll(0.1)
-            self.sink.send_offsets_to_transaction(
+                topic = valid_topic if record.destination == "valid" else invalid_topic
+                headers: list[tuple[str, str | bytes | None]] = [(SOURCE_HEADER, source)]
+                try:
+                    produce(topic, record.value, record.key, headers=headers)
+                except BufferError:  # local queue full: let deliveries drain
+                    while True:
+                        sink.poll(0.1)
+                        try:
+                            produce(topic, record.value, record.key, headers=headers)
+                            break
+                        except BufferError:
+                            pass
+            sink.send_offsets_to_transaction(
                 [
                     TopicPartition(self.settings.topic_raw, p, o)
                     for p, o in sorted(next_offsets.items())
@@ -384,9 +402,9 @@ class Validator:
                 self.source.consumer_group_metadata(),
                 30,
             )
-            if redis_done is not None:
-                redis_done.result()  # raises OutageTooLong after a Redis outage too long
-            self.sink.commit_transaction(60)
+            for done in redis_done:
+                done.result()  # raises OutageTooLong after a Redis outage too long
+            sink.commit_transaction(60)
         except KafkaException as exc:
             self._recover(exc)
             raise
