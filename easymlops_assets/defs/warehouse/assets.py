@@ -10,7 +10,7 @@ after another step:
 - gold_training_models: what reads the daily models (training_set), unpartitioned.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import dagster as dg
@@ -75,29 +75,26 @@ def _with_row_counts(
         yield event
 
 
-@dbt_assets(
-    manifest=dbt_project.manifest_path,
-    project=dbt_project,
-    dagster_dbt_translator=WarehouseTranslator(),
-    exclude=f"{DAILY}+",
-    # Unpartitioned, but a command-line range backfill (`dagster asset materialize
-    # --partition-range`) only runs selections whose assets all have a single-run policy.
-    backfill_policy=single_run,
-)
+def gold_selection(**selection: Any) -> Callable[..., dg.AssetsDefinition]:
+    """@dbt_assets over one selection of the project. All have a single-run backfill policy,
+    the unpartitioned ones too: a command-line range backfill (`dagster asset materialize
+    --partition-range`) only runs selections whose assets all have one."""
+    return dbt_assets(
+        manifest=dbt_project.manifest_path,
+        project=dbt_project,
+        dagster_dbt_translator=WarehouseTranslator(),
+        backfill_policy=single_run,
+        **selection,
+    )
+
+
+@gold_selection(exclude=f"{DAILY}+")
 def gold_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
     events, names = _dbt_build(context, dbt, ["--vars", dbt_vars(get_settings())])
     yield from _with_row_counts(context, events, names)
 
 
-@dbt_assets(
-    manifest=dbt_project.manifest_path,
-    project=dbt_project,
-    dagster_dbt_translator=WarehouseTranslator(),
-    select=DAILY,
-    name="gold_daily_models",
-    partitions_def=daily_partitions,
-    backfill_policy=single_run,
-)
+@gold_selection(select=DAILY, name="gold_daily_models", partitions_def=daily_partitions)
 def gold_daily_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
     settings = get_settings()
     first, last = inclusive_window(context)
@@ -118,15 +115,7 @@ def gold_daily_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) ->
         )
 
 
-@dbt_assets(
-    manifest=dbt_project.manifest_path,
-    project=dbt_project,
-    dagster_dbt_translator=WarehouseTranslator(),
-    select=f"{DAILY}+",
-    exclude=DAILY,
-    name="gold_training_models",
-    backfill_policy=single_run,
-)
+@gold_selection(select=f"{DAILY}+", exclude=DAILY, name="gold_training_models")
 def gold_training_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
     events, names = _dbt_build(context, dbt, ["--vars", dbt_vars(get_settings())])
     yield from _with_row_counts(context, events, names)
