@@ -17,15 +17,18 @@ Updates are idempotent per event id (a set of applied ids beside the hash, same 
 stream writes Redis before it commits its Kafka transaction, so a batch replayed after a crash
 or an aborted transaction changes nothing twice.
 
-Stdlib only (plus the redis client passed in): the Flink job's virtualenv imports this module.
+Stdlib and redis only: the Flink job's virtualenv imports this module.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 from easymlops.features import session_key
 from easymlops.schema import Event
@@ -35,8 +38,17 @@ START_FIELD = "session_start"
 
 
 def applied_key(user_session: str) -> str:
-    """The set of event ids already counted in a session's hash."""
+    """The set of event ids already counted in a session's hash (as `applied_token`s)."""
     return f"{session_key(user_session)}:applied"
+
+
+def applied_token(event_id: str) -> str:
+    """An event id as kept in the applied set: itself, unless it holds a space (the separator
+    of the ids sent to the script) or starts with "#"; then "#" and its hash, so distinct ids
+    keep distinct tokens."""
+    if " " in event_id or event_id.startswith("#"):
+        return "#" + hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
+    return event_id
 
 
 @dataclass
@@ -98,69 +110,83 @@ def features_at(session_hash: Mapping[str, str], product_id: int, at: datetime) 
 
 
 # One call per group of sessions. KEYS: per session its hash and its applied-ids set. ARGV: ttl,
-# then per session the number of its events and four values per event: event_id, event_type,
-# product_id, epoch seconds. Events already applied (their id is in the set) are skipped, so a
-# replayed batch changes nothing. The counts are summed here and written once per field; returns
-# how many events were new. Several sessions per call because redis-py's per-command cost (and
-# the server's per-script setup) was most of the features' cost with one call per session.
-APPLY_EVENTS_LUA = """
-local ttl, a, total = ARGV[1], 2, 0
+# then five per session: its views, carts and start (the client's SessionState of the events
+# sent), their applied tokens (see `applied_token`) joined by spaces, and "product views ..."
+# pairs joined by spaces. The client sums the events (SessionState, the same fold as Flink's)
+# and the script applies the sums, but only if none of the tokens is in the applied set: one
+# SMISMEMBER, one SADD, one HMGET and one HSET per session. (The first form of this script took
+# four arguments and a SADD per event: 7 us of Redis and 4 us of client time per event, most of
+# the client's in redis-py packing the arguments.) A session with a token already applied (a
+# batch replayed after a crash) is left untouched and reported with the flags of its tokens; the
+# client sends its other events again. So a replayed batch changes nothing. Returns
+# {new events, {session index (1-based), flags, ...}}.
+APPLY_SESSIONS_LUA = """
+local ttl, a, total, seen_in = ARGV[1], 2, 0, {}
 for s = 1, #KEYS, 2 do
   local h, applied = KEYS[s], KEYS[s + 1]
-  local first = a + 1
-  local last = a + 4 * tonumber(ARGV[a])
-  a = last + 1
-  local events, views, carts, new_products, start = 0, 0, 0, 0, nil
-  local product_views = {}
-  for i = first, last, 4 do
-    if redis.call('SADD', applied, ARGV[i]) == 1 then
-      events = events + 1
-      if ARGV[i + 1] == 'view' then
-        views = views + 1
-        product_views[ARGV[i + 2]] = (product_views[ARGV[i + 2]] or 0) + 1
-      elseif ARGV[i + 1] == 'cart' then
-        carts = carts + 1
-      end
-      local ts = tonumber(ARGV[i + 3])
-      if start == nil or ts < start then start = ts end
-    end
+  local views, carts, start = ARGV[a], ARGV[a + 1], ARGV[a + 2]
+  local ids, products = {}, {}
+  for id in string.gmatch(ARGV[a + 3], '[^ ]+') do ids[#ids + 1] = id end
+  for word in string.gmatch(ARGV[a + 4], '[^ ]+') do products[#products + 1] = word end
+  a = a + 5
+  local n = #ids
+  local seen = redis.call('SMISMEMBER', applied, unpack(ids))
+  local clean = true
+  for i = 1, n do
+    if seen[i] == 1 then clean = false break end
   end
-  if events > 0 then
-    for product, n in pairs(product_views) do
-      if redis.call('HINCRBY', h, 'pv:' .. product, n) == n then
-        new_products = new_products + 1
-      end
+  if clean then
+    redis.call('SADD', applied, unpack(ids))
+    -- read every field this session touches in one call, write them back in one call
+    local fields = {'session_events', 'session_views', 'session_carts',
+                    'session_distinct_products', 'session_start'}
+    for p = 1, #products, 2 do fields[#fields + 1] = 'pv:' .. products[p] end
+    local old = redis.call('HMGET', h, unpack(fields))
+    local new_products, values = 0, {}
+    for p = 1, #products, 2 do
+      local i = 5 + (p + 1) / 2
+      if not old[i] then new_products = new_products + 1 end
+      values[#values + 1] = fields[i]
+      values[#values + 1] = (tonumber(old[i]) or 0) + tonumber(products[p + 1])
     end
     -- every count field exists from the first event on, as in SessionState.to_hash
-    redis.call('HINCRBY', h, 'session_events', events)
-    redis.call('HINCRBY', h, 'session_views', views)
-    redis.call('HINCRBY', h, 'session_carts', carts)
-    redis.call('HINCRBY', h, 'session_distinct_products', new_products)
-    local stored = redis.call('HGET', h, 'session_start')
-    if (not stored) or start < tonumber(stored) then
-      -- the caller's repr() of the float, kept as text so the stored value round-trips exactly
-      for i = first, last, 4 do
-        if tonumber(ARGV[i + 3]) == start then
-          redis.call('HSET', h, 'session_start', ARGV[i + 3])
-          break
-        end
-      end
+    values[#values + 1] = 'session_events'
+    values[#values + 1] = (tonumber(old[1]) or 0) + n
+    values[#values + 1] = 'session_views'
+    values[#values + 1] = (tonumber(old[2]) or 0) + tonumber(views)
+    values[#values + 1] = 'session_carts'
+    values[#values + 1] = (tonumber(old[3]) or 0) + tonumber(carts)
+    values[#values + 1] = 'session_distinct_products'
+    values[#values + 1] = (tonumber(old[4]) or 0) + new_products
+    if (not old[5]) or tonumber(start) < tonumber(old[5]) then
+      -- the client's repr() of the float, kept as text so the stored value round-trips exactly
+      values[#values + 1] = 'session_start'
+      values[#values + 1] = start
     end
+    redis.call('HSET', h, unpack(values))
     redis.call('EXPIRE', h, ttl)
     redis.call('EXPIRE', applied, ttl)
-    total = total + events
+    total = total + n
+  else
+    seen_in[#seen_in + 1] = (s + 1) / 2
+    seen_in[#seen_in + 1] = seen
   end
 end
-return total
+return {total, seen_in}
 """
 # Sessions per script call: few calls per batch, yet each call short, since a script blocks
 # Redis (serving's reads included) while it runs.
 SESSIONS_PER_CALL = 200
+# Event ids per session entry: Lua's unpack() takes at most ~8,000 values; a session with more
+# events in one call is sent as several entries, each applied on its own.
+IDS_PER_ENTRY = 1000
+
+_Entry = tuple[str, list[Event]]  # a session and some of its events, distinct ids
 
 
 class SessionFeatureWriter:
-    """Applies validated events to Redis: one script call per session, pipelined in one round
-    trip per batch (a batch of 5,000 events touches a few hundred sessions)."""
+    """Applies validated events to Redis: their sums per session, one script call per
+    SESSIONS_PER_CALL sessions, pipelined in one round trip per call to `apply`."""
 
     def __init__(self, client: Any, ttl_seconds: int) -> None:
         self.client = client
@@ -170,37 +196,70 @@ class SessionFeatureWriter:
     def apply(self, events: Sequence[Event]) -> int:
         """Count each event once; return how many were new. Raises redis errors to the caller,
         which retries the batch (safe: re-applying is a no-op)."""
-        by_session: dict[str, list[Any]] = {}
+        by_session: dict[str, dict[str, Event]] = {}
         for event in events:
-            values = by_session.get(event.user_session)
-            if values is None:
-                values = by_session[event.user_session] = [0]
-            values[0] += 1
-            values += (
-                event.event_id,
-                event.event_type,
-                event.product_id,
-                repr(event.event_time.timestamp()),
-            )
-        if not by_session:
-            return 0
+            ids = by_session.get(event.user_session)
+            if ids is None:
+                ids = by_session[event.user_session] = {}
+            ids.setdefault(event.event_id, event)  # a repeated id counts once
+        pending: list[_Entry] = []
+        for user_session, ids in by_session.items():
+            distinct = list(ids.values())
+            for lo in range(0, len(distinct), IDS_PER_ENTRY):
+                pending.append((user_session, distinct[lo : lo + IDS_PER_ENTRY]))
+        total = 0
+        for attempt in (1, 2):
+            try:
+                # Each round either applies a session's events or drops at least one id found
+                # applied, so this ends; a second round happens only for replayed events.
+                while pending:
+                    applied, pending = self._apply_entries(pending)
+                    total += applied
+                break
+            except NoScriptError:
+                # After a Redis restart the script cache is empty: load the script again (the
+                # round is sent again whole, which is safe: applied ids are skipped).
+                if attempt == 2:
+                    raise
+                self._sha = None
+        return total
+
+    def _apply_entries(self, entries: list[_Entry]) -> tuple[int, list[_Entry]]:
+        """One pipelined round; returns the events applied and the entries to send again
+        (without their ids found applied)."""
         if self._sha is None:
-            self._sha = self.client.script_load(APPLY_EVENTS_LUA)
+            self._sha = self.client.script_load(APPLY_SESSIONS_LUA)
         pipe = self.client.pipeline(transaction=False)
-        sessions = list(by_session.items())
-        for lo in range(0, len(sessions), SESSIONS_PER_CALL):
+        calls = [
+            entries[lo : lo + SESSIONS_PER_CALL] for lo in range(0, len(entries), SESSIONS_PER_CALL)
+        ]
+        for call in calls:
             keys: list[str] = []
             args: list[Any] = [self.ttl_seconds]
-            for user_session, values in sessions[lo : lo + SESSIONS_PER_CALL]:
+            for user_session, session_events in call:
+                state = SessionState.of(session_events)
                 keys += (session_key(user_session), applied_key(user_session))
-                args += values
+                ids = [event.event_id for event in session_events]
+                tokens = " ".join(ids)
+                if tokens.count(" ") != len(ids) - 1 or "#" in tokens:  # rare: see applied_token
+                    tokens = " ".join(map(applied_token, ids))
+                args += (
+                    state.views,
+                    state.carts,
+                    repr(state.start),
+                    tokens,
+                    " ".join(f"{p} {n}" for p, n in state.product_views.items()),
+                )
             pipe.evalsha(self._sha, len(keys), *keys, *args)
-        try:
-            results = pipe.execute()
-        except Exception as exc:
-            # After a Redis restart the script cache is empty: load it again and retry once.
-            if "NOSCRIPT" not in str(exc):
-                raise
-            self._sha = None
-            return self.apply(events)
-        return sum(int(r) for r in results)
+        total = 0
+        again: list[_Entry] = []
+        for call, (applied, seen_in) in zip(calls, pipe.execute(), strict=True):
+            total += int(applied)
+            for i in range(0, len(seen_in), 2):
+                user_session, session_events = call[int(seen_in[i]) - 1]
+                fresh = [
+                    e for e, seen in zip(session_events, seen_in[i + 1], strict=True) if not seen
+                ]
+                if fresh:
+                    again.append((user_session, fresh))
+        return total, again
