@@ -2,7 +2,9 @@
 
 Each consumed batch is routed by `easymlops.schema.route` (the Flink job in flink_jobs/ calls the
 same function), its session features are applied to Redis, then its records are produced and its
-consumer offsets committed inside one Kafka transaction. So:
+consumer offsets committed inside one Kafka transaction. The transaction runs in a commit thread
+while the main thread routes the next batch (mostly waits on the broker, it overlaps with work);
+transactions stay strictly one after another. So:
 - a crash (even `kill -9`) at any point neither loses nor duplicates an event: the next run
   resumes from the committed offsets, and the aborted transaction's records are not produced
   twice even on a broker that shows them to `read_committed` readers (see `_find_leaked`);
@@ -168,6 +170,19 @@ class _Metrics:
 T = TypeVar("T")
 
 
+@dataclass
+class _Batch:
+    """A routed batch on its way to the commit thread."""
+
+    routed: list[Routed]
+    sources: list[bytes]  # the SOURCE_HEADER of each routed record
+    next_offsets: dict[int, int]  # per raw partition, the offset after its last record
+    redis_done: list[Future[int]]  # the batch's session-feature chunks
+    valid: int
+    errors: Counter[str]
+    started: float
+
+
 class Validator:
     def __init__(
         self,
@@ -196,6 +211,10 @@ class Validator:
             else None
         )
         self.redis_thread = ThreadPoolExecutor(1, thread_name_prefix="validator-redis")
+        # Batch N's transaction (produce, offsets, commit: mostly waiting on the broker) runs
+        # here while the main thread routes batch N+1; N+1's transaction begins after N's ends.
+        self.commit_thread = ThreadPoolExecutor(1, thread_name_prefix="validator-commit")
+        self.committing: Future[None] | None = None
         # Output records of aborted transactions still visible, by source ("<partition>:<offset>"),
         # and whether to look for more before the next attempt (after every init or abort).
         self.leaked: set[bytes] = set()
@@ -259,14 +278,21 @@ class Validator:
         logged_consumed = 0
         try:
             while not self.should_stop():
-                messages = self.source.consume(self.batch_size, timeout=0.5)
+                # While a batch commits, look for the next one only briefly: with nothing new,
+                # the commit is waited for, so stats and progress never lag an idle stream.
+                timeout = 0.5 if self.committing is None else 0.02
+                messages = self.source.consume(self.batch_size, timeout=timeout)
                 now = time.monotonic()
                 self.stats.seconds = now - started
-                if messages:
-                    last_activity = now
-                    first_message = first_message or now
-                    self._process(messages)
-                    self.stats.busy_seconds = time.monotonic() - first_message
+                if messages or self.committing is not None:
+                    if messages:
+                        last_activity = now
+                        first_message = first_message or now
+                        self._process(messages)
+                    else:
+                        self._finish_commit()
+                    if first_message is not None:
+                        self.stats.busy_seconds = time.monotonic() - first_message
                     if progress:
                         progress(self.stats)
                 elif until_idle and now - last_activity > idle_seconds and self._drained():
@@ -283,14 +309,18 @@ class Validator:
                     )
                     last_log, logged_consumed = now, self.stats.consumed
         finally:
-            self.stats.seconds = time.monotonic() - started
-            gc.set_threshold(*gc_threshold)
-            if frozen:
-                gc.unfreeze()
-            _Metrics.current = None
-            self.redis_thread.shutdown(wait=True)
-            self.source.close()
-            self.sink.flush(10)
+            try:
+                self._finish_commit()  # the batch in flight is committed before anything closes
+            finally:
+                self.stats.seconds = time.monotonic() - started
+                gc.set_threshold(*gc_threshold)
+                if frozen:
+                    gc.unfreeze()
+                _Metrics.current = None
+                self.commit_thread.shutdown(wait=True)
+                self.redis_thread.shutdown(wait=True)
+                self.source.close()
+                self.sink.flush(10)
         return self.stats
 
     def _drained(self) -> bool:
@@ -347,22 +377,36 @@ class Validator:
             return
         if events:
             redis_done.append(self._apply_sessions(events))
+        batch = _Batch(routed, sources, next_offsets, redis_done, valid, errors, batch_started)
+        self._finish_commit()  # one transaction at a time: the previous batch's goes first
+        self.committing = self.commit_thread.submit(self._commit_batch, batch)
+
+    def _commit_batch(self, batch: _Batch) -> None:
+        """In the commit thread: commit the batch (retrying through outages), then count it."""
         skipped = self._retrying(
-            "Kafka", lambda: self._commit(routed, sources, next_offsets, redis_done)
+            "Kafka",
+            lambda: self._commit(batch.routed, batch.sources, batch.next_offsets, batch.redis_done),
         )
         # Counted only after the commit, so the stats never include an aborted batch.
-        self.stats.consumed += len(routed)
-        self.stats.valid += valid
-        self.stats.invalid += len(routed) - valid
-        self.stats.errors.update(errors)
+        self.stats.consumed += len(batch.routed)
+        self.stats.valid += batch.valid
+        self.stats.invalid += len(batch.routed) - batch.valid
+        self.stats.errors.update(batch.errors)
         self.stats.leaked_skipped += skipped
-        self.next_offsets.update(next_offsets)
+        self.next_offsets.update(batch.next_offsets)
         if self.leaked:  # the ones behind the committed offsets can never come up again
             self.leaked = {s for s in self.leaked if not self._behind_committed(s)}
-        self.metrics.events.add(valid, {"destination": "valid"})
-        for error_type, count in errors.items():
+        self.metrics.events.add(batch.valid, {"destination": "valid"})
+        for error_type, count in batch.errors.items():
             self.metrics.events.add(count, {"destination": "invalid", "error_type": error_type})
-        self.metrics.batch_seconds.record(time.monotonic() - batch_started)
+        self.metrics.batch_seconds.record(time.monotonic() - batch.started)
+
+    def _finish_commit(self) -> None:
+        """Wait for the batch in the commit thread, if any; raises what its commit raised
+        (ValidatorFenced, OutageTooLong, ...)."""
+        committing, self.committing = self.committing, None
+        if committing is not None:
+            committing.result()
 
     def _apply_sessions(self, events: list[Event]) -> Future[int]:
         """Apply the events' session features in the Redis thread. Submitted in chunks while
