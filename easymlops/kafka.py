@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from confluent_kafka import (
     Consumer,
+    KafkaError,
     KafkaException,
     Message,
     Producer,
@@ -132,6 +134,8 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 10.0) -> dict[i
     Tansu reports the high watermark as the base offset of the last record batch + 1, not the
     last record + 1, so the watermark alone undercounts. We read the last batch from
     `watermark - 1` and take the offset after its final record, which is correct on Kafka too.
+    Every partition's tail is read at once, until the broker says end of partition (or, should
+    it never say so, a second without records): a few milliseconds, not a second per partition.
     """
     parts = partitions(settings, topic, timeout)
     probe = Consumer(
@@ -139,27 +143,35 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 10.0) -> dict[i
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": "easymlops-end-offsets",
             "enable.auto.commit": False,
+            "enable.partition.eof": True,
         }
     )
     try:
         ends: dict[int, int] = {}
+        tails: list[TopicPartition] = []
         for part in parts:
             low, high = probe.get_watermark_offsets(
                 TopicPartition(topic, part), timeout=timeout, cached=False
             )
-            if high <= low:
-                ends[part] = high
-                continue
-            probe.assign([TopicPartition(topic, part, high - 1)])
-            end = high
-            while True:
-                messages = probe.consume(10_000, timeout=1.0)
-                if not messages:
-                    break
-                for message in messages:
-                    if message.error() is None:
-                        end = max(end, coordinates(message)[2] + 1)
-            ends[part] = end
+            ends[part] = high
+            if high > low:
+                tails.append(TopicPartition(topic, part, high - 1))
+        if not tails:
+            return ends
+        probe.assign(tails)
+        pending = {tp.partition for tp in tails}
+        quiet_since = time.monotonic()
+        while pending and time.monotonic() - quiet_since < 1.0:
+            messages = probe.consume(10_000, timeout=0.2)
+            if messages:
+                quiet_since = time.monotonic()
+            for message in messages:
+                _, part, offset = coordinates(message)
+                error = message.error()
+                if error is None:
+                    ends[part] = max(ends[part], offset + 1)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    pending.discard(part)
         return ends
     finally:
         probe.close()
