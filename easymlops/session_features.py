@@ -185,8 +185,9 @@ _Entry = tuple[str, list[Event]]  # a session and some of its events, distinct i
 
 
 class SessionFeatureWriter:
-    """Applies validated events to Redis: their sums per session, one script call per
-    SESSIONS_PER_CALL sessions, pipelined in one round trip per call to `apply`."""
+    """Applies validated events to Redis (6.2 or later, for SMISMEMBER): their sums per
+    session, one script call per SESSIONS_PER_CALL sessions, pipelined in one round trip per
+    call to `apply` (and a second one for the sessions of a replayed batch)."""
 
     def __init__(self, client: Any, ttl_seconds: int) -> None:
         self.client = client
