@@ -166,12 +166,14 @@ def end_offsets(settings: Settings, topic: str, timeout: float = 10.0) -> dict[i
             if messages:
                 quiet_since = time.monotonic()
             for message in messages:
-                _, part, offset = coordinates(message)
                 error = message.error()
                 if error is None:
+                    _, part, offset = coordinates(message)
                     ends[part] = max(ends[part], offset + 1)
                 elif error.code() == KafkaError._PARTITION_EOF:
-                    pending.discard(part)
+                    pending.discard(message.partition() or 0)
+                # other errors are the client's own (a broker connection lost, retried by
+                # librdkafka) and carry no partition: the quiet timeout ends the wait
         return ends
     finally:
         probe.close()

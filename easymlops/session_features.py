@@ -43,10 +43,10 @@ def applied_key(user_session: str) -> str:
 
 
 def applied_token(event_id: str) -> str:
-    """An event id as kept in the applied set: itself, unless it holds a space (the separator
-    of the ids sent to the script) or starts with "#"; then "#" and its hash, so distinct ids
-    keep distinct tokens."""
-    if " " in event_id or event_id.startswith("#"):
+    """An event id as kept in the applied set: itself, unless it is empty, holds a space (the
+    separator of the ids sent to the script) or starts with "#"; then "#" and its hash, so
+    distinct ids keep distinct tokens."""
+    if not event_id or " " in event_id or event_id.startswith("#"):
         return "#" + hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
     return event_id
 
@@ -242,7 +242,8 @@ class SessionFeatureWriter:
                 keys += (session_key(user_session), applied_key(user_session))
                 ids = [event.event_id for event in session_events]
                 tokens = " ".join(ids)
-                if tokens.count(" ") != len(ids) - 1 or "#" in tokens:  # rare: see applied_token
+                if tokens.count(" ") != len(ids) - 1 or "#" in tokens or not all(ids):
+                    # rare (validated events never have an empty id): see applied_token
                     tokens = " ".join(map(applied_token, ids))
                 args += (
                     state.views,

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -169,6 +171,38 @@ class _Metrics:
 
 T = TypeVar("T")
 
+_gc_lock = threading.Lock()
+_gc_users = 0  # validators running in this process
+_gc_saved: tuple[tuple[int, ...], bool] = ((700, 10, 10), False)  # threshold, whether we froze
+
+
+@contextmanager
+def _fewer_gc_passes() -> Iterator[None]:
+    """A batch keeps a few container objects per event alive until it commits, so with the
+    default threshold (700) the collector ran every ~200 events and every full pass walked the
+    whole heap: a tenth of the validator's time, for objects that form no cycles. While any
+    validator runs in this process, collect rarely and leave the import-time heap out (frozen);
+    the last one to finish restores both."""
+    global _gc_users, _gc_saved
+    with _gc_lock:
+        _gc_users += 1
+        if _gc_users == 1:
+            froze = gc.get_freeze_count() == 0
+            _gc_saved = (gc.get_threshold(), froze)
+            if froze:
+                gc.freeze()
+            gc.set_threshold(GC_THRESHOLD, *_gc_saved[0][1:])
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0:
+                threshold, froze = _gc_saved
+                gc.set_threshold(*threshold)
+                if froze:
+                    gc.unfreeze()
+
 
 @dataclass
 class _Batch:
@@ -215,6 +249,8 @@ class Validator:
         # here while the main thread routes batch N+1; N+1's transaction begins after N's ends.
         self.commit_thread = ThreadPoolExecutor(1, thread_name_prefix="validator-commit")
         self.committing: Future[None] | None = None
+        self.closing = False
+        self.retries_lock = threading.Lock()
         # Output records of aborted transactions still visible, by source ("<partition>:<offset>"),
         # and whether to look for more before the next attempt (after every init or abort).
         self.leaked: set[bytes] = set()
@@ -265,62 +301,64 @@ class Validator:
         """Validate until drained (every partition read to its end and quiet for
         `idle_seconds`), or until `should_stop` if not `until_idle`."""
         _Metrics.current = self.stats
-        # A batch keeps a few container objects per event alive until it commits, so with the
-        # default threshold (700) the collector ran every ~200 events and every 100th run
-        # walked the whole heap: a tenth of the validator's time, for objects that form no
-        # cycles. Collect rarely while validating; the module objects are set aside for good.
-        gc_threshold, frozen = gc.get_threshold(), gc.get_freeze_count() == 0
-        if frozen:
-            gc.freeze()
-        gc.set_threshold(GC_THRESHOLD, *gc_threshold[1:])
         started = last_activity = last_log = time.monotonic()
         first_message: float | None = None
         logged_consumed = 0
+
+        def report() -> None:
+            if first_message is not None:
+                self.stats.busy_seconds = time.monotonic() - first_message
+            if progress:
+                progress(self.stats)
+
         try:
-            while not self.should_stop():
-                # While a batch commits, look for the next one only briefly: with nothing new,
-                # the commit is waited for, so stats and progress never lag an idle stream.
-                timeout = 0.5 if self.committing is None else 0.02
-                messages = self.source.consume(self.batch_size, timeout=timeout)
-                now = time.monotonic()
-                self.stats.seconds = now - started
-                if messages or self.committing is not None:
+            with _fewer_gc_passes():
+                while not self.should_stop():
+                    # While a batch commits, look for the next one only briefly: with nothing
+                    # new, the commit is waited for, so stats and progress never lag behind.
+                    timeout = 0.5 if self.committing is None else 0.02
+                    messages = self.source.consume(self.batch_size, timeout=timeout)
+                    now = time.monotonic()
+                    self.stats.seconds = now - started
                     if messages:
                         last_activity = now
                         first_message = first_message or now
                         self._process(messages)
-                    else:
+                        report()
+                    elif self.committing is not None:
                         self._finish_commit()
-                    if first_message is not None:
-                        self.stats.busy_seconds = time.monotonic() - first_message
-                    if progress:
-                        progress(self.stats)
-                elif until_idle and now - last_activity > idle_seconds and self._drained():
-                    break
-                if now - last_log >= self.log_interval:
-                    rate = (self.stats.consumed - logged_consumed) / (now - last_log)
-                    log.info(
-                        "validator: consumed %d (%.0f ev/s), valid %d, invalid %d (%.2f%%)",
-                        self.stats.consumed,
-                        rate,
-                        self.stats.valid,
-                        self.stats.invalid,
-                        100 * self.stats.invalid_ratio,
-                    )
-                    last_log, logged_consumed = now, self.stats.consumed
+                        report()
+                    elif until_idle and now - last_activity > idle_seconds and self._drained():
+                        break
+                    if now - last_log >= self.log_interval:
+                        rate = (self.stats.consumed - logged_consumed) / (now - last_log)
+                        log.info(
+                            "validator: consumed %d (%.0f ev/s), valid %d, invalid %d (%.2f%%)",
+                            self.stats.consumed,
+                            rate,
+                            self.stats.valid,
+                            self.stats.invalid,
+                            100 * self.stats.invalid_ratio,
+                        )
+                        last_log, logged_consumed = now, self.stats.consumed
+                if self.committing is not None:  # stopped (SIGTERM): commit the batch in flight
+                    self._finish_commit()
+                    report()
         finally:
-            try:
-                self._finish_commit()  # the batch in flight is committed before anything closes
-            finally:
-                self.stats.seconds = time.monotonic() - started
-                gc.set_threshold(*gc_threshold)
-                if frozen:
-                    gc.unfreeze()
-                _Metrics.current = None
-                self.commit_thread.shutdown(wait=True)
-                self.redis_thread.shutdown(wait=True)
-                self.source.close()
-                self.sink.flush(10)
+            self.closing = True  # Redis chunks still queued retry no more
+            if self.committing is not None:
+                # Leaving on an error: the batch in flight still ends (committed or aborted)
+                # before anything closes, but the error reported is the one that stopped us.
+                try:
+                    self._finish_commit()
+                except BaseException as exc:
+                    log.error("validator: the batch in flight failed as well: %r", exc)
+            self.stats.seconds = time.monotonic() - started
+            _Metrics.current = None
+            self.commit_thread.shutdown(wait=True)
+            self.redis_thread.shutdown(wait=True, cancel_futures=True)
+            self.source.close()
+            self.sink.flush(10)
         return self.stats
 
     def _drained(self) -> bool:
@@ -404,9 +442,14 @@ class Validator:
     def _finish_commit(self) -> None:
         """Wait for the batch in the commit thread, if any; raises what its commit raised
         (ValidatorFenced, OutageTooLong, ...)."""
-        committing, self.committing = self.committing, None
-        if committing is not None:
+        committing = self.committing
+        if committing is None:
+            return
+        try:
             committing.result()
+        finally:
+            if committing.done():  # not when interrupted while waiting: then wait again later
+                self.committing = None
 
     def _apply_sessions(self, events: list[Event]) -> Future[int]:
         """Apply the events' session features in the Redis thread. Submitted in chunks while
@@ -570,13 +613,16 @@ class Validator:
             try:
                 return attempt()
             except (KafkaException, redis.ConnectionError, redis.TimeoutError) as exc:
+                if self.closing:  # the run is over: nothing waits for this attempt any more
+                    raise
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure > self.max_outage_seconds:
                     raise OutageTooLong(
                         f"{what} unavailable for over {self.max_outage_seconds:.0f} s: {exc}"
                     ) from exc
-                self.stats.retries += 1
+                with self.retries_lock:  # the Redis and the commit thread both retry
+                    self.stats.retries += 1
                 self.metrics.retries.add(1, {"dependency": what})
                 log.warning(
                     "validator: %s unavailable (%s); retrying the batch in %.1f s",

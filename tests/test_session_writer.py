@@ -98,6 +98,7 @@ def test_awkward_event_ids_stay_distinct(client: redis.Redis) -> None:
         applied_token("with space"),  # the token of another id, taken as an id of its own
         "ünïcödé id",
         "tab\there",
+        "",  # never from validate_record (it derives an id), but a direct caller may send it
     ]
     events = [
         replace(base, event_id=i, user_session=session, event_time=start + timedelta(seconds=n))

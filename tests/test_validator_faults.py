@@ -6,6 +6,7 @@ Redis equal the fold of the session's validated events (counted once each despit
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -30,7 +31,14 @@ from easymlops.produce import produce_payloads
 from easymlops.schema import Event, validate_bytes
 from easymlops.session_features import SessionState
 from easymlops.settings import Settings
-from easymlops.validate import GROUP_ID, ValidationStats, Validator, run_validator
+from easymlops.validate import (
+    GC_THRESHOLD,
+    GROUP_ID,
+    ValidationStats,
+    Validator,
+    _fewer_gc_passes,
+    run_validator,
+)
 
 pytestmark = pytest.mark.services
 
@@ -388,3 +396,13 @@ def _json_objects(text: str) -> list[str]:
             if depth == 0:
                 objects.append(text[start : i + 1])
     return objects
+
+
+def test_gc_tuning_holds_while_any_validator_runs_and_is_undone_after() -> None:
+    before = (gc.get_threshold(), gc.get_freeze_count())
+    with _fewer_gc_passes():
+        with _fewer_gc_passes():  # a second validator in the same process
+            assert gc.get_threshold()[0] == GC_THRESHOLD
+        assert gc.get_threshold()[0] == GC_THRESHOLD  # the first one still runs
+        assert gc.get_freeze_count() > 0
+    assert (gc.get_threshold(), gc.get_freeze_count()) == before
