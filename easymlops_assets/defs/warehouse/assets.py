@@ -21,6 +21,7 @@ from easymlops.warehouse import (
     DBT_PROJECT_DIR,
     dbt_vars,
     export_dbt_env,
+    prepare_manifest,
     row_counts,
     row_counts_by_date,
 )
@@ -32,9 +33,12 @@ from easymlops_assets.partitions import (
 )
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
-# Under `dagster dev` this runs `dbt parse` when the manifest is missing; elsewhere the manifest
-# is prepared beforehand (`make`, `easymlops demo`, tests) and never parsed at import.
-dbt_project.prepare_if_dev()
+# Under `dagster dev` the project is parsed when the code location loads (as dagster-dbt's
+# `prepare_if_dev` does), but with dbt's runner in this interpreter: `prepare_if_dev` runs the
+# `dbt` found on PATH, which is missing when `.venv/bin/dagster dev` runs without an activated
+# virtualenv. Elsewhere the manifest is prepared beforehand (`make`, `easymlops demo`, tests).
+if dbt_project.preparer.using_dagster_dev():
+    prepare_manifest()
 
 DAILY = "tag:daily"
 
