@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse
+.PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse bench-tune
 .PHONY: flink-venv flink-validate backfill
 
 help: ## list targets
@@ -77,6 +77,9 @@ bench-validation: install flink-venv ## validator events/s vs a transactional pa
 
 bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events)
 	$(RUN) python benchmarks/lakehouse.py
+
+bench-tune: install ## Ray Tune search (concurrent trials, ASHA) vs the same trials run sequentially
+	$(RUN) python benchmarks/tune.py
 
 # PyFlink's own virtualenv (apache-flink pins old pandas/pyarrow/beam; see flink_jobs/README.md).
 FLINK_VENV := .flink-venv

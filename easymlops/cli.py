@@ -108,15 +108,15 @@ def _produce(
     *, events: int, days: int, rate: float, invalid_ratio: float, seed: int, from_csv: Path | None
 ) -> dict[str, object]:
     from easymlops.csv_replay import CsvFormatError, read_csv_events
-    from easymlops.generator import generate_payloads
     from easymlops.kafka import KafkaUnavailable, partitions
-    from easymlops.produce import produce_payloads
+    from easymlops.produce import produce_payloads, produce_synthetic
 
     settings = get_settings()
     try:
         partitions(settings, settings.topic_raw)
     except KafkaUnavailable as exc:
         _fail(str(exc))
+    label = "producing"
     if from_csv is not None:
         if not from_csv.is_file():
             _fail(f"{from_csv}: no such file")
@@ -124,17 +124,27 @@ def _produce(
             payloads = read_csv_events(from_csv)
         except CsvFormatError as exc:
             _fail(f"{from_csv}: {exc}")
-        total = None
         label = f"replaying {from_csv.name}"
-    else:
-        payloads = generate_payloads(events, days=days, seed=seed, invalid_ratio=invalid_ratio)
-        total = events
-        label = "producing"
     with _progress() as bar:
-        task = bar.add_task(label, total=total, info=f"-> {settings.topic_raw}")
-        stats = produce_payloads(
-            settings, payloads, rate=rate or None, progress=lambda n: bar.advance(task, n)
+        task = bar.add_task(
+            label,
+            total=None if from_csv else events,
+            info=f"-> {settings.topic_raw}",
         )
+        if from_csv is not None:
+            stats = produce_payloads(
+                settings, payloads, rate=rate or None, progress=lambda n: bar.advance(task, n)
+            )
+        else:
+            stats = produce_synthetic(
+                settings,
+                events,
+                days=days,
+                seed=seed,
+                invalid_ratio=invalid_ratio,
+                rate=rate or None,
+                progress=lambda n: bar.advance(task, n),
+            )
     summary = stats.to_dict()
     if stats.failed:
         console.print(f"[red]{stats.failed} events were not delivered:[/red] {stats.failures[:3]}")

@@ -200,6 +200,26 @@ INVALID_KINDS: tuple[str, ...] = (
 )
 
 _DAY_US = 86_400_000_000
+# Receives (event_id, purchase probability, drawn probability) of each generated cart: the
+# generator's ground truth (see `purchase_probability`).
+TruthSink: TypeAlias = Callable[[str, float, float], None]
+# Gauss-Hermite nodes for the expectation over the per-cart noise e ~ N(0, PURCHASE_NOISE^2).
+_HERMITE_NODES, _HERMITE_WEIGHTS = np.polynomial.hermite.hermgauss(40)
+
+
+def purchase_probability(logit: np.ndarray) -> np.ndarray:
+    """P(purchase | cart) given everything about the world (user, product, session, price):
+    E_e[sigmoid(logit + e)], e ~ N(0, PURCHASE_NOISE^2), the per-cart noise averaged out.
+
+    This is the best score any model can give a cart, the oracle: e is drawn per cart and shows
+    nowhere before the purchase itself, like the coin flip that follows it. (The probability of
+    the draw itself, sigmoid(logit + e), is recorded too, as `drawn_probability`.)"""
+    shifted = logit[:, None] + math.sqrt(2.0) * PURCHASE_NOISE * _HERMITE_NODES[None, :]
+    return np.asarray(
+        (_HERMITE_WEIGHTS / (1.0 + np.exp(-shifted))).sum(axis=1) / math.sqrt(math.pi)
+    )
+
+
 _BLOCK = 1 << 15
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
@@ -371,9 +391,11 @@ class _Draws:
         return self._normals[j]
 
 
-# time (us since midnight), event type, product index, user index, session index; session ids
+# time (us since midnight), event type, product index, user index, session index, purchase
+# logit and noise (carts; 0 else); session ids
 _DayColumns: TypeAlias = (
-    "tuple[array[int], array[int], array[int], array[int], array[int], list[str]]"
+    "tuple[array[int], array[int], array[int], array[int], array[int], array[float], "
+    "array[float], list[str]]"
 )
 
 
@@ -416,15 +438,17 @@ class _Simulator:
     def _product(self, category: int) -> int:
         return self.category_products[category][self._pick(self.category_product_cum[category])]
 
-    def session(self, user: int) -> list[tuple[float, int, int]]:
-        """(seconds since session start, event type, product index), sorted by time."""
+    def session(self, user: int) -> list[tuple[float, int, int, float, float]]:
+        """(seconds since session start, event type, product index, purchase logit, its noise),
+        sorted by time; for a cart, the purchase logit without the per-cart noise `e` and `e`
+        (the draw used sigmoid(logit + e)); 0, 0 for other events."""
         uniform, normal = self.draws.uniform, self.draws.normal
         n_views = 1 + int(math.log(1.0 - uniform()) / self.log_keep_browsing)
         focus = (
             self.favourite[user] if uniform() < P_FAVOURITE_FOCUS else self._pick(self.category_cum)
         )
         u_i, s_i = self.propensity[user], self.sensitivity[user]
-        events: list[tuple[float, int, int]] = []
+        events: list[tuple[float, int, int, float, float]] = []
         viewed: list[int] = []
         views: dict[int, int] = {}
         carted: set[int] = set()
@@ -438,7 +462,7 @@ class _Simulator:
                 if p not in views:
                     viewed.append(p)
             t += VIEW_GAP[0] - VIEW_GAP[1] * math.log(1.0 - uniform())
-            events.append((t, VIEW, p))
+            events.append((t, VIEW, p, 0.0, 0.0))
             v = views.get(p, 0) + 1
             views[p] = v
             if p in carted:
@@ -454,7 +478,6 @@ class _Simulator:
             if uniform() >= _sigmoid(cart_logit):
                 continue
             t += CART_GAP[0] - CART_GAP[1] * math.log(1.0 - uniform())
-            events.append((t, CART, p))
             carted.add(p)
             logit = (
                 PURCHASE_BIAS
@@ -462,14 +485,15 @@ class _Simulator:
                 + PURCHASE_PRODUCT * q_p
                 + PURCHASE_VIEWS * math.log1p(v)
                 - PURCHASE_PRICE * price_term
-                + PURCHASE_NOISE * normal()
             )
-            if uniform() < _sigmoid(logit):
+            noise = PURCHASE_NOISE * normal()
+            events.append((t, CART, p, logit, noise))
+            if uniform() < _sigmoid(logit + noise):
                 delay = PURCHASE_DELAY[0] - PURCHASE_DELAY[1] * math.log(1.0 - uniform())
-                events.append((t + delay, PURCHASE, p))
+                events.append((t + delay, PURCHASE, p, 0.0, 0.0))
             elif uniform() < P_REMOVE:
                 delay = REMOVE_DELAY[0] - REMOVE_DELAY[1] * math.log(1.0 - uniform())
-                events.append((t + delay, REMOVE, p))
+                events.append((t + delay, REMOVE, p, 0.0, 0.0))
         events.sort()
         return events
 
@@ -480,26 +504,31 @@ class _Simulator:
         return int(day_fraction * max(_DAY_US - 1 - duration_us, 0))
 
     def day(self, budget: int) -> _DayColumns:
-        """Columns (time us since midnight, type, product, user, session index) of one day."""
+        """Columns (time us since midnight, type, product, user, session index, purchase logit,
+        its noise) of one day."""
         times, types, products, users = array("q"), array("b"), array("i"), array("i")
         sessions: array[int] = array("i")
+        logits: array[float] = array("d")
+        noises: array[float] = array("d")
         session_ids: list[str] = []
         count = 0
         while count < budget:
             user = self._pick(self.user_cum)
             events = self.session(user)[: budget - count]
-            offsets = [int(t * 1e6) for t, _, _ in events]
+            offsets = [int(t * 1e6) for t, _, _, _, _ in events]
             start = self.start_us(offsets[-1])
             s = len(session_ids)
             session_ids.append(str(uuid.UUID(bytes=self.id_rng.bytes(16), version=4)))
-            for offset, (_, etype, p) in zip(offsets, events, strict=True):
+            for offset, (_, etype, p, logit, noise) in zip(offsets, events, strict=True):
                 times.append(start + offset)
                 types.append(etype)
                 products.append(p)
                 users.append(user)
                 sessions.append(s)
+                logits.append(logit)
+                noises.append(noise)
             count += len(events)
-        return times, types, products, users, sessions, session_ids
+        return times, types, products, users, sessions, logits, noises, session_ids
 
 
 def _first_day(days: int, start: date | None) -> date:
@@ -523,6 +552,7 @@ def generate_events(
     start: date | None = None,
     world: World | None = None,
     stats: GenerationStats | None = None,
+    truth: TruthSink | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Yield exactly `n_events` valid events (JSON-ready dicts in `FIELD_ORDER`), sorted by time,
     over `days` UTC days from `start` (default: ending yesterday). `world` defaults to
@@ -530,11 +560,15 @@ def generate_events(
 
     `event_id` is the session UUID's first 28 hex digits plus the event's 4-hex-digit position in
     the session: unique across runs that differ in any argument, identical when the same run
-    is replayed (so a replay dedupes)."""
+    is replayed (so a replay dedupes).
+
+    `truth`, if given, is called as `truth(event_id, probability, drawn_probability)` for every
+    cart event of a day before that day's events are yielded (the generator's ground truth,
+    kept out of the events themselves: see `purchase_probability` and `easymlops.truth`)."""
     _check(n_events, days)
     if world is None:
         world = build_world(*default_sizes(n_events), seed=seed)
-    return _events(n_events, days, seed, _first_day(days, start), world, stats)
+    return _events(n_events, days, seed, _first_day(days, start), world, stats, truth)
 
 
 def _events(
@@ -544,6 +578,7 @@ def _events(
     first_day: date,
     world: World,
     stats: GenerationStats | None,
+    truth: TruthSink | None,
 ) -> Iterator[dict[str, Any]]:
     sim = _Simulator(world, seed, run=(n_events, days, first_day.toordinal()))
     product_ids = world.product_ids.tolist()
@@ -557,7 +592,7 @@ def _events(
         budget = n_events // days + (1 if d < n_events % days else 0)
         if budget == 0:
             continue
-        times, types, products, users, sessions, session_ids = sim.day(budget)
+        times, types, products, users, sessions, logits, noises, session_ids = sim.day(budget)
         stats.days += 1
         t = np.frombuffer(times, dtype=np.int64)
         order = np.argsort(t, kind="stable")
@@ -571,6 +606,14 @@ def _events(
             sessions_np, sessions_np, side="left"
         )
         session_hex = [s.replace("-", "")[:28] for s in session_ids]
+        if truth is not None:
+            carts = np.flatnonzero(types_np == CART)
+            logit = np.frombuffer(logits, dtype=np.float64)[carts]
+            noise = np.frombuffer(noises, dtype=np.float64)[carts]
+            expected = purchase_probability(logit).tolist()
+            drawn = (1.0 / (1.0 + np.exp(-(logit + noise)))).tolist()
+            for i, p_expected, p_drawn in zip(carts.tolist(), expected, drawn, strict=True):
+                truth(f"{session_hex[sessions_np[i]]}{int(position[i]):04x}", p_expected, p_drawn)
         by_type = stats.by_event_type
         for lo in range(0, len(order), _BLOCK):
             idx = order[lo : lo + _BLOCK]
@@ -717,16 +760,20 @@ def generate_payloads(
     invalid_ratio: float = 0.0,
     world: World | None = None,
     stats: GenerationStats | None = None,
+    truth: TruthSink | None = None,
 ) -> Iterator[bytes]:
     """Yield exactly `n_events` Kafka message values: `generate_events(n_events, ...)` encoded as
     JSON, with exactly `round(invalid_ratio * n_events)` of them, at uniformly random positions,
-    replaced by `make_invalid(base=that event)` (kinds uniformly among `INVALID_KINDS`)."""
+    replaced by `make_invalid(base=that event)` (kinds uniformly among `INVALID_KINDS`).
+    `truth` receives every cart's purchase probability, as in `generate_events`."""
     _check(n_events, days)
     if not 0.0 <= invalid_ratio <= 1.0:
         raise ValueError(f"invalid_ratio must be within [0, 1], got {invalid_ratio}")
     stats = stats if stats is not None else GenerationStats()
     inner = GenerationStats()
-    events = generate_events(n_events, days=days, seed=seed, start=start, world=world, stats=inner)
+    events = generate_events(
+        n_events, days=days, seed=seed, start=start, world=world, stats=inner, truth=truth
+    )
     return _payloads(events, inner, n_events, round(invalid_ratio * n_events), seed, stats)
 
 

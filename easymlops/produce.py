@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
 
 from confluent_kafka import KafkaError, Message
 
@@ -77,4 +78,31 @@ def produce_payloads(
         stats.failed += remaining
         stats.failures.append(f"{remaining} messages still undelivered after {flush_timeout}s")
     stats.seconds = time.monotonic() - started
+    return stats
+
+
+def produce_synthetic(
+    settings: Settings,
+    events: int,
+    *,
+    days: int = 7,
+    seed: int = 42,
+    start: date | None = None,
+    invalid_ratio: float = 0.0,
+    rate: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> ProduceStats:
+    """Generated sessions to the raw topic, and the generator's ground truth (each cart's
+    purchase probability) to `<home>/truth/` once every event was delivered (easymlops.truth)."""
+    from easymlops.generator import generate_payloads
+    from easymlops.truth import TruthRecorder
+
+    first = start or datetime.now(UTC).date() - timedelta(days=days)
+    truth = TruthRecorder()
+    payloads = generate_payloads(
+        events, days=days, seed=seed, start=first, invalid_ratio=invalid_ratio, truth=truth
+    )
+    stats = produce_payloads(settings, payloads, rate=rate, progress=progress)
+    if not stats.failed:
+        truth.write(settings, f"synthetic-seed{seed}-n{events}-days{days}-from{first.isoformat()}")
     return stats

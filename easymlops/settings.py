@@ -49,7 +49,35 @@ class Settings(BaseSettings):
     champion_alias: str = "champion"
 
     session_ttl_seconds: int = 6 * 3600
+    # A session with no event for this long is over: its carts' labels can no longer change
+    # (label maturity), so only such carts are used for training and testing.
+    session_timeout_seconds: int = 30 * 60
     holdout_days: int = 1
+    # Days before the held-out test period that score the tuning trials (never the test days).
+    validation_days: int = 1
+
+    # Ray Tune search of the XGBoost parameters (easymlops.tuning): trials, wall-time budget,
+    # trials run at once (each trial uses tune_threads_per_trial cores), seed of the search.
+    tune_trials: int = 12
+    tune_time_budget_seconds: float = 300.0
+    tune_concurrency: int = 2
+    tune_threads_per_trial: int = 1
+    tune_seed: int = 7
+
+    # Serving adds the feature values it used to each response (`features`): for parity checks
+    # and debugging; off by default (responses stay small).
+    serve_debug_features: bool = False
+
+    # Promotion gate (easymlops.gate): bootstrap resamples of the held-out rows; a challenger
+    # must beat the price-only baseline by min_lift, and the lower bound of the paired interval
+    # of AUC(challenger) - AUC(champion) must be above -gate_margin (not measurably worse).
+    gate_bootstrap: int = 1000
+    gate_min_lift: float = 0.02
+    gate_margin: float = 0.01
+    # "Implausibly good": above the oracle AUC plus this margin where the generator's truth is
+    # known, above gate_max_auc otherwise (real data).
+    gate_oracle_margin: float = 0.02
+    gate_max_auc: float = 0.90
     # First daily partition (event date) of silver and the partitioned gold models. The
     # default covers the public 2019 e-commerce dataset and everything generated since.
     partitions_start: date = date(2019, 10, 1)

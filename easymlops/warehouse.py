@@ -30,7 +30,11 @@ def dbt_env(settings: Settings) -> dict[str, str]:
 def dbt_vars(settings: Settings, window: tuple[date, date] | None = None) -> str:
     """--vars of a dbt run; `window` (first, last date, inclusive) restricts the daily
     partitioned models (tag:daily) to those dates."""
-    values: dict[str, object] = {"lake_root": settings.lake, "holdout_days": settings.holdout_days}
+    values: dict[str, object] = {
+        "lake_root": settings.lake,
+        "holdout_days": settings.holdout_days,
+        "session_timeout_seconds": settings.session_timeout_seconds,
+    }
     if window is not None:
         values.update(min_date=window[0].isoformat(), max_date=window[1].isoformat())
     return json.dumps(values)

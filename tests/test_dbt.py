@@ -76,6 +76,9 @@ EVENTS: list[tuple[str, str, str, int, float, int, str]] = [
 DUPLICATED = "e14"  # also written in a second file of its partition (a replayed write)
 
 EXPECTED_LABELS = {"e04": 1, "e07": 0, "e11": 0, "e15": 1, "e18": 1, "e20": 0}
+# Session timeout 0: every session counts as over, so e20 (the last event of the data) is in
+# training_set; label maturity with a real timeout is tested on its own below.
+VARS = {"holdout_days": 1, "session_timeout_seconds": 0}
 
 
 def silver_frame(rows: list[tuple[str, str, str, int, float, int, str]]) -> pl.DataFrame:
@@ -131,7 +134,7 @@ class Build:
 
 
 def run_dbt(
-    args: list[str], env: dict[str, str], workdir: Path
+    args: list[str], env: dict[str, str], workdir: Path, project_dir: Path = PROJECT_DIR
 ) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
     """Run the dbt CLI as Dagster does (a subprocess); artifacts and logs go to `workdir` so
     the repository's dbt_project/target is untouched."""
@@ -140,9 +143,9 @@ def run_dbt(
         str(DBT),
         *args,
         "--project-dir",
-        str(PROJECT_DIR),
+        str(project_dir),
         "--profiles-dir",
-        str(PROJECT_DIR),
+        str(project_dir),
         "--target-path",
         str(target_path),
         "--log-path",
@@ -175,7 +178,7 @@ def build(tmp_path_factory: pytest.TempPathFactory) -> Build:
     write_silver(lake)
     env = dbt_env(lake, warehouse, workdir)
     started = datetime.now()
-    proc, results = run_dbt(["build", "--vars", json.dumps({"holdout_days": 1})], env, workdir)
+    proc, results = run_dbt(["build", "--vars", json.dumps(VARS)], env, workdir)
     seconds = (datetime.now() - started).total_seconds()
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     print(f"dbt build took {seconds:.1f} s")
@@ -468,7 +471,7 @@ def copy_warehouse(build: Build, name: str) -> tuple[Path, dict[str, str], Path]
 def test_range_join_matches_asof_join(build: Build) -> None:
     """The portable point-in-time join (used on postgres) gives the same rows as ASOF."""
     warehouse, env, workdir = copy_warehouse(build, "range-join")
-    vars_ = json.dumps({"holdout_days": 1, "point_in_time_join": "range"})
+    vars_ = json.dumps({**VARS, "point_in_time_join": "range"})
     proc, _ = run_dbt(["run", "-s", "training_set", "--vars", vars_], env, workdir)
     assert proc.returncode == 0, proc.stdout[-6000:]
     compiled = next((workdir / "target" / "run").rglob("training_set.sql")).read_text()
@@ -476,21 +479,58 @@ def test_range_join_matches_asof_join(build: Build) -> None:
     assert training_rows(warehouse) == training_rows(build.warehouse)
 
 
-def test_point_in_time_check_catches_a_leak(build: Build) -> None:
-    """Tamper with a copy of training_set so a row uses features from its own day: the
-    singular test `assert_point_in_time` must fail on it."""
+def test_point_in_time_check_catches_a_leak(build: Build, tmp_path: Path) -> None:
+    """Plant the realistic leak in a copy of the project: user feature rows valid on their own
+    activity day (`valid_from = activity_date`), so a cart sees the rest of its own day. The
+    join and the audit columns look fine; `assert_point_in_time` recomputes history from the
+    events and must fail, naming the rows of users active before on the cart's day."""
+    project = tmp_path / "dbt_project"
+    shutil.copytree(PROJECT_DIR, project, ignore=shutil.ignore_patterns("target", "logs"))
+    model = project / "models" / "features" / "user_features.sql"
+    sql = model.read_text()
+    assert "activity_date + 1 as valid_from," in sql
+    model.write_text(
+        sql.replace("activity_date + 1 as valid_from,", "activity_date as valid_from,")
+    )
     warehouse, env, workdir = copy_warehouse(build, "leak")
-    with duckdb.connect(str(warehouse)) as con:
-        con.execute(
-            "update main.training_set set user_features_valid_from = event_date + 1 "
-            "where event_id = 'e15'"
-        )
-    proc, results = run_dbt(["test", "-s", "assert_point_in_time"], env, workdir)
+    proc, _ = run_dbt(
+        ["run", "-s", "user_features", "training_set", "--vars", json.dumps(VARS)],
+        env,
+        workdir,
+        project,
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    proc, results = run_dbt(
+        ["test", "-s", "assert_point_in_time", "--vars", json.dumps(VARS)], env, workdir, project
+    )
     assert proc.returncode != 0
     [result] = results
     assert result["unique_id"] == "test.easymlops.assert_point_in_time"
     assert result["status"] == "fail"
-    assert result["failures"] == 1
+    # Every cart's own day now has a user row valid that day (the cart itself is in it), so
+    # every training row joins its own day: each one is a failure of the check.
+    leaked = query(
+        warehouse,
+        "select t.event_id from main.training_set t where t.user_features_valid_from = "
+        "t.event_date order by 1",
+    )
+    assert result["failures"] == len(leaked) > 0
+
+
+def test_label_maturity_leaves_out_carts_of_sessions_that_may_go_on(build: Build) -> None:
+    """With a 30-minute session timeout, e20's session (its cart is the newest event of the
+    data) may still go on: its label could still turn to 1, so it is in neither split; every
+    other cart's session ended over 30 minutes before the data closes."""
+    warehouse, env, workdir = copy_warehouse(build, "maturity")
+    vars_ = json.dumps({**VARS, "session_timeout_seconds": 1800})
+    proc, _ = run_dbt(["run", "-s", "training_set", "--vars", vars_], env, workdir)
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    rows = training_rows(warehouse)
+    assert set(rows) == set(EXPECTED_LABELS) - {"e20"}
+    # The test split is the last day of mature carts: e18 (day 3) alone.
+    assert {k for k, v in rows.items() if v["split"] == "test"} == {"e18"}
+    # e20 is still in fct_cart_events: maturity only keeps it out of training and testing.
+    assert "e20" in {r[0] for r in cart_event_rows(warehouse)}
 
 
 def cart_event_rows(warehouse: Path) -> list[tuple[Any, ...]]:
@@ -542,7 +582,7 @@ def test_a_daily_partition_rebuild_leaves_other_dates_alone(build: Build) -> Non
     warehouse, env, workdir = copy_warehouse(build, "window")
     with duckdb.connect(str(warehouse)) as con:
         con.execute("update main.fct_cart_events set label = 9")
-    window = json.dumps({"min_date": str(D2), "max_date": str(D3), "holdout_days": 1})
+    window = json.dumps({"min_date": str(D2), "max_date": str(D3), **VARS})
     proc, _ = run_dbt(["run", "-s", "fct_cart_events", "--vars", window], env, workdir)
     assert proc.returncode == 0, proc.stdout[-6000:]
     labels = {

@@ -1,13 +1,31 @@
--- The point-in-time training set: one row per cart event with its label, the request and
--- session features of fct_cart_events, and the user / product features as of the event's
+-- The point-in-time training set: one row per *mature* cart event with its label, the request
+-- and session features of fct_cart_events, and the user / product features as of the event's
 -- day (the feature row with the greatest valid_from <= event_date, i.e. built only from days
 -- strictly before the event's day). Missing history stays null, as a missing key does online.
 --
--- split = 'test' for the last var('holdout_days') days of cart events (event_date >
--- max(event_date) - holdout_days), 'train' before that.
-with cart_events as (
+-- Label maturity: a cart's label (a later purchase in its session) is final only once the
+-- session is over, i.e. it has had no event for var('session_timeout_seconds') before the
+-- data closes (the newest event of any session). Carts of sessions that may still go on are
+-- left out of both splits until a later build, so the newest, still running day makes no
+-- false negatives (a purchase that has not arrived yet).
+--
+-- split = 'test' for the last var('holdout_days') days of mature cart events
+-- (event_date > max(event_date) - holdout_days), 'train' before that.
+with data_close as (
 
-    select * from {{ ref('fct_cart_events') }}
+    select max(event_time) as closed_at from {{ ref('stg_events') }}
+
+),
+
+cart_events as (
+
+    select fct_cart_events.*
+    from {{ ref('fct_cart_events') }} as fct_cart_events
+    inner join {{ ref('int_sessions') }} as sessions
+        on sessions.user_session = fct_cart_events.user_session
+    cross join data_close
+    where {{ dbt.dateadd('second', var('session_timeout_seconds'), 'sessions.session_end') }}
+        <= data_close.closed_at
 
 ),
 
