@@ -12,6 +12,7 @@ from easymlops import registry
 from easymlops.demo import sample_requests, time_predictions
 from easymlops.features import session_key
 from easymlops.generator import generate_payloads
+from easymlops.kafka import ensure_topics
 from easymlops.online_store import read_entity
 from easymlops.pipeline import run_pipeline
 from easymlops.produce import produce_payloads
@@ -28,9 +29,18 @@ def e2e_settings(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> I
     patch = pytest.MonkeyPatch()
     patch.setenv("EASYMLOPS_MODEL_NAME", "purchase_propensity_e2e")
     patch.setenv("DAGSTER_HOME", str(tmp_path_factory.mktemp("dagster-home")))
+    # Topics, lake and warehouse of its own too: events other tests streamed into the shared
+    # stack (the 2019 CSV replay) would otherwise span thousands of daily partitions.
+    for name in ("raw", "validated", "invalid", "predictions"):
+        patch.setenv(f"EASYMLOPS_TOPIC_{name.upper()}", f"e2e.{name}")
+    home = tmp_path_factory.mktemp("e2e-lake")
+    patch.setenv("EASYMLOPS_LAKE_URI", str(home / "lake"))
+    patch.setenv("EASYMLOPS_WAREHOUSE_PATH", str(home / "warehouse.duckdb"))
     get_settings.cache_clear()
     try:
-        yield get_settings()
+        settings = get_settings()
+        ensure_topics(settings)
+        yield settings
     finally:
         patch.undo()
         get_settings.cache_clear()

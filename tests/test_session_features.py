@@ -45,7 +45,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Event]]:
         directory.mkdir(parents=True)
         part.write_parquet(directory / "part-0.parquet")
     env = dbt_env(lake, warehouse, workdir)
-    proc, _ = run_dbt(["build", "--select", "+fct_cart_events"], env, workdir)
+    proc, _ = run_dbt(
+        # cautious: not the point-in-time test, which also reads training_set (unbuilt here)
+        ["build", "--select", "+fct_cart_events", "--indirect-selection", "cautious"],
+        env,
+        workdir,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     return warehouse, events
 
