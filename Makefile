@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse bench-tune
+.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse bench-tune
 .PHONY: flink-venv flink-validate backfill
 
 help: ## list targets
@@ -30,6 +30,10 @@ manifest: install ## dbt parse (Dagster builds the dbt assets from its manifest)
 
 demo: manifest ## start the embedded stack and run everything end to end
 	$(RUN) easymlops demo
+
+demo-fresh: ## the demo from a clean slate: stop the stack, delete its data, then `make demo`
+	$(MAKE) clean
+	$(MAKE) demo
 
 lint: install ## ruff (lint + format check) and mypy
 	$(RUN) ruff check .

@@ -12,7 +12,9 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from easymlops import registry
 from easymlops.features import session_key
+from easymlops.pipeline import GATE_CHECK
 from easymlops.settings import Settings, get_settings
 
 
@@ -22,13 +24,22 @@ def sample_requests(settings: Settings, n: int) -> list[dict[str, Any]]:
 
     with connect(settings) as con:
         rows = con.execute(
-            """select user_id, product_id, user_session, price from training_set
-            where split = 'test' order by event_time limit ?""",
+            """select user_id, product_id, user_session, price, event_time, event_id
+            from training_set where split = 'test' order by event_time, event_id limit ?""",
             [n],
         ).fetchall()
+    # Each request carries the cart's time and id, as a live cart event would: serving then
+    # uses the session's events strictly before it, as the training row did.
     return [
-        {"user_id": u, "product_id": p, "user_session": s, "price": float(price)}
-        for u, p, s, price in rows
+        {
+            "user_id": u,
+            "product_id": p,
+            "user_session": s,
+            "price": float(price),
+            "event_time": time.isoformat() + ("" if time.tzinfo else "Z"),
+            "event_id": event_id,
+        }
+        for u, p, s, price, time, event_id in rows
     ]
 
 
@@ -54,6 +65,25 @@ def time_predictions(settings: Settings, requests: list[dict[str, Any]]) -> dict
         "mean_probability": statistics.fmean(probabilities),
         "model_version": version,
     }
+
+
+def ensure_serving(settings: Settings, champion_version: str, console: Console) -> None:
+    """Make sure Ray Serve answers with the champion: after a refused challenger this run did
+    not deploy, and after `easymlops down` the Ray head (and the app on it) is new."""
+    try:
+        response = httpx.get(f"{settings.serve_url}/model", timeout=5)
+        served = response.json() if response.status_code == 200 else {}
+        if (served.get("name"), str(served.get("version"))) == (
+            settings.model_name,
+            champion_version,
+        ):
+            return
+    except (httpx.HTTPError, ValueError):
+        pass
+    console.print(f"  deploying the champion (version {champion_version}) to Ray Serve")
+    from serving.deploy import deploy
+
+    deploy(settings, wait_ready=True)
 
 
 def _live_sessions(settings: Settings) -> int:
@@ -106,18 +136,36 @@ def run_demo(
         f"  asset checks: {len(result.checks) - len(failed_checks)}/{len(result.checks)} passed"
     )
     for key in failed_checks:
-        console.print(f"  [red]check failed:[/red] {key}")
-    if not result.success:
+        if key in result.warn_checks:
+            console.print(f"  [yellow]check warned:[/yellow] {key}: {result.check_details[key][0]}")
+        else:
+            console.print(f"  [red]check failed:[/red] {key}")
+    if not result.success and not result.gate_refused:
         console.print(f"[red]Dagster run {result.run_id} failed:[/red]")
         for failure in result.failures:
             console.print(f"  {failure}")
         return 1
-    step(f"5/5 {predictions} sequential predictions")
-    latency = time_predictions(settings, sample_requests(settings, predictions))
-
     m = result.materializations
-    nan = float("nan")
     model = m.get("purchase_model", {})
+    gate_description, gate = result.check_details.get(GATE_CHECK, ("", {}))
+    champion = registry.champion(settings)
+    if result.gate_refused:
+        console.print(
+            f"  [yellow]promotion gate refused version {model.get('model_version')}:"
+            f"[/yellow] {gate_description}"
+        )
+        console.print(
+            f"  version {champion.version} (champion) keeps serving"
+            if champion
+            else "  no version has passed the gate yet: nothing serves"
+        )
+    latency = None
+    if champion is not None:
+        step(f"5/5 {predictions} sequential predictions")
+        ensure_serving(settings, champion.version, console)
+        latency = time_predictions(settings, sample_requests(settings, predictions))
+
+    nan = float("nan")
     table = Table(title="EasyMLOps demo", show_header=True)
     table.add_column("stage")
     table.add_column("result", justify="right")
@@ -140,14 +188,46 @@ def run_demo(
         f"{m.get('online_features', {}).get('dagster/row_count', 0):,}",
     )
     table.add_row(
-        "held-out AUC (model / price-only baseline)",
-        f"{model.get('test_auc', nan):.4f} / {model.get('baseline_test_auc', nan):.4f}",
+        "tuning (Ray Tune, ASHA)",
+        f"{model.get('tune_trials', 0):.0f} trials ({model.get('tune_failed_trials', 0):.0f} "
+        f"failed) in {model.get('tune_wall_seconds', nan):.0f} s, best validation AUC "
+        f"{model.get('tune_best_valid_auc', nan):.4f}",
     )
-    table.add_row("model", f"{model.get('model_name')} v{model.get('model_version')} (champion)")
-    table.add_row("checks passed", f"{sum(result.checks.values())}/{len(result.checks)}")
     table.add_row(
-        "prediction latency p50 / p99", f"{latency['p50_ms']:.1f} ms / {latency['p99_ms']:.1f} ms"
+        "held-out AUC (95% interval)",
+        f"{model.get('test_auc', nan):.4f} [{model.get('test_auc_ci_low', nan):.4f}, "
+        f"{model.get('test_auc_ci_high', nan):.4f}]",
     )
+    table.add_row("price-only baseline AUC", f"{model.get('baseline_test_auc', nan):.4f}")
+    if "oracle_test_auc" in model:
+        table.add_row(
+            "oracle AUC (true probabilities) / model ratio",
+            f"{model['oracle_test_auc']:.4f} / {model['model_oracle_ratio']:.3f}",
+        )
+    else:
+        table.add_row("oracle AUC", "not applicable (no ground truth)")
+    if gate:
+        verdict = "passed" if result.checks.get(GATE_CHECK) else "REFUSED"
+        versus = gate.get("vs_champion", "n/a")
+        table.add_row(
+            "promotion gate",
+            f"{verdict}: lift over baseline {gate.get('lift_over_baseline')}"
+            + (
+                f"; vs champion v{gate.get('champion_version')} {versus}" if versus != "n/a" else ""
+            ),
+        )
+    table.add_row(
+        "model trained",
+        f"{model.get('model_name')} v{model.get('model_version')}"
+        + (" (refused by the gate)" if result.gate_refused else ""),
+    )
+    table.add_row("serving", f"v{champion.version} (champion)" if champion else "nothing yet")
+    table.add_row("checks passed", f"{sum(result.checks.values())}/{len(result.checks)}")
+    if latency is not None:
+        table.add_row(
+            "prediction latency p50 / p99",
+            f"{latency['p50_ms']:.1f} ms / {latency['p99_ms']:.1f} ms",
+        )
     table.add_row("demo wall time", f"{time.monotonic() - started:.0f} s")
     out.print(table)
     out.print(

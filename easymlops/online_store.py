@@ -71,6 +71,17 @@ def materialize(
         _write(pipe, features.product_key(row[0]), features.PRODUCT_FEATURES, row[1:-1])
         if i % batch == 0:
             pipe.execute()
+    pipe.execute()
+    # Entities with no row valid on `day` (first seen on or after it) must have no features:
+    # drop what an earlier materialization (e.g. as of a later day) left for them.
+    written = {features.user_key(row[0]) for row in users}
+    written |= {features.product_key(row[0]) for row in products}
+    for pattern in (features.user_key("*"), features.product_key("*")):  # type: ignore[arg-type]
+        stale = [
+            k for k in client.scan_iter(match=pattern, count=5000) if k.decode() not in written
+        ]
+        for lo in range(0, len(stale), batch):
+            pipe.delete(*stale[lo : lo + batch])
     pipe.hset(
         features.META_KEY,
         mapping={
@@ -96,3 +107,52 @@ def materialized_as_of(settings: Settings) -> date | None:
 def read_entity(settings: Settings, key: str) -> dict[str, float]:
     client = redis.Redis.from_url(settings.redis, decode_responses=True)
     return {str(k): float(v) for k, v in client.hgetall(key).items()}
+
+
+def compare_with_warehouse(settings: Settings, as_of: date) -> tuple[str, int, int, list[str]]:
+    """Every user and product hash in Redis against the features the warehouse gives that
+    entity on `as_of`: the training set's point-in-time join where it has carts of that day,
+    else the as-of query. A null (or missing) feature must be absent in Redis. Returns the
+    source compared with, users and products compared, and the mismatches."""
+    with connect(settings) as con:
+        carts = con.execute(
+            "select count(*) from training_set where event_date = ?", [as_of]
+        ).fetchone()
+        from_training_set = bool(carts and carts[0])
+        expected: list[tuple[str, tuple[str, ...], list[tuple]]] = []
+        for kind, key, names, table in (
+            ("user", "user_id", features.USER_FEATURES, "user_features"),
+            ("product", "product_id", features.PRODUCT_FEATURES, "product_features"),
+        ):
+            if from_training_set:
+                rows = con.execute(
+                    f"select distinct {key}, {', '.join(names)} from training_set "
+                    "where event_date = ?",
+                    [as_of],
+                ).fetchall()
+            else:
+                sql = AS_OF_SQL.format(key=key, columns=", ".join(names), table=table)
+                rows = [r[:-1] for r in con.execute(sql, {"as_of": as_of}).fetchall()]
+            expected.append((kind, names, rows))
+    client = redis.Redis.from_url(settings.redis, decode_responses=True)
+    mismatches: list[str] = []
+    counts = []
+    for kind, names, rows in expected:
+        key_of = features.user_key if kind == "user" else features.product_key
+        pipe = client.pipeline(transaction=False)
+        for row in rows:
+            pipe.hgetall(key_of(row[0]))
+        stored = pipe.execute()
+        counts.append(len(rows))
+        for row, online in zip(rows, stored, strict=True):
+            for name, value in zip(names, row[1:], strict=True):
+                known = value is not None and math.isfinite(float(value))
+                if not known:
+                    if name in online:
+                        mismatches.append(f"{kind} {row[0]} {name}: redis {online[name]}, null")
+                elif name not in online:
+                    mismatches.append(f"{kind} {row[0]} {name}: missing in redis, {value}")
+                elif abs(float(online[name]) - float(value)) > 1e-9 * max(1.0, abs(value)):
+                    mismatches.append(f"{kind} {row[0]} {name}: redis {online[name]}, {value}")
+    source = "training_set join" if from_training_set else "as-of query"
+    return source, counts[0], counts[1], mismatches

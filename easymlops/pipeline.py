@@ -9,6 +9,8 @@ from typing import Any
 
 from easymlops.settings import Settings
 
+GATE_CHECK = "purchase_model:promotion_gate"
+
 
 def dagster_home(settings: Settings) -> str:
     """The local Dagster instance directory, with a dagster.yaml (telemetry off: this machine
@@ -27,7 +29,12 @@ class PipelineResult:
     run_id: str
     materializations: dict[str, dict[str, Any]] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
+    # asset:check -> (description, metadata) of its evaluation
+    check_details: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
+    # checks of severity WARN (a failed one warns; it stops nothing)
+    warn_checks: set[str] = field(default_factory=set)
     failures: list[str] = field(default_factory=list)
+    failed_steps: list[str] = field(default_factory=list)
     # Daily partitioned assets: partition -> metadata of its latest materialization in the run.
     partitions: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
@@ -40,6 +47,17 @@ class PipelineResult:
 
     first_date: str = ""
     last_date: str = ""
+
+    @property
+    def gate_refused(self) -> bool:
+        """The run failed only because the promotion gate refused the new model version: a
+        normal outcome of a platform with a gate (the champion keeps serving), not a failure."""
+        return (
+            not self.success
+            and self.checks.get(GATE_CHECK) is False
+            and bool(self.failed_steps)
+            and all("promotion_gate" in step for step in self.failed_steps)
+        )
 
 
 def run_pipeline(settings: Settings, job_name: str = "full_pipeline") -> PipelineResult:
@@ -91,6 +109,8 @@ def run_pipeline(settings: Settings, job_name: str = "full_pipeline") -> Pipelin
     landing_result = _summarize(landing)
     result.materializations = {**landing_result.materializations, **result.materializations}
     result.checks = {**landing_result.checks, **result.checks}
+    result.check_details = {**landing_result.check_details, **result.check_details}
+    result.warn_checks |= landing_result.warn_checks
     result.first_date, result.last_date = first, last
     return result
 
@@ -111,9 +131,16 @@ def _summarize(run: Any) -> PipelineResult:
             evaluation = event.event_specific_data
             key = f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
             result.checks[key] = bool(evaluation.passed)
+            if evaluation.severity.value == "WARN":
+                result.warn_checks.add(key)
+            result.check_details[key] = (
+                evaluation.description or "",
+                {k: v.value for k, v in evaluation.metadata.items()},
+            )
         elif event.event_type_value == "STEP_FAILURE":
             error = event.event_specific_data.error
             result.failures.append(
                 f"{event.step_key}: {error.message.strip() if error else 'failed'}"
             )
+            result.failed_steps.append(str(event.step_key))
     return result

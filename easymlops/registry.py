@@ -13,7 +13,9 @@ import logging
 import math
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import mlflow
 import mlflow.xgboost
@@ -80,6 +82,8 @@ def log_and_register(
     settings: Settings,
     tags: dict[str, str] | None = None,
     run_name: str | None = None,
+    artifacts: Mapping[str, Any] | None = None,
+    figures: Mapping[str, Any] | None = None,
 ) -> RegisteredModel:
     """Log `booster` with its params and metrics in a new run of `settings.mlflow_experiment` and
     register it as a new version of `settings.model_name`, tagged with the feature-set version.
@@ -87,6 +91,8 @@ def log_and_register(
     The booster must have been trained on MODEL_FEATURES in that order: serving builds its input
     by those names, so a mismatch is refused here rather than discovered at prediction time.
     The new version gets no alias; promotion is a separate, gated step (`promote`).
+    `artifacts` are JSON-able objects logged as `<name>` (e.g. "calibration.json"), `figures`
+    matplotlib figures logged as images.
     """
     names = tuple(booster.feature_names or ())
     if names != MODEL_FEATURES:
@@ -109,6 +115,10 @@ def log_and_register(
         mlflow.log_params(params)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
         mlflow.set_tag(FEATURE_SET_VERSION_TAG, FEATURE_SET_VERSION)
+        for name, value in (artifacts or {}).items():
+            mlflow.log_dict(value, name)
+        for name, figure in (figures or {}).items():
+            mlflow.log_figure(figure, name)
         info = mlflow.xgboost.log_model(
             booster,
             name=MODEL_ARTIFACT_NAME,
@@ -183,7 +193,15 @@ def promote(version: str | int, settings: Settings) -> RegisteredModel:
 GATE_TAG = "easymlops.promotion_gate"
 
 
-def record_gate(version: str | int, passed: bool, reason: str, settings: Settings) -> None:
+def record_gate(
+    version: str | int,
+    passed: bool,
+    reason: str,
+    settings: Settings,
+    details: Mapping[str, object] | None = None,
+) -> None:
+    """Keep the gate's verdict and reason (and `details`, e.g. the AUCs and intervals it
+    compared, as `easymlops.promotion_gate.<key>` tags) on the model version."""
     mlflow_client = client(settings)
     mlflow_client.set_model_version_tag(
         settings.model_name, str(version), GATE_TAG, "passed" if passed else "failed"
@@ -191,6 +209,10 @@ def record_gate(version: str | int, passed: bool, reason: str, settings: Setting
     mlflow_client.set_model_version_tag(
         settings.model_name, str(version), f"{GATE_TAG}.reason", reason[:5000]
     )
+    for key, value in (details or {}).items():
+        mlflow_client.set_model_version_tag(
+            settings.model_name, str(version), f"{GATE_TAG}.{key}", str(value)[:5000]
+        )
 
 
 def gate_verdict(version: str | int, settings: Settings) -> tuple[str, str]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import socket
 import tempfile
 import time
 import uuid
@@ -421,6 +422,12 @@ class _Recorder:
     ended: set[int] = field(default_factory=set)
     announced: set[int] = field(default_factory=set)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks (and so this) into its experiment state; a progress
+        # function such as Dagster's context.log.info holds a logger, which cannot be pickled.
+        # Only the live recorder in the driver reports progress.
+        return {**self.__dict__, "progress": None}
+
     def result(self, index: int, trial_id: str, result: dict) -> None:
         self.trial_ids[index] = trial_id
         if METRIC in result and "training_iteration" in result:
@@ -592,7 +599,15 @@ def attach_ray(ray_address: str | None) -> bool:
             namespace=RAY_NAMESPACE,
         )
         return True
-    host = ray_address.rsplit(":", 1)[0]
+    host, port = ray_address.rsplit(":", 1)
+    # ray.init waits without end for a head whose GCS is gone; say so at once instead.
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise RuntimeError(
+            f"the Ray head at {ray_address} does not answer ({exc}): start the stack with "
+            "`easymlops up` (`easymlops status` shows what runs)"
+        ) from None
     if host in ("127.0.0.1", "localhost"):
         ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(

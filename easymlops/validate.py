@@ -9,7 +9,8 @@ transactions stay strictly one after another. So:
   resumes from the committed offsets, and the aborted transaction's records are not produced
   twice even on a broker that shows them to `read_committed` readers (see `_find_leaked`);
   valid + invalid = raw, always;
-- session-feature updates are idempotent per event id, so replaying a batch counts nothing twice;
+- session-feature writes are idempotent per event id (each event is a field of its session's
+  hash), so replaying a batch stores nothing twice;
 - a broker or Redis outage is waited out: the batch is retried (Redis first, then a fresh
   transaction) with backoff and a log line per attempt, until `max_outage_seconds`;
 - SIGTERM/SIGINT (via `should_stop`) finish the batch in flight, commit it, and exit.
@@ -61,7 +62,7 @@ SOURCE_HEADER = "easymlops-source"
 # the true end can lie up to one producer batch (kafka.producer: batch.num.messages) beyond it.
 TANSU_WATERMARK_LAG = 10_000
 # Valid events per Redis session-feature call: small enough that Redis starts while the rest of
-# the batch is still being routed, large enough that a session's events mostly share a call.
+# the batch is still being routed, large enough that a session's events mostly share an HSET.
 REDIS_CHUNK = 1000
 # Allocations between two young-generation collections while validating (default 700).
 GC_THRESHOLD = 50_000
@@ -455,7 +456,8 @@ class Validator:
         """Apply the events' session features in the Redis thread. Submitted in chunks while
         the batch is still being routed, so Redis works in parallel with routing; _commit waits
         for every chunk before the transaction commits, so the features are written before the
-        offsets move. Chunks may land in any order: the features are counts, sets and minima."""
+        offsets move. Chunks may land in any order: each event is a field of its own, and
+        serving orders a session's events itself."""
         writer = self.sessions
         assert writer is not None
         return self.redis_thread.submit(self._retrying, "Redis", lambda: writer.apply(events))

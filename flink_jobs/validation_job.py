@@ -7,9 +7,8 @@ Topology (built once, by `build_topology`, for both modes):
       -> RouteFunction: easymlops.schema.route(...)      (the rules are imported, never copied)
            main output   validated (key, value, Event)  -> Row(key, value) -> valid sink
            side output   dead letters Row(key, value)   -> invalid sink
-      -> key_by(user_session) -> SessionFeatures: easymlops.session_features.SessionState in keyed
-         ValueState, counted once per event_id; emits (user_session, full hash) on every change
-                                                         -> session sink
+      -> SessionEventField: easymlops.session_features.event_field, per validated event
+         (user_session, {e:{event_id}: "micros|rank|product"})   -> session sink
 
 Modes:
 
@@ -17,12 +16,16 @@ Modes:
   with committed group offsets, else earliest), because PyFlink's DataStream KafkaSource only
   offers value-only deserializers and a dead letter needs the key, partition and offset. Both
   outputs go to KafkaSinks with DeliveryGuarantee.EXACTLY_ONCE (transactions committed on
-  checkpoints); session hashes are written to Redis (HSET of the full hash + EXPIRE: idempotent,
-  so a replay after a restore rewrites the same values). Needs the flink-sql-connector-kafka jar
-  (infra/flink/Dockerfile puts it in /opt/flink/lib; or pass --jar).
+  checkpoints); each event's field is written to its session's hash in Redis (HSET + EXPIRE,
+  exactly what the local runner writes: idempotent per event id, so a replay after a restore
+  rewrites the same fields). The session stage keeps no state (uid "session-events"; a savepoint
+  of the former keyed-state stage "session-features" restores with --allowNonRestoredState).
+  Needs the flink-sql-connector-kafka jar (infra/flink/Dockerfile puts it in /opt/flink/lib; or
+  pass --jar).
 - `bounded` (tests, replays of files): the same topology on a local mini-cluster, fed from a
   JSON-lines file read as bytes in the driver (so non-UTF-8 lines survive; topic = the raw topic,
-  partition 0, offset = line index), writing DIR/valid/, DIR/invalid/ and DIR/sessions/.
+  partition 0, offset = line index), writing DIR/valid/, DIR/invalid/ and DIR/sessions/ (one line
+  per session: the hash its fields add up to in Redis).
 
     python -m flink_jobs.validation_job bounded --input events.jsonl --output out/
     python -m flink_jobs.validation_job kafka --checkpoint-interval-ms 10000
@@ -39,17 +42,15 @@ import sys
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pyflink.common import Configuration, Row, Types
-from pyflink.common.time import Time
 from pyflink.datastream import (
     CheckpointingMode,
     DataStream,
-    KeyedProcessFunction,
     MapFunction,
     OutputTag,
     ProcessFunction,
@@ -57,11 +58,10 @@ from pyflink.datastream import (
     StreamExecutionEnvironment,
 )
 from pyflink.datastream.functions import KeySelector
-from pyflink.datastream.state import StateTtlConfig, ValueStateDescriptor
 
 from easymlops.features import session_key
 from easymlops.schema import Event, route
-from easymlops.session_features import SessionState
+from easymlops.session_features import event_field
 from easymlops.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,58 +111,29 @@ class ToRecord(MapFunction):
 
 
 class BySession(KeySelector):
-    def get_key(self, value: tuple[bytes, bytes, Event]) -> str:
-        return value[2].user_session
+    """The session of a (user_session, fields) pair: one writer per session in bounded mode."""
+
+    def get_key(self, value: tuple[str, dict[str, str]]) -> str:
+        return value[0]
 
 
-@dataclass
-class _Session:
-    """Keyed state of one session: its aggregates and the event ids already counted."""
+class SessionEventField(MapFunction):
+    """A validated event -> (user_session, {field: value}), the field that stands for it in its
+    session's hash (easymlops.session_features.event_field). Stateless: the hash keeps the
+    session's events and serving computes the features from them; a repeated event id rewrites
+    the same field."""
 
-    state: SessionState = field(default_factory=SessionState)
-    applied: set[str] = field(default_factory=set)
-
-
-class SessionFeatures(KeyedProcessFunction):
-    """Fold a session's validated events into `SessionState` (keyed ValueState, expiring like the
-    Redis key `ttl_seconds` after the session's last event). Each event id counts once, as in the
-    local runner's Redis script. Emits (user_session, full hash) each time the state changes."""
-
-    def __init__(self, ttl_seconds: int) -> None:
-        self.ttl_seconds = ttl_seconds
-        self.session: Any = None
-
-    def open(self, runtime_context: RuntimeContext) -> None:
-        descriptor = ValueStateDescriptor("session", Types.PICKLED_BYTE_ARRAY())
-        descriptor.enable_time_to_live(
-            StateTtlConfig.new_builder(Time.seconds(self.ttl_seconds))
-            .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
-            # NeverReturnExpired would turn off PyFlink's Python-side state cache (a JVM round
-            # trip per read: the job ran 2x slower); a just-expired session that comes back
-            # before cleanup simply goes on counting, and its Redis hash is rewritten whole.
-            .set_state_visibility(StateTtlConfig.StateVisibility.ReturnExpiredIfNotCleanedUp)
-            .build()
-        )
-        self.session = runtime_context.get_state(descriptor)
-
-    def process_element(
-        self, value: tuple[bytes, bytes, Event], ctx: KeyedProcessFunction.Context
-    ) -> Any:
+    def map(self, value: tuple[bytes, bytes, Event]) -> tuple[str, dict[str, str]]:
         event = value[2]
-        session: _Session = self.session.value() or _Session()
-        if event.event_id in session.applied:
-            return
-        session.applied.add(event.event_id)
-        session.state.apply(event)
-        self.session.update(session)
-        yield event.user_session, session.state.to_hash()
+        name, encoded = event_field(event)
+        return event.user_session, {name: encoded}
 
 
 @dataclass(frozen=True)
 class Streams:
     valid: DataStream  # Row(key, value): events.validated
     invalid: DataStream  # Row(key, value): events.invalid (dead-letter envelopes)
-    sessions: DataStream  # (user_session, hash): feat:session:{id}, on every change
+    sessions: DataStream  # (user_session, {field: value}): feat:session:{id}, one per event
 
 
 def build_topology(raw: DataStream, settings: Settings) -> Streams:
@@ -174,12 +145,10 @@ def build_topology(raw: DataStream, settings: Settings) -> Streams:
     # Taken right after the process function (PyFlink loses side outputs otherwise).
     invalid = routed.get_side_output(DEAD_LETTERS)
     valid = routed.map(ToRecord(), output_type=RECORD_TYPE).name("validated record")
-    sessions = (
-        routed.key_by(BySession(), key_type=Types.STRING())
-        .process(SessionFeatures(settings.session_ttl_seconds), Types.PICKLED_BYTE_ARRAY())
-        .name("session features: SessionState")
+    sessions = routed.map(SessionEventField(), output_type=Types.PICKLED_BYTE_ARRAY()).name(
+        "session events: event_field"
     )
-    sessions.uid("session-features")
+    sessions.uid("session-events")
     return Streams(valid=valid, invalid=invalid, sessions=sessions)
 
 
@@ -195,9 +164,10 @@ def _environment(
 
 # ---- kafka mode (production) ----------------------------------------------------------------
 class RedisSessionSink(MapFunction):
-    """Write each emitted session hash to Redis: HSET of the full hash + EXPIRE, in one MULTI.
-    Idempotent (the hash only grows and is written whole), so the replay after a restore from a
-    checkpoint rewrites the same values. A Redis error fails the task; Flink restarts it."""
+    """Write each event's field to its session's hash: HSET + EXPIRE (the TTL counts from the
+    session's last write, as in the local runner), in one MULTI. Idempotent per event id, so the
+    replay after a restore from a checkpoint rewrites the same fields. A Redis error fails the
+    task; Flink restarts it."""
 
     def __init__(self, redis_url: str, ttl_seconds: int) -> None:
         self.redis_url = redis_url
@@ -368,7 +338,8 @@ class LineWriter(MapFunction):
 
 
 class SessionWriter(MapFunction):
-    """Keep each session's latest hash; at the end write one JSON object per session."""
+    """Merge each session's fields into the hash Redis would hold; at the end write one JSON
+    object per session."""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
@@ -379,7 +350,7 @@ class SessionWriter(MapFunction):
         self.path = _part_file(self.directory)
 
     def map(self, value: tuple[str, dict[str, str]]) -> int:
-        self.latest[value[0]] = value[1]
+        self.latest.setdefault(value[0], {}).update(value[1])
         return 1
 
     def close(self) -> None:
@@ -419,7 +390,9 @@ def run_bounded(args: argparse.Namespace) -> int:
     streams = build_topology(raw, settings)
     streams.valid.map(LineWriter(str(dirs["valid"])), Types.INT()).name("write valid/")
     streams.invalid.map(LineWriter(str(dirs["invalid"])), Types.INT()).name("write invalid/")
-    streams.sessions.map(SessionWriter(str(dirs["sessions"])), Types.INT()).name("write sessions/")
+    streams.sessions.key_by(BySession(), key_type=Types.STRING()).map(
+        SessionWriter(str(dirs["sessions"])), Types.INT()
+    ).name("write sessions/")
     result = env.execute(f"easymlops stream validation (bounded: {source.name})")
     wall = time.monotonic() - started
     job_seconds = result.get_net_runtime() / 1000

@@ -4,6 +4,13 @@ the MLflow `champion` booster and hot-reloads that booster when the alias moves.
 HTTP contract (DESIGN.md section 5): POST /predict, POST /predict/batch, GET /healthz, /readyz,
 /model, /metrics. Bad input -> 422 naming each field and reason; no model, unreachable online
 store or a feature-set mismatch -> 503 with the reason.
+
+A request scores the cart at its `event_time` (and `event_id`, when known): session features
+count only the session's events strictly before that cart, in the offline order (time, funnel
+rank, event id), so events streamed after it (the cart itself, a later purchase) never leak in.
+A request without `event_time` is scored at its arrival time (UTC now, taken when the request
+reaches the replica). With settings.serve_debug_features (ServingConfig.debug_features) each
+prediction also carries `features`: the value of every model feature used, null where missing.
 """
 
 # No `from __future__ import annotations` here: Serve's ingress re-binds the endpoint methods and
@@ -24,7 +31,14 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from easymlops.features import FEATURE_SET_VERSION, MODEL_FEATURES
-from serving.features import FeatureRow, assemble_row, redis_keys, session_features, to_matrix
+from serving.features import (
+    FeatureRow,
+    assemble_row,
+    feature_values,
+    redis_keys,
+    session_features,
+    to_matrix,
+)
 from serving.metrics import CONTENT_TYPE, serving_metrics
 from serving.model import ChampionWatcher, LoadedModel, ServingConfig
 from serving.schemas import (
@@ -163,8 +177,11 @@ class PurchasePredictor:
             raise HTTPException(status_code=503, detail=mismatch)
         return model
 
-    async def _fetch(self, requests: Sequence[PredictRequest]) -> list[FeatureRow]:
-        """All feature hashes of all requests in one pipeline round trip."""
+    async def _fetch(
+        self, requests: Sequence[PredictRequest], arrived: datetime
+    ) -> list[FeatureRow]:
+        """All feature hashes of all requests in one pipeline round trip; a request without
+        event_time is scored at `arrived`."""
         pipe = self._redis_client().pipeline(transaction=False)
         for req in requests:
             for key in redis_keys(req.user_id, req.product_id, req.user_session):
@@ -175,47 +192,51 @@ class PurchasePredictor:
             raise HTTPException(
                 status_code=503, detail=f"online store unavailable: {type(exc).__name__}: {exc}"
             ) from None
-        now = datetime.now(UTC)
         rows = []
         for i, req in enumerate(requests):
             user, product, session = hashes[3 * i : 3 * i + 3]
-            at = req.event_time or now
+            at = req.event_time or arrived
             rows.append(
                 assemble_row(
                     req.request_features(),
                     user,
                     product,
-                    session_features(session, req.product_id, at),
+                    session_features(session, req.product_id, at, req.event_id),
                 )
             )
         return rows
 
     async def _score(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
+        arrived = datetime.now(UTC)  # the moment of a request without event_time
         model = self._require_model()  # one model for the whole call, even if a swap happens
-        rows = await self._fetch(requests)
+        rows = await self._fetch(requests, arrived)
         probabilities = model.predict(to_matrix(rows))
         metrics = serving_metrics()
         metrics.predictions.labels(model.info.name, model.info.version).inc(len(rows))
         for row in rows:
             for name in row.missing:
                 metrics.missing_features.labels(name).inc()
-        return [
-            PredictResponse(
+        debug = self.config.debug_features
+        responses = []
+        for p, row in zip(probabilities, rows, strict=True):
+            response = PredictResponse(
                 probability=float(p),
                 model_name=model.info.name,
                 model_version=model.info.version,
                 missing_features=list(row.missing),
                 feature_set_version=model.feature_set_version,
             )
-            for p, row in zip(probabilities, rows, strict=True)
-        ]
+            if debug:  # set only then: unset fields are left out of the response
+                response.features = feature_values(row)
+            responses.append(response)
+        return responses
 
     # ---- endpoints -----------------------------------------------------------------------
-    @app.post("/predict", response_model=PredictResponse)
+    @app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True)
     async def predict(self, body: PredictRequest) -> PredictResponse:
         return (await self._score([body]))[0]
 
-    @app.post("/predict/batch", response_model=BatchResponse)
+    @app.post("/predict/batch", response_model=BatchResponse, response_model_exclude_unset=True)
     async def predict_batch(self, body: BatchRequest) -> BatchResponse:
         return BatchResponse(predictions=await self._score(body.requests))
 

@@ -1,6 +1,10 @@
 """Pure feature assembly for serving: Redis hashes + request attributes -> one model row in
 MODEL_FEATURES order, plus the names that were missing. No I/O here, so it is unit-tested alone
-and the online path cannot drift from the order the model was trained with."""
+and the online path cannot drift from the order the model was trained with.
+
+Session features are those valid strictly before the request's moment: its `event_time`, or
+when the request carries none, its arrival time (UTC now), with the request's `event_id` breaking
+ties at the same instant (easymlops.session_features.features_at)."""
 
 from __future__ import annotations
 
@@ -63,14 +67,28 @@ def _decode(hash_: FeatureSource) -> dict[str, object]:
     }
 
 
-def session_features(stored: RedisHash, product_id: int, at: datetime) -> dict[str, float]:
-    """The session features of a cart of `product_id` at `at` from the stored session state
-    (easymlops.session_features keeps it current from the stream); a session with no stored
-    state has seen no event yet, which the offline definition counts as zeros too."""
+def session_features(
+    stored: RedisHash, product_id: int, at: datetime, event_id: str | None = None
+) -> dict[str, float]:
+    """The session features of a cart of `product_id` at `at` (id `event_id` if known) from the
+    session's stored events (easymlops.session_features: the stream writes them, `features_at`
+    keeps only those strictly before the cart); a session with no stored event has seen none
+    yet, which the offline definition counts as zeros too."""
     decoded = {
-        k: v.decode() if isinstance(v, bytes) else str(v) for k, v in _decode(stored).items()
+        k: v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+        for k, v in _decode(stored).items()
     }
-    return features_at(decoded, product_id, at)
+    return features_at(decoded, product_id, at, event_id)
+
+
+def feature_values(row: FeatureRow) -> dict[str, float | None]:
+    """A row as name -> value in MODEL_FEATURES order, None where missing (what serving reports
+    with debug features on)."""
+    missing = set(row.missing)
+    return {
+        name: None if name in missing else value
+        for name, value in zip(MODEL_FEATURES, row.values, strict=True)
+    }
 
 
 def assemble_row(

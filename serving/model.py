@@ -36,6 +36,8 @@ class ServingConfig:
     champion_alias: str
     poll_interval_s: float = 10.0
     redis_timeout_s: float = 2.0
+    # settings.serve_debug_features: responses carry the feature values used
+    debug_features: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, *, poll_interval_s: float = 10.0) -> ServingConfig:
@@ -45,6 +47,7 @@ class ServingConfig:
             model_name=settings.model_name,
             champion_alias=settings.champion_alias,
             poll_interval_s=poll_interval_s,
+            debug_features=settings.serve_debug_features,
         )
 
     def settings(self) -> Settings:
@@ -54,6 +57,7 @@ class ServingConfig:
             redis_url=self.redis_url,
             model_name=self.model_name,
             champion_alias=self.champion_alias,
+            serve_debug_features=self.debug_features,
         )
 
 

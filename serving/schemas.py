@@ -1,7 +1,7 @@
 """HTTP request and response bodies of the serving API (DESIGN.md section 5).
 
 Extra fields in a request are ignored, not refused: a producer can post a whole cart event
-(event_type, category_id, event_id, ...) as it is, and clients can add fields ahead of the
+(event_type, category_id, ...) as it is, and clients can add fields ahead of the
 server. A misspelt optional field is therefore silently unused; every field the model needs
 is required, so a misspelt required field still gets a 422.
 """
@@ -49,7 +49,10 @@ class PredictRequest(BaseModel):
     product_id: Int64
     user_session: str = Field(min_length=1, max_length=MAX_STRING_LENGTH)
     price: Price
+    # The cart's own time and id: session features count only the session's events strictly
+    # before this cart (serving.features). Without event_time, the request's arrival time.
     event_time: EventTime = None
+    event_id: str | None = Field(default=None, min_length=1, max_length=MAX_STRING_LENGTH)
     category_code: str | None = Field(default=None, max_length=MAX_STRING_LENGTH)
     brand: str | None = Field(default=None, max_length=MAX_STRING_LENGTH)
 
@@ -64,6 +67,8 @@ class PredictResponse(BaseModel):
     model_version: str
     missing_features: list[str]
     feature_set_version: str
+    # Only with settings.serve_debug_features: every model feature's value, null where missing.
+    features: dict[str, float | None] | None = None
 
 
 class BatchRequest(BaseModel):

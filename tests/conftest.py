@@ -49,6 +49,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     try:
         yield settings
     finally:
+        # Detach this process from the head first (tests that deploy to Serve attach to it):
+        # a driver whose head is gone waits 60 s at exit for it, then aborts the whole process
+        # with exit code 1, after every test passed.
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
         stack_module.down(settings)
         for key, value in saved.items():
             if value is None:

@@ -8,8 +8,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import httpx
@@ -32,8 +33,22 @@ from easymlops.features import (
     session_key,
     user_key,
 )
+from easymlops.schema import MAX_STRING_LENGTH, Event, format_time, validate_record
+from easymlops.session_features import (
+    FUNNEL_RANK,
+    SessionFeatureWriter,
+    epoch_micros,
+    event_field,
+    features_at,
+)
 from easymlops.settings import Settings
-from serving.features import assemble_row, redis_keys, session_features, to_matrix
+from serving.features import (
+    assemble_row,
+    feature_values,
+    redis_keys,
+    session_features,
+    to_matrix,
+)
 from serving.model import ServingConfig
 from serving.schemas import PredictRequest
 
@@ -106,7 +121,19 @@ def test_request_schema() -> None:
     )
     assert ok.user_id == 12
     assert ok.event_time is not None and ok.event_time.tzinfo is not None
-    for bad in ({"user_id": True}, {"price": -1}, {"price": "nan"}, {"event_time": "yesterday"}):
+    assert ok.event_id is None
+    with_id = PredictRequest.model_validate(
+        {"user_id": 1, "product_id": 1, "user_session": "s", "price": 1.0, "event_id": "c #1"}
+    )
+    assert with_id.event_id == "c #1"
+    for bad in (
+        {"user_id": True},
+        {"price": -1},
+        {"price": "nan"},
+        {"event_time": "yesterday"},
+        {"event_id": ""},
+        {"event_id": "x" * (MAX_STRING_LENGTH + 1)},
+    ):
         with pytest.raises(ValidationError):
             PredictRequest.model_validate(
                 {"user_id": 1, "product_id": 1, "user_session": "s", "price": 1.0} | bad
@@ -116,6 +143,7 @@ def test_request_schema() -> None:
 def test_replica_config_ignores_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EASYMLOPS_MODEL_NAME", "from_env")
     monkeypatch.setenv("EASYMLOPS_MLFLOW_TRACKING_URI", "http://elsewhere:1")
+    monkeypatch.setenv("EASYMLOPS_SERVE_DEBUG_FEATURES", "true")
     config = ServingConfig("http://mlflow:5000", "redis://r:6379/0", "m", "champion")
     settings = config.settings()
     assert (settings.mlflow_uri, settings.redis, settings.model_name) == (
@@ -123,6 +151,10 @@ def test_replica_config_ignores_the_environment(monkeypatch: pytest.MonkeyPatch)
         "redis://r:6379/0",
         "m",
     )
+    assert settings.serve_debug_features is False
+    # The flag travels in the init args, from the deploying process's settings.
+    debug = ServingConfig.from_settings(Settings(serve_debug_features=True))
+    assert debug.debug_features and debug.settings().serve_debug_features
 
 
 def test_fingerprint_covers_every_module_a_replica_imports() -> None:
@@ -143,7 +175,47 @@ MODEL_NAME = "test_serving_model"
 POLL_S = 2.0
 USER_ID, PRODUCT_ID, SESSION_ID = 4242, 777, "sess-test-serving"
 PRICE = 12.5
-BODY = {"user_id": USER_ID, "product_id": PRODUCT_ID, "user_session": SESSION_ID, "price": PRICE}
+# The scored cart: at CART_TIME, after the session's first events (SESSION_EVENTS).
+CART_TIME = datetime(2026, 1, 1, 12, 10, tzinfo=UTC)
+CART_ID = "sess-test-serving-cart"
+BODY = {
+    "user_id": USER_ID,
+    "product_id": PRODUCT_ID,
+    "user_session": SESSION_ID,
+    "price": PRICE,
+    "event_time": format_time(CART_TIME),
+    "event_id": CART_ID,
+}
+
+
+def session_event(
+    event_id: str, seconds: float, event_type: str, product_id: int = PRODUCT_ID
+) -> Event:
+    """An event of the test session, `seconds` after the cart's moment."""
+    return validate_record(
+        {
+            "event_id": event_id,
+            "event_time": format_time(CART_TIME + timedelta(seconds=seconds)),
+            "event_type": event_type,
+            "product_id": product_id,
+            "category_id": 1,
+            "price": PRICE,
+            "user_id": USER_ID,
+            "user_session": SESSION_ID,
+        },
+        now=CART_TIME + timedelta(days=1),
+    )
+
+
+SESSION_EVENTS = [
+    session_event("s1", -600, "view"),
+    session_event("s2", -300, "view", product_id=1),
+    session_event("s3", -120, "view"),
+    session_event("s4", -60, "cart", product_id=1),
+    session_event(CART_ID, 0, "cart"),  # the stream has seen the scored cart too
+]
+# What the cart sees: the four events before it.
+CART_SESSION = features_at(dict(map(event_field, SESSION_EVENTS)), PRODUCT_ID, CART_TIME, CART_ID)
 
 
 def tiny_booster(seed: int) -> xgboost.Booster:
@@ -174,13 +246,15 @@ services = pytest.mark.services
 def served(stack: Settings) -> Iterator[Served]:
     """The app deployed by a separate, short-lived process (as a Dagster run does), with a
     promoted model and features in Redis; the app must outlive that process."""
-    settings = stack.model_copy(update={"model_name": MODEL_NAME})
+    # Debug features on, here and in the deploying process: responses carry their features.
+    settings = stack.model_copy(update={"model_name": MODEL_NAME, "serve_debug_features": True})
     v1 = registry.log_and_register(tiny_booster(1), params={}, metrics={}, settings=settings)
     registry.promote(v1.version, settings)
     store = redis.Redis.from_url(settings.redis)
     store.hset(user_key(USER_ID), mapping=USER)
     store.hset(product_key(PRODUCT_ID), mapping=PRODUCT)
-    store.hset(session_key(SESSION_ID), mapping=SESSION)
+    store.delete(session_key(SESSION_ID))
+    SessionFeatureWriter(store, settings.session_ttl_seconds).apply(SESSION_EVENTS)
 
     connected_before = ray.is_initialized()
     started = time.monotonic()
@@ -188,7 +262,7 @@ def served(stack: Settings) -> Iterator[Served]:
         "import sys; from easymlops.settings import Settings; from serving.deploy import deploy; "
         f"print(deploy(Settings(), poll_interval_s={POLL_S}, timeout=240))"
     )
-    env = os.environ | {"EASYMLOPS_MODEL_NAME": MODEL_NAME}
+    env = os.environ | {"EASYMLOPS_MODEL_NAME": MODEL_NAME, "EASYMLOPS_SERVE_DEBUG_FEATURES": "1"}
     done = subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
@@ -228,9 +302,18 @@ def test_predict(served: Served) -> None:
     assert body["model_version"] == served.champion_version()
     assert body["missing_features"] == []
     assert body["feature_set_version"] == FEATURE_SET_VERSION
+    row = assemble_row({"price": PRICE}, USER, PRODUCT, CART_SESSION)
+    assert body["features"] == feature_values(row)  # debug features are on in this deployment
+    assert CART_SESSION == {
+        "session_events": 4.0,
+        "session_views": 3.0,
+        "session_product_views": 2.0,
+        "session_carts": 1.0,
+        "session_seconds": 600.0,
+        "session_distinct_products": 2.0,
+    }
     # Same probability as the booster on the same row, locally: serving adds no skew.
     local = registry.load_booster(f"models:/{MODEL_NAME}/{body['model_version']}", served.settings)
-    row = assemble_row({"price": PRICE}, USER, PRODUCT, SESSION)
     matrix = xgboost.DMatrix(to_matrix([row]), feature_names=list(MODEL_FEATURES))
     assert body["probability"] == pytest.approx(float(local.predict(matrix)[0]), abs=1e-6)
 
@@ -409,29 +492,138 @@ def _wait_for(call: Callable[[], httpx.Response], status: int, timeout: float) -
         time.sleep(0.25)
 
 
-def test_session_features_come_from_the_stored_session_state() -> None:
-    start = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
-    stored = {
-        "session_events": b"4",
-        "session_views": b"3",
-        "session_carts": b"1",
-        "session_distinct_products": b"2",
-        "session_start": repr(start.timestamp()).encode(),
-        "pv:7": b"2",
-        "pv:8": b"1",
-    }
-    at = start + timedelta(seconds=90)
-    features = session_features(stored, 7, at)
-    assert features == {
-        "session_events": 4.0,
+@services
+def test_events_after_the_cart_do_not_change_its_features(served: Served) -> None:
+    """The stream goes on after the cart (its purchase, more views): the cart's features, and so
+    its probability, stay what they were at its event_time."""
+    before = served.http.post("/predict", json=BODY).json()
+    store = redis.Redis.from_url(served.settings.redis)
+    later = [
+        session_event("later-buy", 0, "purchase"),  # the purchase at the cart's very instant
+        session_event("later-remove", 0, "remove_from_cart"),
+        session_event("later-view", 0.000001, "view"),
+        session_event("later-cart", 30, "cart"),
+        session_event("later-buy-2", 45, "purchase"),
+    ]
+    writer = SessionFeatureWriter(store, served.settings.session_ttl_seconds)
+    assert writer.apply(later) == len(later)
+    try:
+        after = served.http.post("/predict", json=BODY).json()
+        assert after["features"] == before["features"]
+        assert after["probability"] == before["probability"]
+        assert {k: after["features"][k] for k in CART_SESSION} == CART_SESSION
+        # Scored as of a moment after those events, they count (the filter is the moment).
+        moment = format_time(CART_TIME + timedelta(minutes=1))
+        later_body = BODY | {"event_time": moment, "event_id": "another-cart"}
+        features = served.http.post("/predict", json=later_body).json()["features"]
+        assert features["session_events"] == len(SESSION_EVENTS) + len(later)
+        assert features["session_seconds"] == 660.0
+        # Batch items are scored alike, each at its own moment.
+        batch = served.http.post("/predict/batch", json={"requests": [BODY, later_body]}).json()[
+            "predictions"
+        ]
+        assert [p["features"] for p in batch] == [before["features"], features]
+    finally:
+        store.hdel(session_key(SESSION_ID), *(event_field(e)[0] for e in later))
+
+
+@services
+def test_without_event_time_the_moment_is_the_arrival(served: Served) -> None:
+    """A request with no event_time is scored at its arrival: a session whose events happened
+    just now is seconds old (not measured from some other clock), and events stamped after the
+    arrival do not count."""
+    session = f"sess-now-{uuid.uuid4().hex[:8]}"
+    now = datetime.now(UTC)
+
+    def event(event_id: str, seconds: float, event_type: str) -> Event:
+        return replace(
+            session_event(event_id, 0, event_type),
+            user_session=session,
+            event_time=now + timedelta(seconds=seconds),
+        )
+
+    store = redis.Redis.from_url(served.settings.redis)
+    events = [event("now-1", -3, "view"), event("now-2", -2, "view"), event("soon", 600, "cart")]
+    SessionFeatureWriter(store, 60).apply(events)
+    body = {k: v for k, v in BODY.items() if k not in ("event_time", "event_id")}
+    try:
+        sent = datetime.now(UTC)
+        response = served.http.post("/predict", json=body | {"user_session": session})
+        received = datetime.now(UTC)
+        assert response.status_code == 200, response.text
+        features = response.json()["features"]
+        assert features["session_events"] == 2.0  # the future-stamped cart is not counted
+        # From the first event to the arrival: between its age when sent and when answered.
+        assert (sent - now).total_seconds() + 3 <= features["session_seconds"]
+        assert features["session_seconds"] <= (received - now).total_seconds() + 3
+        assert features["session_seconds"] < 60
+    finally:
+        store.delete(session_key(session))
+
+
+def test_features_at_follows_the_offline_order() -> None:
+    """The pure function serving uses, on a hand-made session: each rule of the order
+    (event_time, funnel rank, event_id) of fct_cart_events, one at a time."""
+    t = datetime(2026, 3, 1, 12, 0, 0, 500_000, tzinfo=UTC)
+    micros = epoch_micros(t)
+
+    def field(eid: str, delta_us: int, event_type: str, product: int) -> tuple[str, str]:
+        return f"e:{eid}", f"{micros + delta_us}|{FUNNEL_RANK[event_type]}|{product}"
+
+    stored = dict(
+        [
+            field("a", -90_000_000, "view", 7),  # the session's first event, 90 s before
+            field("b", -30_000_000, "view", 8),
+            field("c", -10_000_000, "cart", 8),
+            field("x", -5_000_000, "cart", 7),
+            field("d", 0, "view", 7),  # same instant, lower rank: before the cart
+            field("m", 0, "cart", 9),  # same instant, same rank: before iff its id is lower
+            field("n", 0, "remove_from_cart", 7),  # same instant, higher rank: after
+            field("p", 0, "purchase", 7),  # the purchase at the cart's instant: after
+            field("q", 1, "view", 7),  # one microsecond later: after
+        ]
+    )
+    # Not events (the former aggregates, a broken value): ignored, never a failure.
+    stored |= {"session_events": "999", "pv:7": "5", "e:bad": "not|a|number", "e:short": "1"}
+
+    def at(event_id: str | None) -> dict[str, float]:
+        return features_at(stored, 7, t, event_id)
+
+    assert at("z") == {  # a, b, c, x, d and m ("m" < "z")
+        "session_events": 6.0,
         "session_views": 3.0,
         "session_product_views": 2.0,
-        "session_carts": 1.0,
+        "session_carts": 3.0,
         "session_seconds": 90.0,
         "session_distinct_products": 2.0,
     }
-    assert session_features(stored, 9, at)["session_product_views"] == 0.0
-    # No stored state: the cart opens its session, which offline counts as zeros too.
-    assert set(session_features({}, 7, at).values()) == {0.0}
+    assert at("l")["session_carts"] == 2.0  # c and x: "m" > "l"
+    assert at(None)["session_carts"] == 2.0  # c and x: unknown id, m's order is unknown
+    # The cart's own id never counts, wherever its stored copy lies: x is the cart itself.
+    assert at("x")["session_events"] == 5.0  # a, b, c, d, m
+    assert at("x")["session_carts"] == 2.0
+    assert at("a")["session_seconds"] == 30.0  # without a, the session starts at b
+    # No event before the moment: zeros, and 0 seconds (the cart opens the session).
+    assert features_at({}, 7, t) == {name: 0.0 for name in SESSION_FEATURES}
+    assert features_at(stored, 7, t - timedelta(hours=1)) == {
+        name: 0.0 for name in SESSION_FEATURES
+    }
+    # Microsecond exact, also far from the epoch, and a naive moment is UTC.
+    late = datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+    one = {"e:far": f"{epoch_micros(late) - 1}|0|1"}
+    assert features_at(one, 1, late)["session_seconds"] == 1e-6
+    assert features_at(one, 1, late.replace(tzinfo=None)) == features_at(one, 1, late)
+
+
+def test_session_features_decode_redis_bytes() -> None:
+    stored = dict(map(event_field, SESSION_EVENTS))
+    as_bytes = {k.encode(): v.encode() for k, v in stored.items()}
+    features = session_features(as_bytes, PRODUCT_ID, CART_TIME, CART_ID)
+    assert features == CART_SESSION == features_at(stored, PRODUCT_ID, CART_TIME, CART_ID)
+    assert session_features(as_bytes, 9, CART_TIME, CART_ID)["session_product_views"] == 0.0
     row = assemble_row({"price": 1.0}, USER, PRODUCT, features)
     assert row.missing == ()
+    values = feature_values(assemble_row({"price": 1.0}, {}, PRODUCT, features))
+    assert list(values) == list(MODEL_FEATURES)
+    assert all(values[name] is None for name in USER_FEATURES)
+    assert values["session_seconds"] == 600.0

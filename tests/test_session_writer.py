@@ -1,10 +1,12 @@
 """The session-feature writer on the real Redis: whatever order, chunking and replays the stream
-delivers, each session's hash equals the fold of its distinct events (SessionState, the
-definition Flink keeps in keyed state), and `apply` reports only the events that were new."""
+delivers, each session's hash holds exactly one field per distinct event (`session_fields`, what
+the Flink job writes too), expiring from the last write, and `apply` reports only the events that
+were new."""
 
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
@@ -17,11 +19,11 @@ from easymlops.features import session_key
 from easymlops.generator import generate_events
 from easymlops.schema import Event, validate_record
 from easymlops.session_features import (
-    IDS_PER_ENTRY,
+    EVENT_PREFIX,
     SessionFeatureWriter,
-    SessionState,
-    applied_key,
-    applied_token,
+    event_field,
+    features_at,
+    session_fields,
 )
 from easymlops.settings import Settings
 
@@ -45,14 +47,14 @@ def expected_hashes(events: list[Event]) -> dict[str, dict[str, str]]:
     distinct: dict[str, dict[str, Event]] = {}
     for event in events:
         distinct.setdefault(event.user_session, {}).setdefault(event.event_id, event)
-    return {s: SessionState.of(by_id.values()).to_hash() for s, by_id in distinct.items()}
+    return {s: session_fields(by_id.values()) for s, by_id in distinct.items()}
 
 
 def stored_hashes(client: redis.Redis, sessions: list[str]) -> dict[str, dict[str, str]]:
     return {s: client.hgetall(session_key(s)) for s in sessions}  # type: ignore[misc]
 
 
-def test_chunks_in_any_order_with_replays_count_each_event_once(client: redis.Redis) -> None:
+def test_chunks_in_any_order_with_replays_store_each_event_once(client: redis.Redis) -> None:
     events = own_sessions([validate_record(e) for e in generate_events(3000, days=2, seed=5)])
     rng = random.Random(5)
     shuffled = events[:]
@@ -68,36 +70,50 @@ def test_chunks_in_any_order_with_replays_count_each_event_once(client: redis.Re
     expected = expected_hashes(events)
     assert new == len({e.event_id for e in events})
     assert stored_hashes(client, list(expected)) == expected
-    # A whole batch replayed (a restart after a crash before the Kafka commit): no change.
-    assert writer.apply(events[:1000]) == 0
+    # A whole batch replayed in shuffled chunks (a restart after a crash before the Kafka
+    # commit): nothing new, nothing changed.
+    again = events[:1000]
+    rng.shuffle(again)
+    assert sum(writer.apply(again[lo : lo + 300]) for lo in range(0, len(again), 300)) == 0
     assert stored_hashes(client, list(expected)) == expected
-    ttl = client.ttl(applied_key(events[0].user_session))
-    assert 0 < ttl <= 3600  # type: ignore[operator]
+    for session in list(expected)[:20]:
+        ttl = client.ttl(session_key(session))
+        assert 3500 < ttl <= 3600  # type: ignore[operator]
 
 
-def test_a_call_mixing_applied_and_new_events_adds_only_the_new(client: redis.Redis) -> None:
-    events = own_sessions([validate_record(e) for e in generate_events(800, days=1, seed=8)])
-    writer = SessionFeatureWriter(client, ttl_seconds=3600)
-    first, second = events[::2], events[1::2]
-    assert writer.apply(first) == len(first)
-    # Every session of `second` that also had events in `first` now mixes both kinds.
-    assert writer.apply(first + second) == len(second)
-    expected = expected_hashes(events)
-    assert stored_hashes(client, list(expected)) == expected
+def test_the_ttl_counts_from_the_last_write(client: redis.Redis) -> None:
+    [first, second] = own_sessions(
+        [validate_record(e) for e in generate_events(2, days=1, seed=12)]
+    )
+    second = replace(second, user_session=first.user_session)
+    key = session_key(first.user_session)
+    writer = SessionFeatureWriter(client, ttl_seconds=3)
+    writer.apply([first])
+    time.sleep(1.5)
+    writer.apply([second])
+    assert client.pttl(key) > 2500  # type: ignore[operator]
+    time.sleep(2)  # past the first write's expiry, not the second's
+    assert client.hlen(key) == 2  # type: ignore[comparison-overlap]
+    assert writer.apply([]) == 0
 
 
 def test_awkward_event_ids_stay_distinct(client: redis.Redis) -> None:
     base = validate_record(next(iter(generate_events(1, days=1, seed=3))))
-    session = f"{uuid.uuid4().hex[:8]}-awkward"
+    session = f"{uuid.uuid4().hex[:8]}-awkward session #1 | ü"
     start = datetime(2024, 5, 1, 12, tzinfo=UTC)
     ids = [
         "plain",
         "with space",
         "with  two spaces ",
         "#plain",
-        applied_token("with space"),  # the token of another id, taken as an id of its own
-        "ünïcödé id",
+        "#",
+        "a|b|c",
+        "1|1|1",
+        "e:nested",
+        "ünïcödé id ✓ 日本",
         "tab\there",
+        "new\nline",
+        "x" * 256,
         "",  # never from validate_record (it derives an id), but a direct caller may send it
     ]
     events = [
@@ -107,11 +123,18 @@ def test_awkward_event_ids_stay_distinct(client: redis.Redis) -> None:
     writer = SessionFeatureWriter(client, ttl_seconds=3600)
     assert writer.apply(events) == len(ids)
     assert writer.apply(events[::-1]) == 0
-    assert stored_hashes(client, [session]) == expected_hashes(events)
-    assert client.scard(applied_key(session)) == len(ids)
+    stored: dict[str, str] = client.hgetall(session_key(session))  # type: ignore[assignment]
+    assert stored == session_fields(events)
+    assert sorted(stored) == sorted(EVENT_PREFIX + i for i in ids)
+    # Every event is read back as itself: a cart after all of them counts them all, and one
+    # given the id of an event leaves exactly that one out.
+    after = start + timedelta(hours=1)
+    assert features_at(stored, base.product_id, after)["session_events"] == len(ids)
+    for eid in ids:
+        assert features_at(stored, base.product_id, after, eid)["session_events"] == len(ids) - 1
 
 
-def test_a_session_with_more_events_than_one_entry_holds(client: redis.Redis) -> None:
+def test_a_session_with_thousands_of_events(client: redis.Redis) -> None:
     base = validate_record(next(iter(generate_events(1, days=1, seed=4))))
     session = f"{uuid.uuid4().hex[:8]}-long"
     start = datetime(2024, 5, 1, tzinfo=UTC)
@@ -124,18 +147,41 @@ def test_a_session_with_more_events_than_one_entry_holds(client: redis.Redis) ->
             product_id=n % 37,
             event_time=start + timedelta(seconds=n),
         )
-        for n in range(2 * IDS_PER_ENTRY + 17)
+        for n in range(2517)
     ]
     writer = SessionFeatureWriter(client, ttl_seconds=3600)
     assert writer.apply(events) == len(events)
-    assert stored_hashes(client, [session]) == expected_hashes(events)
+    assert writer.apply(events[100:1200]) == 0
+    stored: dict[str, str] = client.hgetall(session_key(session))  # type: ignore[assignment]
+    assert stored == session_fields(events)
+    cart_at = start + timedelta(seconds=2000)  # after views 0..1999, at view 2000's instant
+    features = features_at(stored, 5, cart_at)
+    assert features["session_views"] == 2001  # the view at the cart's instant comes first
+    assert features["session_distinct_products"] == 37
+    assert features["session_product_views"] == len([n for n in range(2001) if n % 37 == 5])
+    assert features["session_seconds"] == 2000.0
 
 
-def test_an_emptied_script_cache_is_refilled(client: redis.Redis) -> None:
+def test_a_repeated_event_id_is_one_field(client: redis.Redis) -> None:
+    [event] = own_sessions([validate_record(e) for e in generate_events(1, days=1, seed=6)])
+    writer = SessionFeatureWriter(client, ttl_seconds=3600)
+    assert writer.apply([event, event, event]) == 1
+    assert client.hgetall(session_key(event.user_session)) == dict([event_field(event)])
+
+
+def test_an_outage_raises_for_the_caller_to_retry() -> None:
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    [event] = [validate_record(e) for e in generate_events(1, days=1, seed=7)]
+    with pytest.raises(redis.ConnectionError):
+        SessionFeatureWriter(dead, ttl_seconds=3600).apply([event])
+
+
+def test_an_emptied_script_cache_needs_nothing(client: redis.Redis) -> None:
+    """What a Redis restart does to scripts: the writer sends its script whole, so it goes on."""
     events = own_sessions([validate_record(e) for e in generate_events(200, days=1, seed=9)])
     writer = SessionFeatureWriter(client, ttl_seconds=3600)
     assert writer.apply(events[:100]) == 100
-    client.script_flush()  # what a Redis restart does
+    client.script_flush()
     assert writer.apply(events) == 100
     expected = expected_hashes(events)
     assert stored_hashes(client, list(expected)) == expected

@@ -4,6 +4,7 @@ nested MLflow runs on the stack's MLflow server."""
 
 from __future__ import annotations
 
+import logging
 import random
 import uuid
 from collections.abc import Iterator
@@ -170,7 +171,16 @@ def _search(
 @pytest.fixture(scope="module")
 def searched(attached: Settings, data: tuple) -> tuple[tuning.SearchResult, list[str]]:
     lines: list[str] = []
-    return _search(attached, data, concurrency=2, progress=lines.append), lines
+    # Progress goes to a logger that cannot be pickled, as Dagster's context.log (Tune pickles
+    # its callbacks; the search must not take the progress function along).
+    logger = logging.Logger("unregistered, so not picklable")
+    logger.addHandler(logging.StreamHandler())
+
+    def progress(line: str) -> None:
+        logger.info(line)
+        lines.append(line)
+
+    return _search(attached, data, concurrency=2, progress=progress), lines
 
 
 @pytest.fixture(scope="module")
@@ -323,3 +333,20 @@ def test_log_trials_writes_nested_runs_with_the_per_round_history(
             assert run.info.status == "FINISHED"
             assert run.data.metrics["best_valid_auc"] == pytest.approx(trial.valid_auc)
             assert run.data.metrics["best_rounds"] == trial.rounds
+
+
+def test_a_ray_head_that_is_gone_fails_at_once_naming_the_address() -> None:
+    """ray.init would wait without end for a dead head; the search must fail with the cause.
+    (In a fresh interpreter: this one may already be attached to the session's head.)"""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    code = f"from easymlops.tuning import attach_ray; attach_ray({address!r})"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode != 0
+    assert f"the Ray head at {address} does not answer" in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,141 @@
+"""The demo path run twice on one stack, as a user running `make demo` twice would: the second
+dataset's newest days carry purchases unrelated to any behaviour, so the challenger trained on
+them cannot beat the price-only baseline there and the gate refuses it. A refusal is an outcome,
+not a failure: the demo exits 0, names the refused version and the reason, and the first run's
+champion keeps serving."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from rich.console import Console
+
+from easymlops import registry
+from easymlops.demo import run_demo
+from easymlops.generator import generate_events
+from easymlops.kafka import ensure_topics
+from easymlops.pipeline import GATE_CHECK, PipelineResult
+from easymlops.produce import produce_payloads, produce_synthetic
+from easymlops.settings import Settings, get_settings
+from easymlops.validate import run_validator
+
+pytestmark = [pytest.mark.services, pytest.mark.e2e]
+
+EVENTS, DAYS = 30_000, 5
+NOISE_EVENTS, NOISE_DAYS = 8_000, 2
+
+
+@pytest.fixture(scope="module")
+def demo_settings(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """The session stack with topics, lake, warehouse, model name and Dagster home of this
+    test's own (what a fresh machine's `make demo` starts from)."""
+    patch = pytest.MonkeyPatch()
+    home = tmp_path_factory.mktemp("demo-twice")
+    patch.setenv("EASYMLOPS_MODEL_NAME", "purchase_propensity_demo")
+    (home / "dagster").mkdir()
+    patch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    for name in ("raw", "validated", "invalid", "predictions"):
+        patch.setenv(f"EASYMLOPS_TOPIC_{name.upper()}", f"demo.{name}")
+    patch.setenv("EASYMLOPS_LAKE_URI", str(home / "lake"))
+    patch.setenv("EASYMLOPS_WAREHOUSE_PATH", str(home / "warehouse.duckdb"))
+    patch.setenv("EASYMLOPS_TUNE_TRIALS", "4")
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+        ensure_topics(settings)
+        yield settings
+    finally:
+        patch.undo()
+        get_settings.cache_clear()
+
+
+def noise_payloads(start: Any, seed: int) -> Iterator[bytes]:
+    """Generated events whose purchases are redrawn at random: every purchase is dropped and a
+    random 30% of carts get one a minute later, whatever the user, product or session did."""
+    rng = np.random.default_rng(seed)
+    for event in generate_events(NOISE_EVENTS, days=NOISE_DAYS, seed=seed, start=start):
+        if event["event_type"] == "purchase":
+            continue
+        yield json.dumps(event).encode()
+        if event["event_type"] == "cart" and rng.random() < 0.3:
+            time = datetime.fromisoformat(event["event_time"].replace("Z", "+00:00"))
+            purchase = {
+                **event,
+                "event_type": "purchase",
+                "event_id": f"{event['event_id']}-noise-purchase",
+                "event_time": (time + timedelta(minutes=1)).isoformat().replace("+00:00", "Z"),
+            }
+            yield json.dumps(purchase).encode()
+
+
+def demo_once(settings: Settings, produce: Any) -> tuple[int, str]:
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, force_terminal=False)
+    code = run_demo(
+        console=console,
+        out=console,
+        events=EVENTS,
+        days=DAYS,
+        invalid_ratio=0.01,
+        seed=5,
+        predictions=20,
+        produce=produce,
+        validate=lambda: run_validator(settings, idle_seconds=3).to_dict(),
+    )
+    return code, buffer.getvalue()
+
+
+def test_second_demo_whose_model_the_gate_refuses_exits_0_and_the_champion_serves(
+    demo_settings: Settings,
+) -> None:
+    settings = demo_settings
+    today = datetime.now(UTC).date()
+    # The first dataset ends where the second begins: its days are older, so the second run's
+    # held-out (newest) day is pure noise.
+    first_start = today - timedelta(days=DAYS + NOISE_DAYS)
+
+    code, summary = demo_once(
+        settings,
+        lambda: produce_synthetic(
+            settings, EVENTS, days=DAYS, seed=5, start=first_start, invalid_ratio=0.01
+        ).to_dict(),
+    )
+    assert code == 0, summary
+    first = registry.champion(settings)
+    assert first is not None, summary  # the first model passed the gate and serves
+    assert "promotion gate" in summary and "passed" in summary, summary
+
+    noise_start = today - timedelta(days=NOISE_DAYS)
+    code, summary = demo_once(
+        settings, lambda: produce_payloads(settings, noise_payloads(noise_start, 9)).to_dict()
+    )
+    assert code == 0, summary
+    challenger = str(int(first.version) + 1)
+    assert f"promotion gate refused version {challenger}" in summary, summary
+    assert "too weak" in summary, summary
+    assert f"version {first.version} (champion) keeps serving" in summary, summary
+    assert registry.gate_verdict(challenger, settings)[0] == "failed"
+    champion = registry.champion(settings)
+    assert champion is not None and champion.version == first.version
+    served = httpx.get(f"{settings.serve_url}/model", timeout=10).json()
+    assert str(served["version"]) == first.version, served
+
+
+def test_only_a_run_failed_by_the_gate_alone_counts_as_refused() -> None:
+    """The demo exits 0 on a refusal only: any other failed step is a failure (exit 1)."""
+    refused = PipelineResult(success=False, run_id="r", checks={GATE_CHECK: False})
+    refused.failed_steps = ["purchase_model_promotion_gate"]
+    assert refused.gate_refused
+    also_broken = PipelineResult(success=False, run_id="r", checks={GATE_CHECK: False})
+    also_broken.failed_steps = ["purchase_model_promotion_gate", "silver_events"]
+    assert not also_broken.gate_refused
+    no_verdict = PipelineResult(success=False, run_id="r", checks={})
+    no_verdict.failed_steps = ["purchase_model_promotion_gate"]  # the check itself crashed
+    assert not no_verdict.gate_refused
