@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 
 import pytest
 
+from easymlops.schema import Event
 from easymlops.settings import Settings, get_settings
 
 
@@ -63,3 +66,49 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
             else:
                 os.environ[key] = value
         get_settings.cache_clear()
+
+
+@contextmanager
+def pipeline_settings(home: Path, name: str) -> Iterator[Settings]:
+    """The session stack's settings with a model name, Dagster home, topics, lake and warehouse
+    of the caller's own under `home` (what a fresh machine starts from): events other tests
+    streamed into the shared stack (the 2019 CSV replay) would otherwise span thousands of daily
+    partitions, and their models would meet the promotion gate. Tuning runs 4 trials."""
+    from easymlops.kafka import ensure_topics
+
+    patch = pytest.MonkeyPatch()
+    (home / "dagster").mkdir()
+    patch.setenv("DAGSTER_HOME", str(home / "dagster"))
+    patch.setenv("EASYMLOPS_MODEL_NAME", f"purchase_propensity_{name}")
+    for topic in ("raw", "validated", "invalid", "predictions"):
+        patch.setenv(f"EASYMLOPS_TOPIC_{topic.upper()}", f"{name}.{topic}")
+    patch.setenv("EASYMLOPS_LAKE_URI", str(home / "lake"))
+    patch.setenv("EASYMLOPS_WAREHOUSE_PATH", str(home / "warehouse.duckdb"))
+    patch.setenv("EASYMLOPS_TUNE_TRIALS", "4")
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+        ensure_topics(settings)
+        yield settings
+    finally:
+        patch.undo()
+        get_settings.cache_clear()
+
+
+def write_silver_events(lake: Path, events: Iterable[Event]) -> None:
+    """Validated events as the silver layer dbt reads: a Parquet file per event date."""
+    import polars as pl
+
+    from easymlops.lake import EVENT_COLUMNS
+
+    frame = pl.DataFrame(
+        [
+            {**e.to_json_dict(), "event_time": e.event_time.astimezone(UTC).replace(tzinfo=None)}
+            for e in events
+        ],
+        schema=EVENT_COLUMNS,
+    )
+    for (day,), part in frame.group_by(pl.col("event_time").dt.date(), maintain_order=True):
+        directory = lake / "silver" / "events" / f"event_date={day}"
+        directory.mkdir(parents=True)
+        part.write_parquet(directory / "part-0.parquet")

@@ -15,15 +15,15 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import pipeline_settings
 from rich.console import Console
 
 from easymlops import registry
 from easymlops.demo import run_demo
 from easymlops.generator import generate_events
-from easymlops.kafka import ensure_topics
 from easymlops.pipeline import GATE_CHECK, PipelineResult
 from easymlops.produce import produce_payloads, produce_synthetic
-from easymlops.settings import Settings, get_settings
+from easymlops.settings import Settings
 from easymlops.validate import run_validator
 
 pytestmark = [pytest.mark.services, pytest.mark.e2e]
@@ -34,26 +34,10 @@ NOISE_EVENTS, NOISE_DAYS = 8_000, 2
 
 @pytest.fixture(scope="module")
 def demo_settings(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """The session stack with topics, lake, warehouse, model name and Dagster home of this
-    test's own (what a fresh machine's `make demo` starts from)."""
-    patch = pytest.MonkeyPatch()
-    home = tmp_path_factory.mktemp("demo-twice")
-    patch.setenv("EASYMLOPS_MODEL_NAME", "purchase_propensity_demo")
-    (home / "dagster").mkdir()
-    patch.setenv("DAGSTER_HOME", str(home / "dagster"))
-    for name in ("raw", "validated", "invalid", "predictions"):
-        patch.setenv(f"EASYMLOPS_TOPIC_{name.upper()}", f"demo.{name}")
-    patch.setenv("EASYMLOPS_LAKE_URI", str(home / "lake"))
-    patch.setenv("EASYMLOPS_WAREHOUSE_PATH", str(home / "warehouse.duckdb"))
-    patch.setenv("EASYMLOPS_TUNE_TRIALS", "4")
-    get_settings.cache_clear()
-    try:
-        settings = get_settings()
-        ensure_topics(settings)
+    """The session stack with a model, Dagster home, topics and lake of this test's own (what a
+    fresh machine's `make demo` starts from)."""
+    with pipeline_settings(tmp_path_factory.mktemp("demo-twice"), "demo") as settings:
         yield settings
-    finally:
-        patch.undo()
-        get_settings.cache_clear()
 
 
 def noise_payloads(start: Any, seed: int) -> Iterator[bytes]:

@@ -8,16 +8,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 import redis
+from conftest import pipeline_settings
 
 from easymlops import registry
 from easymlops.demo import sample_requests, time_predictions
 from easymlops.features import session_key
 from easymlops.generator import generate_payloads
-from easymlops.kafka import ensure_topics
 from easymlops.pipeline import run_pipeline
 from easymlops.produce import produce_payloads
 from easymlops.session_features import EVENT_PREFIX
-from easymlops.settings import Settings, get_settings
+from easymlops.settings import Settings
 from easymlops.validate import run_validator
 
 pytestmark = [pytest.mark.services, pytest.mark.e2e]
@@ -25,29 +25,15 @@ pytestmark = [pytest.mark.services, pytest.mark.e2e]
 
 @pytest.fixture(scope="module")
 def e2e_settings(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """The session stack, with a model name and Dagster home of this test's own, so models
-    registered by other tests cannot influence the promotion gate here."""
+    """The session stack with a model, Dagster home, topics and lake of this test's own; serving
+    reports the feature values it used (the parity test compares them)."""
     patch = pytest.MonkeyPatch()
-    patch.setenv("EASYMLOPS_MODEL_NAME", "purchase_propensity_e2e")
-    patch.setenv("DAGSTER_HOME", str(tmp_path_factory.mktemp("dagster-home")))
-    # Topics, lake and warehouse of its own too: events other tests streamed into the shared
-    # stack (the 2019 CSV replay) would otherwise span thousands of daily partitions.
-    for name in ("raw", "validated", "invalid", "predictions"):
-        patch.setenv(f"EASYMLOPS_TOPIC_{name.upper()}", f"e2e.{name}")
-    home = tmp_path_factory.mktemp("e2e-lake")
-    patch.setenv("EASYMLOPS_LAKE_URI", str(home / "lake"))
-    patch.setenv("EASYMLOPS_WAREHOUSE_PATH", str(home / "warehouse.duckdb"))
-    patch.setenv("EASYMLOPS_TUNE_TRIALS", "4")
-    # Serving reports the feature values it used (the parity test compares them).
     patch.setenv("EASYMLOPS_SERVE_DEBUG_FEATURES", "true")
-    get_settings.cache_clear()
     try:
-        settings = get_settings()
-        ensure_topics(settings)
-        yield settings
+        with pipeline_settings(tmp_path_factory.mktemp("e2e"), "e2e") as settings:
+            yield settings
     finally:
         patch.undo()
-        get_settings.cache_clear()
 
 
 def test_events_to_served_prediction(e2e_settings: Settings) -> None:

@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import shutil
-from datetime import UTC
 from pathlib import Path
 
-import polars as pl
 import pytest
+from conftest import write_silver_events
 from test_dbt import PROJECT_DIR, dbt_env, run_dbt
 
 from easymlops import promotion, registry, training, truth
 from easymlops.generator import generate_events
-from easymlops.lake import EVENT_COLUMNS
 from easymlops.schema import validate_record
 from easymlops.settings import Settings
 
@@ -37,17 +35,7 @@ def write_lake(lake: Path, home: Path) -> None:
     events = [
         validate_record(e) for e in generate_events(EVENTS, days=DAYS, seed=21, truth=recorder)
     ]
-    frame = pl.DataFrame(
-        [
-            {**e.to_json_dict(), "event_time": e.event_time.astimezone(UTC).replace(tzinfo=None)}
-            for e in events
-        ],
-        schema=EVENT_COLUMNS,
-    )
-    for (day,), part in frame.group_by(pl.col("event_time").dt.date(), maintain_order=True):
-        directory = lake / "silver" / "events" / f"event_date={day}"
-        directory.mkdir(parents=True)
-        part.write_parquet(directory / "part-0.parquet")
+    write_silver_events(lake, events)
     recorder.write(Settings(home=home), "leak-gate")
 
 

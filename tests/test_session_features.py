@@ -15,18 +15,17 @@ import uuid
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import polars as pl
 import pytest
 import redis
+from conftest import write_silver_events
 from test_dbt import dbt_env, query, run_dbt
 
 from easymlops.features import SESSION_FEATURES, session_key
 from easymlops.generator import generate_events
-from easymlops.lake import EVENT_COLUMNS
 from easymlops.schema import Event, validate_record
 from easymlops.session_features import FUNNEL_RANK, SessionFeatureWriter, event_field
 from easymlops.settings import Settings
@@ -78,17 +77,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Event]]:
     workdir.mkdir()
     events = with_ties([validate_record(e) for e in generate_events(6000, days=2, seed=77)])
     assert len({e.event_id for e in events}) == len(events)
-    frame = pl.DataFrame(
-        [
-            {**e.to_json_dict(), "event_time": e.event_time.astimezone(UTC).replace(tzinfo=None)}
-            for e in events
-        ],
-        schema=EVENT_COLUMNS,
-    )
-    for (day,), part in frame.group_by(pl.col("event_time").dt.date(), maintain_order=True):
-        directory = lake / "silver" / "events" / f"event_date={day}"
-        directory.mkdir(parents=True)
-        part.write_parquet(directory / "part-0.parquet")
+    write_silver_events(lake, events)
     env = dbt_env(lake, warehouse, workdir)
     # cautious: only the tests whose every parent is built here (not the training-set audits)
     proc, _ = run_dbt(
