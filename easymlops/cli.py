@@ -298,6 +298,87 @@ def demo(
     raise typer.Exit(code)
 
 
+model_app = typer.Typer(
+    help="Show and move the model's aliases (champion, challenger), with their history.",
+    no_args_is_help=True,
+)
+app.add_typer(model_app, name="model")
+
+
+def _operator() -> str:
+    import getpass
+
+    return f"cli:{getpass.getuser()}"
+
+
+@model_app.command("list")
+def model_list(
+    history: Annotated[int, typer.Option(help="Alias moves to show, newest last.")] = 10,
+) -> None:
+    """Versions with their aliases and gate verdicts, then the latest alias moves."""
+    from datetime import UTC, datetime
+
+    from easymlops import registry
+
+    settings = get_settings()
+    aliases = registry.aliases(settings)
+    by_version: dict[str, list[str]] = {}
+    for alias, version in aliases.items():
+        by_version.setdefault(version, []).append(alias)
+    table = Table("version", "aliases", "promotion gate", "created (UTC)", "run")
+    for mv in registry.all_versions(settings):
+        created = datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, UTC)
+        table.add_row(
+            str(mv.version),
+            ", ".join(sorted(by_version.get(str(mv.version), []))),
+            (mv.tags or {}).get(registry.GATE_TAG, "not gated"),
+            created.strftime("%Y-%m-%d %H:%M:%S"),
+            mv.run_id or "",
+        )
+    out.print(table)
+    hold = registry.champion_hold(settings)
+    if hold is not None:
+        out.print(f"champion held: a version newer than {hold} must pass the gate to replace it")
+    moves = registry.alias_history(settings)[-history:] if history > 0 else []
+    for move in moves:
+        out.print(f"  #{move.seq} {move.describe()}")
+
+
+@model_app.command("promote")
+def model_promote(
+    version: Annotated[str, typer.Argument(help="Version to make champion.")],
+    force: Annotated[
+        bool, typer.Option(help="Promote even if it did not pass the promotion gate.")
+    ] = False,
+) -> None:
+    """Make VERSION the champion; it stays champion until a newer version passes the gate."""
+    from mlflow.exceptions import MlflowException
+
+    from easymlops import promotion, registry
+
+    settings = get_settings()
+    try:
+        if not force:
+            promotion.require_gate_passed(version, settings)
+        registry.promote(version, settings, by=_operator(), reason="promote", hold=True)
+    except (promotion.NotGated, MlflowException) as exc:
+        _fail(f"{exc}{'' if force else ' (--force promotes anyway)'}")
+    out.print(f"{settings.model_name}@{settings.champion_alias} -> version {version}")
+
+
+@model_app.command("rollback")
+def model_rollback() -> None:
+    """Move the champion back to the previous one; it stays until a newer version passes."""
+    from easymlops import registry
+
+    settings = get_settings()
+    try:
+        move = registry.rollback(settings, by=_operator())
+    except ValueError as exc:
+        _fail(str(exc))
+    out.print(f"{settings.model_name}: {move.describe()}")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

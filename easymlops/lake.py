@@ -56,6 +56,23 @@ DEAD_LETTER_COLUMNS: dict[str, pl.DataType] = {
     "received_at": pl.String(),
 }
 
+# A logged prediction (serving/prediction_log.py); `features` is the JSON object of the feature
+# values used, `cart_event_time` the request's event_time (null: scored at arrival, `scored_at`).
+PREDICTION_COLUMNS: dict[str, pl.DataType] = {
+    "request_id": pl.String(),
+    "predicted_at": pl.Datetime("us"),
+    "model_name": pl.String(),
+    "model_version": pl.String(),
+    "event_id": pl.String(),
+    "cart_event_time": pl.Datetime("us"),
+    "scored_at": pl.Datetime("us"),
+    "user_id": pl.Int64(),
+    "product_id": pl.Int64(),
+    "user_session": pl.String(),
+    "features": pl.String(),
+    "probability": pl.Float64(),
+}
+
 
 # The lake root is a local directory or s3://bucket/prefix. Delta tables and Parquet files are
 # read and written through URIs (deltalake and polars take S3 endpoint and credentials from the
@@ -137,9 +154,32 @@ def _decode_dead_letters(values: list[bytes]) -> pl.DataFrame:
     return pl.DataFrame(rows, schema=DEAD_LETTER_COLUMNS)
 
 
+def _naive_utc(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value).astimezone(UTC).replace(tzinfo=None)
+
+
+def _decode_predictions(values: list[bytes]) -> pl.DataFrame:
+    rows = []
+    for value in values:
+        record = json.loads(value)
+        rows.append(
+            {
+                **{name: record.get(name) for name in PREDICTION_COLUMNS},
+                "predicted_at": _naive_utc(record.get("predicted_at")),
+                "cart_event_time": _naive_utc(record.get("event_time")),
+                "scored_at": _naive_utc(record.get("scored_at")),
+                "features": json.dumps(record.get("features") or {}, sort_keys=True),
+            }
+        )
+    return pl.DataFrame(rows, schema=PREDICTION_COLUMNS)
+
+
 DECODERS: dict[str, Callable[[list[bytes]], pl.DataFrame]] = {
     "validated": _decode_validated,
     "invalid": _decode_dead_letters,
+    "predictions": _decode_predictions,
 }
 
 
@@ -287,7 +327,9 @@ def land_topic(
 
 
 def _empty_schema(kind: str) -> dict[str, pl.DataType]:
-    return dict(EVENT_COLUMNS) if kind == "validated" else dict(DEAD_LETTER_COLUMNS)
+    return dict(
+        {"validated": EVENT_COLUMNS, "invalid": DEAD_LETTER_COLUMNS}.get(kind, PREDICTION_COLUMNS)
+    )
 
 
 def read_bronze(table_path: str) -> pl.DataFrame:

@@ -74,3 +74,67 @@ def evaluate(settings: Settings, version: str) -> GateEvaluation:
         test_period=f"{dates[0]}..{dates[-1]}" if dates else "",
         decision=decision,
     )
+
+
+# -- deployment: challenger first, then champion ---------------------------------------------------
+
+
+class NotGated(RuntimeError):
+    """The version did not pass the promotion gate (or was never gated)."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    version: str  # the gated version deployed as challenger
+    champion: str  # the champion after the decision
+    promoted: bool  # whether this deployment moved the champion
+    reason: str
+
+
+def champion_decision(version: str, settings: Settings) -> tuple[bool, str]:
+    """Whether a version that passed the gate should become champion now, and why (not)."""
+    current = registry.aliases(settings).get(settings.champion_alias)
+    if current is None:
+        return True, "no champion yet"
+    if current == version:
+        return False, f"version {version} is already champion"
+    hold = registry.champion_hold(settings)
+    if hold is not None and int(version) <= hold:
+        moves = [m for m in registry.alias_history(settings) if m.alias == settings.champion_alias]
+        last = moves[-1].describe() if moves else f"{settings.champion_alias} moved by hand"
+        return False, (
+            f"champion held at version {current} (last move: {last}); only a version newer "
+            f"than {hold} that passes the gate replaces it"
+        )
+    if settings.promotion == "manual":
+        return False, (
+            f"promotion is manual: `easymlops model promote {version}` or the promote_challenger "
+            "job makes it champion"
+        )
+    if int(version) < int(current):
+        return False, f"version {version} is older than champion {current}"
+    return True, f"passed the promotion gate, replaces version {current}"
+
+
+def require_gate_passed(version: str, settings: Settings) -> None:
+    verdict, reason = registry.gate_verdict(version, settings)
+    if verdict != "passed":
+        raise NotGated(
+            f"version {version} of {settings.model_name} is not promoted: promotion gate "
+            f"{verdict}{': ' + reason if reason else ''}"
+        )
+
+
+def deploy_gated(version: str, settings: Settings, *, by: str) -> Deployment:
+    """Make a gated `version` the challenger, then the champion if `champion_decision` says so.
+    Raises NotGated for a version that failed the gate or never met it."""
+    require_gate_passed(version, settings)
+    if registry.aliases(settings).get(settings.challenger_alias) != version:
+        registry.promote(
+            version, settings, alias=settings.challenger_alias, by=by, reason="passed the gate"
+        )
+    promote, reason = champion_decision(version, settings)
+    if promote:
+        registry.promote(version, settings, by=by, reason=reason)
+    champion = registry.aliases(settings)[settings.champion_alias]
+    return Deployment(version=version, champion=champion, promoted=promote, reason=reason)

@@ -9,12 +9,14 @@ sets the process-wide tracking and registry URIs to `settings.mlflow_uri`.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import mlflow
@@ -172,20 +174,221 @@ def get_version(version: str | int, settings: Settings) -> RegisteredModel:
     return RegisteredModel.from_model_version(mv)
 
 
-def promote(version: str | int, settings: Settings) -> RegisteredModel:
-    """Point `settings.champion_alias` at `version`; serving picks it up on its next poll.
+def promote(
+    version: str | int,
+    settings: Settings,
+    *,
+    alias: str | None = None,
+    by: str = "api",
+    reason: str = "promote",
+    hold: bool = False,
+) -> RegisteredModel:
+    """Point `alias` (default: the champion alias) at `version`, recorded in the alias history
+    (`alias_history`). Serving picks a new champion up on its next poll.
 
     Moving the alias is the whole promotion (and rollback): no stage transition, no copy.
+    `hold=True` (a move by a person: `easymlops model promote/rollback`) keeps the champion where
+    it is put until a version newer than every existing one passes the gate (`champion_hold`).
     """
+    target = alias or settings.champion_alias
     mlflow_client = client(settings)
     mv = mlflow_client.get_model_version(settings.model_name, str(version))
-    mlflow_client.set_registered_model_alias(
-        settings.model_name, settings.champion_alias, str(mv.version)
+    previous = aliases(settings).get(target)
+    mlflow_client.set_registered_model_alias(settings.model_name, target, str(mv.version))
+    record_alias_move(
+        settings,
+        alias=target,
+        from_version=previous,
+        to_version=str(mv.version),
+        by=by,
+        reason=reason,
     )
-    log.info(
-        "alias %s of %s -> version %s", settings.champion_alias, settings.model_name, mv.version
-    )
+    if target == settings.champion_alias:
+        if hold:
+            newest = max(int(v.version) for v in all_versions(settings))
+            mlflow_client.set_registered_model_tag(settings.model_name, HOLD_TAG, str(newest))
+        else:
+            _clear_hold(settings)
+    log.info("alias %s of %s -> version %s (%s)", target, settings.model_name, mv.version, by)
     return RegisteredModel.from_model_version(mv)
+
+
+# -- alias history and hold ------------------------------------------------------------------------
+# Every alias move is one tag on the registered model, `easymlops.alias_move.<seq>` = JSON
+# {alias, from, to, by, at, reason}: MLflow keeps no history of aliases, and tags survive the
+# server. seq is zero-padded so that tags sort in order.
+ALIAS_MOVE_TAG = "easymlops.alias_move."
+# The newest version number when a person last moved the champion: the deployment asset only
+# moves the champion again for a gated version newer than this (a rollback stays in force).
+HOLD_TAG = "easymlops.champion_hold"
+ROLLBACK_REASON = "rollback from version"
+
+
+@dataclass(frozen=True, slots=True)
+class AliasMove:
+    seq: int
+    alias: str
+    from_version: str | None
+    to_version: str
+    by: str
+    at: str  # ISO-8601 UTC
+    reason: str
+
+    def describe(self) -> str:
+        return (
+            f"{self.alias}: {self.from_version or 'none'} -> {self.to_version} by {self.by} "
+            f"at {self.at} ({self.reason})"
+        )
+
+
+def _registered_tags(settings: Settings) -> dict[str, str]:
+    try:
+        registered = client(settings).get_registered_model(settings.model_name)
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return {}
+        raise
+    return dict(registered.tags or {})
+
+
+def aliases(settings: Settings) -> dict[str, str]:
+    """alias -> version of `settings.model_name` ({} when the model does not exist yet)."""
+    try:
+        registered = client(settings).get_registered_model(settings.model_name)
+    except MlflowException as exc:
+        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return {}
+        raise
+    return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
+
+
+def all_versions(settings: Settings) -> list[ModelVersion]:
+    """Every version of `settings.model_name`, oldest first."""
+    found = client(settings).search_model_versions(f"name = '{settings.model_name}'")
+    return sorted(found, key=lambda mv: int(mv.version))
+
+
+def alias_history(settings: Settings) -> list[AliasMove]:
+    """Every recorded alias move, oldest first."""
+    moves = []
+    for key, value in _registered_tags(settings).items():
+        if key.startswith(ALIAS_MOVE_TAG):
+            data = json.loads(value)
+            moves.append(
+                AliasMove(
+                    seq=int(key.removeprefix(ALIAS_MOVE_TAG)),
+                    alias=data["alias"],
+                    from_version=data.get("from"),
+                    to_version=data["to"],
+                    by=data.get("by", "unknown"),
+                    at=data.get("at", ""),
+                    reason=data.get("reason", ""),
+                )
+            )
+    return sorted(moves, key=lambda move: move.seq)
+
+
+def record_alias_move(
+    settings: Settings,
+    *,
+    alias: str,
+    from_version: str | None,
+    to_version: str,
+    by: str,
+    reason: str,
+    at: datetime | None = None,
+) -> AliasMove:
+    history = alias_history(settings)
+    move = AliasMove(
+        seq=(history[-1].seq + 1) if history else 1,
+        alias=alias,
+        from_version=from_version,
+        to_version=to_version,
+        by=by,
+        at=(at or datetime.now(UTC)).isoformat(timespec="seconds"),
+        reason=reason,
+    )
+    value = {"alias": alias, "from": from_version, "to": to_version, "by": by, "at": move.at}
+    value["reason"] = reason[:1000]
+    client(settings).set_registered_model_tag(
+        settings.model_name, f"{ALIAS_MOVE_TAG}{move.seq:06d}", json.dumps(value)
+    )
+    return move
+
+
+def champion_hold(settings: Settings) -> int | None:
+    """Version number a gated version must exceed before the deployment moves the champion, set
+    by a move by hand (None: no hold)."""
+    value = _registered_tags(settings).get(HOLD_TAG)
+    return int(value) if value else None
+
+
+def _clear_hold(settings: Settings) -> None:
+    if champion_hold(settings) is not None:
+        client(settings).delete_registered_model_tag(settings.model_name, HOLD_TAG)
+
+
+def rollback(settings: Settings, *, by: str) -> AliasMove:
+    """Move the champion back to the version it held before its current one (by the alias
+    history), and hold it there until a newer version passes the gate."""
+    current = aliases(settings).get(settings.champion_alias)
+    if current is None:
+        raise ValueError(
+            f"{settings.model_name} has no {settings.champion_alias}: nothing to roll back"
+        )
+    # Versions once rolled back from are skipped: a second rollback goes further back rather
+    # than returning to the version just abandoned.
+    moves = [m for m in alias_history(settings) if m.alias == settings.champion_alias]
+    abandoned = {m.from_version for m in moves if m.reason.startswith(ROLLBACK_REASON)}
+    previous = next(
+        (
+            version
+            for m in reversed(moves)
+            for version in (m.to_version, m.from_version)
+            if version is not None and version != current and version not in abandoned
+        ),
+        None,
+    )
+    if previous is None:
+        raise ValueError(
+            f"{settings.model_name}@{settings.champion_alias} = version {current} has no earlier "
+            "champion in the alias history to roll back to"
+        )
+    promote(previous, settings, by=by, reason=f"{ROLLBACK_REASON} {current}", hold=True)
+    return alias_history(settings)[-1]
+
+
+OUTSIDE = "outside easymlops (MLflow UI or API)"
+
+
+def moves_since(settings: Settings, seq: int, known: Mapping[str, str]) -> list[AliasMove]:
+    """Alias moves after history entry `seq`, given the aliases `known` as of that entry.
+
+    A move made outside easymlops (the MLflow UI or API moves an alias without a history entry)
+    is recorded here, `by` OUTSIDE, so that it enters the history once; a champion moved that
+    way is held like a rollback (a person decided it)."""
+    moves = [m for m in alias_history(settings) if m.seq > seq]
+    expected = dict(known)
+    for move in moves:
+        expected[move.alias] = move.to_version
+    for alias, version in sorted(aliases(settings).items()):
+        if expected.get(alias) != version:
+            hold = alias == settings.champion_alias
+            move = record_alias_move(
+                settings,
+                alias=alias,
+                from_version=expected.get(alias),
+                to_version=version,
+                by=OUTSIDE,
+                reason="alias moved without easymlops",
+            )
+            if hold:
+                newest = max(int(v.version) for v in all_versions(settings))
+                client(settings).set_registered_model_tag(
+                    settings.model_name, HOLD_TAG, str(newest)
+                )
+            moves.append(move)
+    return moves
 
 
 # The promotion gate's verdict, kept on the model version itself so that any later promotion

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +48,18 @@ class Settings(BaseSettings):
     mlflow_experiment: str = "easymlops-purchase"
     model_name: str = "purchase_propensity"
     champion_alias: str = "champion"
+    # A version that passes the promotion gate becomes the challenger first. "auto": the same
+    # deployment run then makes it champion (unless a rollback holds the champion); "manual": it
+    # stays challenger until `easymlops model promote` or the `promote_challenger` job.
+    challenger_alias: str = "challenger"
+    promotion: Literal["auto", "manual"] = "auto"
+
+    # Automation (easymlops_assets/defs/automation): the retraining schedule (weekly, Monday
+    # 03:00 UTC), the daily refresh of the newest partitions and the online store (00:30 UTC),
+    # and a webhook that receives run failures (empty: alerts are only logged).
+    retrain_cron: str = "0 3 * * 1"
+    daily_refresh_cron: str = "30 0 * * *"
+    alert_webhook_url: str = ""
 
     session_ttl_seconds: int = 6 * 3600
     # A session with no event for this long is over: its carts' labels can no longer change
@@ -67,6 +80,10 @@ class Settings(BaseSettings):
     # Serving adds the feature values it used to each response (`features`): for parity checks
     # and debugging; off by default (responses stay small).
     serve_debug_features: bool = False
+    # Serving logs every prediction to topic_predictions (serving/prediction_log.py), through a
+    # bounded queue of this many records: a broker outage never slows a request.
+    serve_log_predictions: bool = True
+    serve_prediction_queue_size: int = 100_000
 
     # Promotion gate (easymlops.gate): bootstrap resamples of the held-out rows; a challenger
     # must beat the price-only baseline by min_lift, and the lower bound of the paired interval

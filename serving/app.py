@@ -19,6 +19,7 @@ prediction also carries `features`: the value of every model feature used, null 
 
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +42,7 @@ from serving.features import (
 )
 from serving.metrics import CONTENT_TYPE, serving_metrics
 from serving.model import ChampionWatcher, LoadedModel, ServingConfig
+from serving.prediction_log import PredictionLog
 from serving.schemas import (
     BatchRequest,
     BatchResponse,
@@ -129,6 +131,13 @@ class PurchasePredictor:
         self.watcher = ChampionWatcher(config)
         self.watcher.start()
         self._redis: aioredis.Redis | None = None
+        self.prediction_log = (
+            PredictionLog(
+                config.kafka_bootstrap, config.predictions_topic, config.prediction_queue_size
+            )
+            if config.kafka_bootstrap
+            else None
+        )
         self._sync_metrics()
         log.info(
             "serving %s@%s from %s, features from %s, poll every %ss",
@@ -147,6 +156,8 @@ class PurchasePredictor:
 
     def __del__(self) -> None:
         self.watcher.stop()
+        if self.prediction_log is not None:
+            self.prediction_log.close(timeout=5)
 
     # ---- helpers -------------------------------------------------------------------------
     def _redis_client(self) -> aioredis.Redis:
@@ -217,9 +228,11 @@ class PurchasePredictor:
             for name in row.missing:
                 metrics.missing_features.labels(name).inc()
         debug = self.config.debug_features
+        predicted_at = datetime.now(UTC).isoformat()
         responses = []
-        for p, row in zip(probabilities, rows, strict=True):
+        for p, row, req in zip(probabilities, rows, requests, strict=True):
             response = PredictResponse(
+                request_id=uuid.uuid4().hex,
                 probability=float(p),
                 model_name=model.info.name,
                 model_version=model.info.version,
@@ -228,6 +241,24 @@ class PurchasePredictor:
             )
             if debug:  # set only then: unset fields are left out of the response
                 response.features = feature_values(row)
+            if self.prediction_log is not None:
+                self.prediction_log.send(
+                    response.request_id,
+                    {
+                        "request_id": response.request_id,
+                        "predicted_at": predicted_at,
+                        "model_name": model.info.name,
+                        "model_version": model.info.version,
+                        "event_id": req.event_id,
+                        "event_time": req.event_time.isoformat() if req.event_time else None,
+                        "scored_at": (req.event_time or arrived).isoformat(),
+                        "user_id": req.user_id,
+                        "product_id": req.product_id,
+                        "user_session": req.user_session,
+                        "features": feature_values(row),
+                        "probability": response.probability,
+                    },
+                )
             responses.append(response)
         return responses
 
@@ -279,6 +310,8 @@ class PurchasePredictor:
             loaded_at=model.loaded_at,
             feature_names=list(model.booster.feature_names or MODEL_FEATURES),
             feature_set_version=model.feature_set_version,
+            last_poll_error=self.watcher.state.last_error,
+            rejected_versions=dict(self.watcher.state.rejected),
         )
 
     @app.get("/metrics")

@@ -132,6 +132,7 @@ REPLICA_MODULES: tuple[str, ...] = (
     "serving.features",
     "serving.metrics",
     "serving.model",
+    "serving.prediction_log",
     "serving.schemas",
 )
 

@@ -57,6 +57,17 @@ class ServingMetrics:
             ["feature"],
             registry=self.registry,
         )
+        self.predictions_logged = Counter(
+            "easymlops_serving_predictions_log",
+            "Predictions sent to the predictions topic, by delivery outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.predictions_log_dropped = Counter(
+            "easymlops_serving_predictions_log_dropped",
+            "Predictions not logged because the bounded send queue was full (broker away)",
+            registry=self.registry,
+        )
         self.model_info = Gauge(
             "easymlops_serving_model_info",
             "1 for the model version being served",

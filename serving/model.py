@@ -38,6 +38,10 @@ class ServingConfig:
     redis_timeout_s: float = 2.0
     # settings.serve_debug_features: responses carry the feature values used
     debug_features: bool = False
+    # Where each prediction is logged (serving.prediction_log); empty bootstrap = not logged.
+    kafka_bootstrap: str = ""
+    predictions_topic: str = "predictions"
+    prediction_queue_size: int = 100_000
 
     @classmethod
     def from_settings(cls, settings: Settings, *, poll_interval_s: float = 10.0) -> ServingConfig:
@@ -48,6 +52,9 @@ class ServingConfig:
             champion_alias=settings.champion_alias,
             poll_interval_s=poll_interval_s,
             debug_features=settings.serve_debug_features,
+            kafka_bootstrap=settings.bootstrap_servers if settings.serve_log_predictions else "",
+            predictions_topic=settings.topic_predictions,
+            prediction_queue_size=settings.serve_prediction_queue_size,
         )
 
     def settings(self) -> Settings:

@@ -62,6 +62,8 @@ class PredictRequest(BaseModel):
 
 
 class PredictResponse(BaseModel):
+    # Key of this prediction's record in the predictions topic (joins it to its outcome later).
+    request_id: str
     probability: float = Field(ge=0.0, le=1.0)
     model_name: str
     model_version: str
@@ -89,3 +91,7 @@ class ModelInfo(BaseModel):
     loaded_at: datetime
     feature_names: list[str]
     feature_set_version: str
+    # Why the replica's last look at the champion alias failed (e.g. a new champion that cannot
+    # be loaded: the replica keeps serving `version`), and versions it refused, with the reason.
+    last_poll_error: str | None = None
+    rejected_versions: dict[str, str] = {}

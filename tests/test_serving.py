@@ -12,9 +12,11 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import numpy as np
+import polars as pl
 import pytest
 import ray
 import redis
@@ -51,6 +53,7 @@ from serving.features import (
 )
 from serving.model import ServingConfig
 from serving.schemas import PredictRequest
+from tests.conftest import free_port
 
 # ---- pure parts ----------------------------------------------------------------------------
 
@@ -434,6 +437,117 @@ def test_hot_reload_of_a_new_champion(served: Served) -> None:
     took = time.monotonic() - promoted
     print(f"version {before} -> {new.version} served {took:.1f}s after promotion")
     assert served.http.post("/predict", json=BODY).json()["model_version"] == new.version
+
+
+@services
+def test_a_champion_that_fails_to_load_keeps_the_old_model(served: Served) -> None:
+    before = served.champion_version()
+    client = registry.client(served.settings)
+    # A version whose artifacts do not exist (an empty run): the replica's download fails.
+    run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+    client.set_terminated(run.info.run_id)
+    broken = client.create_model_version(
+        MODEL_NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    ).version
+    registry.promote(broken, served.settings)
+    try:
+        deadline = time.monotonic() + 10 * POLL_S
+        while not (info := served.http.get("/model").json()).get("last_poll_error"):
+            assert time.monotonic() < deadline, f"load failure never reported: {info}"
+            time.sleep(0.2)
+        assert info["version"] == before
+        assert served.http.post("/predict", json=BODY).json()["model_version"] == before
+        assert served.http.get("/readyz").status_code == 200
+    finally:
+        registry.promote(before, served.settings)
+    deadline = time.monotonic() + 10 * POLL_S
+    while served.http.get("/model").json().get("last_poll_error"):
+        assert time.monotonic() < deadline, "poll error not cleared after the alias moved back"
+        time.sleep(0.2)
+
+
+@services
+def test_predictions_are_logged_through_a_broker_pause(served: Served, tmp_path: Path) -> None:
+    """Every prediction reaches the predictions topic, also those made while the broker was
+    stopped (SIGSTOP), requests are not slowed meanwhile, and bronze_predictions lands each
+    exactly once."""
+    import json
+    import signal
+
+    from easymlops import stack
+    from easymlops.kafka import consumer
+
+    broker = next(s for s in stack.status(served.settings) if s.name == "kafka")
+    assert broker.pid is not None
+    before = [served.http.post("/predict", json=BODY).json() for _ in range(5)]
+    os.killpg(broker.pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        during = [served.http.post("/predict", json=BODY) for _ in range(50)]
+        paused_for = time.monotonic() - started
+    finally:
+        os.killpg(broker.pid, signal.SIGCONT)
+    assert [r.status_code for r in during] == [200] * 50
+    assert paused_for < 15, f"50 requests took {paused_for:.1f}s with the broker stopped"
+    sent = {body["request_id"]: body for body in before + [r.json() for r in during]}
+    assert len(sent) == 55  # one id per prediction
+
+    logged: dict[str, dict] = {}
+    reader = consumer(
+        served.settings, f"test-predictions-{uuid.uuid4().hex}", **{"auto.offset.reset": "earliest"}
+    )
+    reader.subscribe([served.settings.topic_predictions])
+    deadline = time.monotonic() + 120
+    try:
+        while not sent.keys() <= logged.keys() and time.monotonic() < deadline:
+            message = reader.poll(1.0)
+            if message is not None and message.error() is None:
+                record = json.loads(message.value() or b"{}")
+                logged[record["request_id"]] = record
+    finally:
+        reader.close()
+    missing = sent.keys() - logged.keys()
+    assert not missing, f"{len(missing)} of {len(sent)} predictions never reached the topic"
+    for request_id, body in sent.items():
+        record = logged[request_id]
+        assert record["probability"] == body["probability"]
+        assert record["model_version"] == body["model_version"]
+        assert record["features"]["price"] == BODY["price"]
+        assert record["user_id"] == BODY["user_id"]
+    metrics = served.http.get("/metrics").text
+    assert 'easymlops_serving_predictions_log_total{outcome="delivered"}' in metrics
+
+    from easymlops import lake
+
+    table = str(tmp_path / "bronze" / "predictions")
+    topic = served.settings.topic_predictions
+    first = lake.land_topic(served.settings, topic, table, "predictions")
+    assert lake.land_topic(served.settings, topic, table, "predictions").rows == 0
+    landed = lake.read_bronze(table).filter(pl.col("request_id").is_in(list(sent)))
+    assert first.rows >= len(sent) and landed.height == len(sent)
+    row = landed.row(0, named=True)
+    assert json.loads(row["features"])["price"] == BODY["price"]
+    assert row["probability"] == sent[row["request_id"]]["probability"]
+    assert row["predicted_at"] is not None and row["scored_at"] is not None
+    assert "easymlops_serving_predictions_log_dropped_total 0.0" in metrics
+
+
+def test_a_full_prediction_queue_drops_and_counts_without_blocking() -> None:
+    from serving.metrics import serving_metrics
+    from serving.prediction_log import PredictionLog
+
+    dropped = serving_metrics().predictions_log_dropped
+    start = dropped._value.get()
+    # Nothing listens on this port: every record stays queued, the queue holds 5.
+    log = PredictionLog(f"127.0.0.1:{free_port()}", "predictions", max_queued=5)
+    started = time.monotonic()
+    accepted = [log.send(f"r{i}", {"i": i}) for i in range(12)]
+    took = time.monotonic() - started
+    assert accepted == [True] * 5 + [False] * 7
+    assert dropped._value.get() - start == 7
+    assert took < 1.0
+    assert log.pending() == 5
+    log.close(timeout=0.1)
 
 
 @services

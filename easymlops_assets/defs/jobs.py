@@ -12,9 +12,12 @@ FRESHNESS = dg.AssetSelection.checks(*FRESHNESS_CHECKS)
 # themselves are external assets and are excluded automatically). Its daily partitioned assets
 # need a partition or a range (tags dagster/asset_partition_range_start/end): `easymlops demo`
 # passes the dates bronze holds (easymlops.pipeline).
+# Predictions land only through bronze_predictions_sensor (see lakehouse/sensors.py).
+PREDICTIONS = dg.AssetSelection.assets("bronze_predictions")
+
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
-    selection=dg.AssetSelection.all() - FRESHNESS,
+    selection=dg.AssetSelection.all() - FRESHNESS - PREDICTIONS,
     description=(
         "Land Kafka, build lake and gold tables, refresh the online store, retrain, gate, serve."
     ),
@@ -40,4 +43,25 @@ check_freshness = dg.define_asset_job(
     "check_freshness",
     selection=FRESHNESS,
     description="Evaluate the freshness check of bronze_events (a landing in the last hour).",
+)
+
+# What the daily schedule refreshes: the landing, silver and gold partitions of the newest days
+# and the online store, no retraining.
+daily_refresh = dg.define_asset_job(
+    "daily_refresh",
+    selection=(
+        dg.AssetSelection.assets("bronze_events", "bronze_invalid_events", "silver_events")
+        | dg.AssetSelection.groups("warehouse")
+        | dg.AssetSelection.assets("online_features")
+    )
+    - FRESHNESS,
+    description="Land Kafka, rebuild the newest silver and gold partitions, refresh Redis.",
+)
+
+# The checks of serving_deployment alone: what the MLflow sensor runs after an alias moved by
+# hand (serving follows the champion, answers, and still matches training).
+verify_serving = dg.define_asset_job(
+    "verify_serving",
+    selection=dg.AssetSelection.checks_for_assets(dg.AssetKey("serving_deployment")),
+    description="Check that serving answers with the champion and matches training.",
 )

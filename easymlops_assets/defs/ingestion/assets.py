@@ -32,3 +32,13 @@ events_invalid = dg.AssetSpec(
     description=f"Dead-letter envelopes of rejected events on `{_settings.topic_invalid}`.",
     metadata={"topic": _settings.topic_invalid},
 )
+predictions = dg.AssetSpec(
+    "predictions",
+    group_name="ingestion",
+    kinds={"kafka"},
+    description=(
+        f"Every prediction served (request id, model version, features used, probability) on "
+        f"`{_settings.topic_predictions}`; written by Ray Serve (serving/prediction_log.py)."
+    ),
+    metadata={"topic": _settings.topic_predictions},
+)

@@ -80,6 +80,16 @@ def bronze_invalid_events(
     return _land(context, config, settings.topic_invalid, "invalid_events", "invalid")
 
 
+@dg.asset(deps=["predictions"], group_name="lakehouse", kinds={"delta", "polars"})
+def bronze_predictions(
+    context: dg.AssetExecutionContext, config: LandingConfig
+) -> dg.MaterializeResult:
+    """Served predictions landed from Kafka, exactly once like events: what live performance and
+    drift are computed from. Landed by `bronze_predictions_sensor` (running by default)."""
+    settings = get_settings()
+    return _land(context, config, settings.topic_predictions, "predictions", "predictions")
+
+
 @dg.asset_check(asset=bronze_events, blocking=True)
 def bronze_events_offsets_unique() -> dg.AssetCheckResult:
     """Exactly-once landing: no Kafka record (topic incarnation, partition, offset) appears

@@ -5,9 +5,10 @@ cursor is the end of the last range it requested; the run key names the range, s
 never launches the same range twice, and the run itself commits its offsets atomically with the
 data (see `lake.land_topic`), so a re-run or a crash mid-run neither loses nor duplicates.
 
-Stopped by default: `easymlops demo` and `full_pipeline` land bronze themselves, and a second
-landing run of the same table at the same time could read the same start offsets from the
-Delta log. Turn a sensor on in the UI (Automation) for continuous landing.
+The event sensors are stopped by default: `easymlops demo` and `full_pipeline` land bronze
+themselves, and a second landing of the same table at the same time is refused (Delta's
+concurrent-transaction check), a failed run. Turn them on in the UI (Automation) for continuous
+landing. The predictions sensor runs by default: only it lands predictions.
 """
 
 import json
@@ -18,7 +19,11 @@ import dagster as dg
 
 from easymlops.kafka import KafkaUnavailable, end_offsets, topic_id
 from easymlops.settings import Settings, get_settings
-from easymlops_assets.defs.lakehouse.assets import bronze_events, bronze_invalid_events
+from easymlops_assets.defs.lakehouse.assets import (
+    bronze_events,
+    bronze_invalid_events,
+    bronze_predictions,
+)
 from easymlops_assets.partitions import daily_partitions, partition_range_tags
 
 
@@ -70,7 +75,9 @@ def landing_request(
 
 
 def landing_sensor(
-    asset: dg.AssetsDefinition, topic_of: Callable[[Settings], str]
+    asset: dg.AssetsDefinition,
+    topic_of: Callable[[Settings], str],
+    default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
 ) -> dg.SensorDefinition:
     name = f"{asset.key.to_user_string()}_sensor"
 
@@ -78,7 +85,7 @@ def landing_sensor(
         name=name,
         asset_selection=[asset],
         minimum_interval_seconds=30,
-        default_status=dg.DefaultSensorStatus.STOPPED,
+        default_status=default_status,
         description=f"Requests a landing run of {asset.key.to_user_string()} for each new range "
         "of offsets of its Kafka topic (reads end offsets only).",
     )
@@ -90,6 +97,11 @@ def landing_sensor(
 
 bronze_events_sensor = landing_sensor(bronze_events, lambda s: s.topic_validated)
 bronze_invalid_events_sensor = landing_sensor(bronze_invalid_events, lambda s: s.topic_invalid)
+# Running by default: no job other than this sensor's runs lands predictions (full_pipeline
+# leaves bronze_predictions out), so no two landings of the table meet.
+bronze_predictions_sensor = landing_sensor(
+    bronze_predictions, lambda s: s.topic_predictions, dg.DefaultSensorStatus.RUNNING
+)
 
 
 def refresh_window(dates: list[str], first: str, last: str) -> tuple[str, str] | None:

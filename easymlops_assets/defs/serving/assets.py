@@ -1,41 +1,51 @@
-"""Real-time inference: promote the gated model to `champion` and keep Ray Serve serving it."""
+"""Real-time inference: the gated model becomes `challenger`, then `champion`, and Ray Serve
+serves the champion."""
 
 import dagster as dg
 import httpx
 
-from easymlops import registry
+from easymlops import promotion, registry
 from easymlops.settings import get_settings
 from easymlops_assets.defs.training.assets import latest_model_version
 
 
 @dg.asset(deps=["purchase_model", "online_features"], group_name="serving", kinds={"ray"})
 def serving_deployment(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-    """Sets the `champion` alias to the latest version if it passed the promotion gate, then
-    makes sure the Ray Serve app runs on the local Ray head; a running app hot-reloads the new
-    champion. A version that failed the gate, or was never gated, is refused."""
+    """Makes the latest version the `challenger` if it passed the promotion gate, then the
+    `champion` unless a rollback holds the champion or promotion is manual
+    (easymlops.promotion.deploy_gated), and makes sure the Ray Serve app runs on the local Ray
+    head; a running app hot-reloads a new champion. A version that failed the gate, or was never
+    gated, is refused."""
     from serving.deploy import deploy  # ray is heavy: imported only when this asset runs
 
     settings = get_settings()
     version = latest_model_version(context.instance)
     # The blocking gate stops this asset in the run that trained the model; this also covers a
     # deployment materialized on its own later, after a gate that failed or never ran.
-    verdict, reason = registry.gate_verdict(version, settings)
-    if verdict != "passed":
+    try:
+        outcome = promotion.deploy_gated(version, settings, by=f"dagster run {context.run_id}")
+    except promotion.NotGated as exc:
         raise dg.Failure(
-            f"version {version} of {settings.model_name} is not promoted: promotion gate "
-            f"{verdict}{': ' + reason if reason else ''} (materialize purchase_model with its "
-            "promotion_gate check first)"
-        )
-    registry.promote(version, settings)
+            f"{exc} (materialize purchase_model with its promotion_gate check first)"
+        ) from exc
+    context.log.info(f"challenger {outcome.version}, champion {outcome.champion}: {outcome.reason}")
     url = deploy(settings, wait_ready=True)
-    model = _wait_for_version(url, version)
-    context.log.info(f"serving {model} at {url}")
+    served = wait_for_version(url, outcome.champion)
+    context.log.info(f"serving {served} at {url}")
     return dg.MaterializeResult(
-        metadata={"url": dg.MetadataValue.url(url), "model_version": version, "served": model}
+        metadata={
+            "url": dg.MetadataValue.url(url),
+            "model_version": outcome.champion,
+            "challenger": outcome.version,
+            "champion_moved": outcome.promoted,
+            "decision": outcome.reason,
+            "served": served,
+        }
     )
 
 
-def _wait_for_version(url: str, version: str, timeout: float = 60.0) -> str:
+def wait_for_version(url: str, version: str, timeout: float = 60.0) -> str:
+    """Wait until serving answers with `version` (it polls the alias every 10 s)."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -50,6 +60,26 @@ def _wait_for_version(url: str, version: str, timeout: float = 60.0) -> str:
     raise RuntimeError(
         f"Ray Serve still serves version {served or 'none'} after {timeout}s, not {version}"
     )
+
+
+@dg.op
+def promote_challenger_op(context: dg.OpExecutionContext) -> str:
+    """Make the `challenger` the `champion` (it passed the gate to become challenger)."""
+    settings = get_settings()
+    version = registry.aliases(settings).get(settings.challenger_alias)
+    if version is None:
+        raise dg.Failure(f"{settings.model_name} has no {settings.challenger_alias} to promote")
+    promotion.require_gate_passed(version, settings)
+    registry.promote(
+        version, settings, by=f"dagster run {context.run_id}", reason="promote_challenger job"
+    )
+    context.log.info(f"{settings.model_name}: champion -> version {version}")
+    return version
+
+
+@dg.job(description="Make the challenger (a version that passed the gate) the champion.")
+def promote_challenger() -> None:
+    promote_challenger_op()
 
 
 @dg.asset_check(asset=serving_deployment)
@@ -111,3 +141,20 @@ def served_predictions_match_training() -> dg.AssetCheckResult:
         + ("served = offline" if report.passed else f"{len(report.mismatches)} mismatches"),
         metadata=metadata,
     )
+
+
+@dg.asset_check(asset=serving_deployment)
+def serving_follows_champion() -> dg.AssetCheckResult:
+    """Serving answers with the version the champion alias points at (waiting out the replicas'
+    10 s poll): after a move by hand (rollback) the MLflow sensor runs this check."""
+    settings = get_settings()
+    champion = registry.aliases(settings).get(settings.champion_alias)
+    if champion is None:
+        return dg.AssetCheckResult(passed=False, description="no champion alias")
+    try:
+        served = wait_for_version(settings.serve_url, champion, timeout=30.0)
+    except (RuntimeError, httpx.HTTPError) as exc:
+        return dg.AssetCheckResult(
+            passed=False, description=str(exc), metadata={"champion": champion}
+        )
+    return dg.AssetCheckResult(passed=True, metadata={"champion": champion, "served": served})
