@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from datetime import date
 from pathlib import Path
 from typing import Annotated
 
@@ -91,8 +92,27 @@ def produce(
     from_csv: Annotated[
         Path | None, typer.Option(help="Replay a CSV in the public dataset's format instead.")
     ] = None,
+    start: Annotated[
+        str | None,
+        typer.Option(help="First day (YYYY-MM-DD, or 'today'); default: `days` days ago."),
+    ] = None,
+    price_scale: Annotated[
+        float, typer.Option(help="Multiply every price (plant a shift to see drift).", min=0)
+    ] = 1.0,
 ) -> None:
     """Send events to the raw topic: synthetic sessions, or a replay of a real CSV dump."""
+    from datetime import UTC, datetime
+
+    try:
+        first = (
+            None
+            if start is None
+            else datetime.now(UTC).date()
+            if start == "today"
+            else date.fromisoformat(start)
+        )
+    except ValueError as exc:
+        _fail(f"--start: {exc} (expected YYYY-MM-DD or 'today')")
     stats = _produce(
         events=events,
         days=days,
@@ -100,12 +120,22 @@ def produce(
         invalid_ratio=invalid_ratio,
         seed=seed,
         from_csv=from_csv,
+        start=first,
+        price_scale=price_scale,
     )
     out.print_json(json.dumps(stats))
 
 
 def _produce(
-    *, events: int, days: int, rate: float, invalid_ratio: float, seed: int, from_csv: Path | None
+    *,
+    events: int,
+    days: int,
+    rate: float,
+    invalid_ratio: float,
+    seed: int,
+    from_csv: Path | None,
+    start: date | None = None,
+    price_scale: float = 1.0,
 ) -> dict[str, object]:
     from easymlops.csv_replay import CsvFormatError, read_csv_events
     from easymlops.kafka import KafkaUnavailable, partitions
@@ -144,6 +174,8 @@ def _produce(
                 invalid_ratio=invalid_ratio,
                 rate=rate or None,
                 progress=lambda n: bar.advance(task, n),
+                start=start,
+                price_scale=price_scale,
             )
     summary = stats.to_dict()
     if stats.failed:
@@ -294,6 +326,34 @@ def demo(
             events=events, days=days, rate=0, invalid_ratio=invalid_ratio, seed=seed, from_csv=None
         ),
         validate=lambda: _validate(until_idle=True, idle_seconds=5.0),
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
+def pipeline(
+    first: Annotated[
+        str | None, typer.Option("--from", help="First event date (YYYY-MM-DD) to build.")
+    ] = None,
+    last: Annotated[
+        str | None, typer.Option("--to", help="Last event date (YYYY-MM-DD) to build.")
+    ] = None,
+    predictions: Annotated[
+        int, typer.Option(help="Sample predictions to time afterwards (0 = none).", min=0)
+    ] = 50,
+) -> None:
+    """Land what Kafka holds, build silver and gold for the dates, score and check the new
+    dates with the champion, retrain, gate and deploy: the demo's stage 4, with its summary."""
+    from datetime import date
+
+    from easymlops.demo import run_pipeline_command
+
+    try:
+        dates = [None if d is None else date.fromisoformat(d) for d in (first, last)]
+    except ValueError as exc:
+        _fail(f"--from/--to: {exc} (expected YYYY-MM-DD)")
+    code = run_pipeline_command(
+        console=console, out=out, first=dates[0], last=dates[1], predictions=predictions
     )
     raise typer.Exit(code)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from datetime import date
 from typing import Any
 
 import httpx
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from easymlops import registry
 from easymlops.features import session_key
-from easymlops.pipeline import GATE_CHECK
+from easymlops.pipeline import GATE_CHECK, NotEnoughData, PipelineResult, run_pipeline
 from easymlops.settings import Settings, get_settings
 
 
@@ -96,60 +97,35 @@ def _live_sessions(settings: Settings) -> int:
     )
 
 
-def run_demo(
-    *,
-    console: Console,
-    out: Console,
-    events: int,
-    days: int,
-    invalid_ratio: float,
-    seed: int,
-    predictions: int,
-    produce: Callable[[], dict[str, Any]],
-    validate: Callable[[], dict[str, Any]],
-) -> int:
-    from easymlops import stack
-    from easymlops.pipeline import run_pipeline
-
-    settings = get_settings()
-    started = time.monotonic()
-    timings: dict[str, float] = {}
-
-    def step(name: str) -> None:
-        console.rule(f"[bold]{name}")
-        timings[name] = time.monotonic()
-
-    step("1/5 stack up")
-    try:
-        stack.up(settings, progress=lambda msg: console.print(f"  {msg}"))
-    except stack.StackError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 1
-    step(f"2/5 produce {events} events over {days} days")
-    produced = produce()
-    step("3/5 validate")
-    validated = validate()
-    step("4/5 materialize the asset graph through Dagster")
-    result = run_pipeline(settings)
+def report_checks(result: PipelineResult, console: Console) -> bool:
+    """Print the checks' outcome; False when the run failed for another reason than a refusal
+    by the promotion gate (the failures are printed)."""
     failed_checks = sorted(key for key, passed in result.checks.items() if not passed)
     console.print(
         f"  asset checks: {len(result.checks) - len(failed_checks)}/{len(result.checks)} passed"
     )
     for key in failed_checks:
+        description = result.check_details[key][0]
         if key in result.warn_checks:
-            console.print(f"  [yellow]check warned:[/yellow] {key}: {result.check_details[key][0]}")
+            console.print(f"  [yellow]check warned:[/yellow] {key}: {description}")
         else:
-            console.print(f"  [red]check failed:[/red] {key}")
+            console.print(f"  [red]check failed:[/red] {key}: {description}")
     if not result.success and not result.gate_refused:
         console.print(f"[red]Dagster run {result.run_id} failed:[/red]")
         for failure in result.failures:
             console.print(f"  {failure}")
-        return 1
-    m = result.materializations
-    model = m.get("purchase_model", {})
-    gate_description, gate = result.check_details.get(GATE_CHECK, ("", {}))
+        return False
+    return True
+
+
+def report_gate(
+    result: PipelineResult, settings: Settings, console: Console
+) -> registry.RegisteredModel | None:
+    """Say what a refusal by the gate means for serving; returns the champion."""
+    model = result.materializations.get("purchase_model", {})
     champion = registry.champion(settings)
     if result.gate_refused:
+        gate_description = result.check_details.get(GATE_CHECK, ("", {}))[0]
         console.print(
             f"  [yellow]promotion gate refused version {model.get('model_version')}:"
             f"[/yellow] {gate_description}"
@@ -159,20 +135,18 @@ def run_demo(
             if champion
             else "  no version has passed the gate yet: nothing serves"
         )
-    latency = None
-    if champion is not None:
-        step(f"5/5 {predictions} sequential predictions")
-        ensure_serving(settings, champion.version, console)
-        latency = time_predictions(settings, sample_requests(settings, predictions))
+    return champion
 
+
+def add_pipeline_rows(
+    table: Table, result: PipelineResult, champion: registry.RegisteredModel | None
+) -> None:
+    """The summary rows of a pipeline run (the demo's and `easymlops pipeline`'s)."""
     nan = float("nan")
-    table = Table(title="EasyMLOps demo", show_header=True)
-    table.add_column("stage")
-    table.add_column("result", justify="right")
-    table.add_row("produced to events.raw", f"{produced['delivered']:,}")
-    table.add_row("validated / dead-lettered", f"{validated['valid']:,} / {validated['invalid']:,}")
-    table.add_row("validator throughput", f"{validated['events_per_second']:,.0f} events/s")
-    table.add_row("live sessions in Redis (feat:session:*)", f"{_live_sessions(settings):,}")
+    m = result.materializations
+    model = m.get("purchase_model", {})
+    gate = result.check_details.get(GATE_CHECK, ("", {}))[1]
+    table.add_row("dates", f"{result.first_date}..{result.last_date}")
     table.add_row("bronze_events rows landed", f"{result.rows('bronze_events') or 0:,}")
     table.add_row("bronze_invalid_events rows", f"{result.rows('bronze_invalid_events') or 0:,}")
     silver_dates = result.partitions.get("silver_events", {})
@@ -222,7 +196,115 @@ def run_demo(
         + (" (refused by the gate)" if result.gate_refused else ""),
     )
     table.add_row("serving", f"v{champion.version} (champion)" if champion else "nothing yet")
+    drift_key = "feature_drift:features_not_drifted"
+    if drift_key in result.check_details:
+        days = sorted(result.partitions.get("feature_drift", {}))
+        table.add_row(
+            f"drift of new days vs the former champion ({', '.join(days)})",
+            result.check_details[drift_key][0],
+        )
     table.add_row("checks passed", f"{sum(result.checks.values())}/{len(result.checks)}")
+
+
+def run_pipeline_command(
+    *,
+    console: Console,
+    out: Console,
+    first: date | None,
+    last: date | None,
+    predictions: int,
+) -> int:
+    """`easymlops pipeline`: the demo's stage 4 on whatever Kafka holds, with its summary."""
+    from easymlops import stack
+
+    settings = get_settings()
+    started = time.monotonic()
+    missing = [s.name for s in stack.status(settings) if s.state != "running"]
+    if missing and not (settings.kafka_bootstrap and settings.mlflow_tracking_uri):
+        console.print(f"[red]error:[/red] {', '.join(missing)} not running: `easymlops up` first")
+        return 1
+    console.rule("[bold]materialize the asset graph through Dagster")
+    try:
+        result = run_pipeline(settings, first=first, last=last)
+    except NotEnoughData as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    if not report_checks(result, console):
+        return 1
+    champion = report_gate(result, settings, console)
+    table = Table(title="easymlops pipeline", show_header=True)
+    table.add_column("stage")
+    table.add_column("result", justify="right")
+    add_pipeline_rows(table, result, champion)
+    if champion is not None and predictions:
+        ensure_serving(settings, champion.version, console)
+        requests = sample_requests(settings, predictions)
+        if requests:
+            latency = time_predictions(settings, requests)
+            table.add_row(
+                "prediction latency p50 / p99",
+                f"{latency['p50_ms']:.1f} ms / {latency['p99_ms']:.1f} ms",
+            )
+    table.add_row("wall time", f"{time.monotonic() - started:.0f} s")
+    out.print(table)
+    return 0
+
+
+def run_demo(
+    *,
+    console: Console,
+    out: Console,
+    events: int,
+    days: int,
+    invalid_ratio: float,
+    seed: int,
+    predictions: int,
+    produce: Callable[[], dict[str, Any]],
+    validate: Callable[[], dict[str, Any]],
+) -> int:
+    from easymlops import stack
+
+    settings = get_settings()
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        console.rule(f"[bold]{name}")
+        timings[name] = time.monotonic()
+
+    step("1/5 stack up")
+    try:
+        stack.up(settings, progress=lambda msg: console.print(f"  {msg}"))
+    except stack.StackError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    step(f"2/5 produce {events} events over {days} days")
+    produced = produce()
+    step("3/5 validate")
+    validated = validate()
+    step("4/5 materialize the asset graph through Dagster")
+    try:
+        result = run_pipeline(settings)
+    except NotEnoughData as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    if not report_checks(result, console):
+        return 1
+    champion = report_gate(result, settings, console)
+    latency = None
+    if champion is not None:
+        step(f"5/5 {predictions} sequential predictions")
+        ensure_serving(settings, champion.version, console)
+        latency = time_predictions(settings, sample_requests(settings, predictions))
+
+    table = Table(title="EasyMLOps demo", show_header=True)
+    table.add_column("stage")
+    table.add_column("result", justify="right")
+    table.add_row("produced to events.raw", f"{produced['delivered']:,}")
+    table.add_row("validated / dead-lettered", f"{validated['valid']:,} / {validated['invalid']:,}")
+    table.add_row("validator throughput", f"{validated['events_per_second']:,.0f} events/s")
+    table.add_row("live sessions in Redis (feat:session:*)", f"{_live_sessions(settings):,}")
+    add_pipeline_rows(table, result, champion)
     if latency is not None:
         table.add_row(
             "prediction latency p50 / p99",

@@ -761,11 +761,14 @@ def generate_payloads(
     world: World | None = None,
     stats: GenerationStats | None = None,
     truth: TruthSink | None = None,
+    price_scale: float = 1.0,
 ) -> Iterator[bytes]:
     """Yield exactly `n_events` Kafka message values: `generate_events(n_events, ...)` encoded as
     JSON, with exactly `round(invalid_ratio * n_events)` of them, at uniformly random positions,
     replaced by `make_invalid(base=that event)` (kinds uniformly among `INVALID_KINDS`).
-    `truth` receives every cart's purchase probability, as in `generate_events`."""
+    `truth` receives every cart's purchase probability, as in `generate_events`.
+    `price_scale` multiplies every price on the wire (a planted shift for drift monitoring; the
+    behaviour, and the truth, stay those of the unscaled world)."""
     _check(n_events, days)
     if not 0.0 <= invalid_ratio <= 1.0:
         raise ValueError(f"invalid_ratio must be within [0, 1], got {invalid_ratio}")
@@ -774,6 +777,8 @@ def generate_payloads(
     events = generate_events(
         n_events, days=days, seed=seed, start=start, world=world, stats=inner, truth=truth
     )
+    if price_scale != 1.0:
+        events = ({**e, "price": round(e["price"] * price_scale, 2)} for e in events)
     return _payloads(events, inner, n_events, round(invalid_ratio * n_events), seed, stats)
 
 

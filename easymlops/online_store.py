@@ -38,12 +38,18 @@ def rows_as_of(
         return con.execute(sql, {"as_of": as_of}).fetchall()
 
 
-def _write(pipe: redis.client.Pipeline, key: str, names: tuple[str, ...], values: tuple) -> None:
-    mapping: dict[FieldT, EncodableT] = {
+def entity_hash(names: tuple[str, ...], values: tuple) -> dict[str, str]:
+    """The Redis hash of one user or product: each present, finite feature as repr(float), a
+    missing one left out (serving reads it as missing). Batch scoring builds the same hashes."""
+    return {
         name: repr(float(value))
         for name, value in zip(names, values, strict=True)
         if value is not None and math.isfinite(float(value))
     }
+
+
+def _write(pipe: redis.client.Pipeline, key: str, names: tuple[str, ...], values: tuple) -> None:
+    mapping: dict[FieldT, EncodableT] = {k: v for k, v in entity_hash(names, values).items()}
     pipe.delete(key)
     if mapping:
         pipe.hset(key, mapping=mapping)

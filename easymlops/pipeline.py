@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import date, timedelta
 from typing import Any
 
 from easymlops.settings import Settings
@@ -60,10 +61,48 @@ class PipelineResult:
         )
 
 
-def run_pipeline(settings: Settings, job_name: str = "full_pipeline") -> PipelineResult:
-    """Materialize every asset of the code location (the same Definitions `dagster dev` loads):
-    first the Kafka landing (job `land_kafka`), then the rest of `job_name` over the daily
-    partitions of every event date bronze holds, as one run. The result merges both runs."""
+class NotEnoughData(RuntimeError):
+    """The data cannot train a model yet; the message says what is missing, in one line."""
+
+
+def _champion_trained_until(settings: Settings) -> tuple[str, date] | None:
+    """The champion's version and the last date it was trained and tested on, or None (no
+    champion, MLflow unreachable, or a version without a drift reference to compare with)."""
+    from easymlops import drift, registry
+
+    try:
+        champion = registry.champion(settings)
+        if champion is None:
+            return None
+        tags = registry.client(settings).get_model_version(settings.model_name, champion.version)
+        dates = (tags.tags or {}).get("easymlops.training_dates", "")
+        drift.read_reference(settings, champion.version)
+    except Exception:  # monitoring before retraining is a bonus, never a reason to fail
+        return None
+    if ".." not in dates:
+        return None
+    return champion.version, date.fromisoformat(dates.split("..")[1])
+
+
+def run_pipeline(
+    settings: Settings,
+    job_name: str = "full_pipeline",
+    *,
+    first: date | None = None,
+    last: date | None = None,
+) -> PipelineResult:
+    """Materialize the asset graph of the code location (the same Definitions `dagster dev`
+    loads), in runs against the persistent instance:
+
+    1. `land_kafka`: land what Kafka holds;
+    2. when a champion exists and bronze holds dates after its training data: `lakehouse_refresh`
+       over the dates, then `monitoring` over the new dates only (the champion's scores, drift
+       against its reference, live performance), so data that changed is seen before a model
+       retrains on it;
+    3. the rest of `job_name` (retraining, gate, deployment) over the dates.
+
+    The dates are those bronze holds, within [first, last] when given. The result merges the
+    runs."""
     os.environ.setdefault("DAGSTER_HOME", dagster_home(settings))
     from easymlops.warehouse import prepare_manifest
 
@@ -78,41 +117,81 @@ def run_pipeline(settings: Settings, job_name: str = "full_pipeline") -> Pipelin
     # INFO on the console shows each step as it starts and ends; the full DEBUG event log is
     # stored in the instance and visible in the UI.
     run_config = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+    runs: list[Any] = []
     with dg.DagsterInstance.get() as instance:
         landing = definitions.resolve_job_def("land_kafka").execute_in_process(
             instance=instance, raise_on_error=False, run_config=run_config
         )
+        runs.append(landing)
         if not landing.success:
-            return _summarize(landing)
+            return _merge(runs)
         dates = lake.bronze_date_range(settings)
         if dates is None:
-            raise RuntimeError("bronze holds no event: produce and validate events first")
-        first = max(dates[0].isoformat(), daily_partitions.get_first_partition_key() or "")
-        last = min(dates[1].isoformat(), daily_partitions.get_last_partition_key() or "")
-        if first > last:
-            raise RuntimeError(
-                f"bronze events span {dates[0]}..{dates[1]}, outside the daily partitions "
-                f"({daily_partitions.get_first_partition_key()} to today): set "
-                "EASYMLOPS_PARTITIONS_START earlier"
+            raise NotEnoughData("bronze holds no event: produce and validate events first")
+        start = max(dates[0].isoformat(), (first or dates[0]).isoformat())
+        end = min(dates[1].isoformat(), (last or dates[1]).isoformat())
+        start = max(start, daily_partitions.get_first_partition_key() or "")
+        end = min(end, daily_partitions.get_last_partition_key() or "")
+        if start > end:
+            raise NotEnoughData(
+                f"bronze events span {dates[0]}..{dates[1]}: nothing in the daily partitions "
+                f"{first or daily_partitions.get_first_partition_key()}..{last or 'today'} "
+                "(set EASYMLOPS_PARTITIONS_START earlier, or --from/--to within the data)"
             )
         job = definitions.resolve_job_def(job_name)
-        landed = {dg.AssetKey("bronze_events"), dg.AssetKey("bronze_invalid_events")}
-        run = job.execute_in_process(
-            instance=instance,
-            raise_on_error=False,
-            run_config=run_config,
-            tags=partition_range_tags(first, last),
-            # Landing just ran: landing again here would only record a second, empty landing.
-            asset_selection=sorted(set(job.asset_layer.executable_asset_keys) - landed),
+        selection = set(job.asset_layer.executable_asset_keys)
+        # Landing just ran: landing again would only record a second, empty landing.
+        selection -= {dg.AssetKey("bronze_events"), dg.AssetKey("bronze_invalid_events")}
+        trained = _champion_trained_until(settings)
+        new_start = max(start, (trained[1] + timedelta(days=1)).isoformat()) if trained else None
+        if new_start is not None and new_start <= end:
+            refresh = definitions.resolve_job_def("lakehouse_refresh")
+            refreshed = refresh.execute_in_process(
+                instance=instance,
+                raise_on_error=False,
+                run_config=run_config,
+                tags=partition_range_tags(start, end),
+            )
+            runs.append(refreshed)
+            if not refreshed.success:
+                return _merge(runs, start, end)
+            runs.append(
+                definitions.resolve_job_def("monitoring").execute_in_process(
+                    instance=instance,
+                    raise_on_error=False,
+                    run_config=run_config,
+                    tags=partition_range_tags(new_start, end),
+                )
+            )
+            selection -= set(refresh.asset_layer.executable_asset_keys)
+        runs.append(
+            job.execute_in_process(
+                instance=instance,
+                raise_on_error=False,
+                run_config=run_config,
+                tags=partition_range_tags(start, end),
+                asset_selection=sorted(selection),
+            )
         )
-    result = _summarize(run)
-    landing_result = _summarize(landing)
-    result.materializations = {**landing_result.materializations, **result.materializations}
-    result.checks = {**landing_result.checks, **result.checks}
-    result.check_details = {**landing_result.check_details, **result.check_details}
-    result.warn_checks |= landing_result.warn_checks
-    result.first_date, result.last_date = first, last
-    return result
+    return _merge(runs, start, end)
+
+
+def _merge(runs: list[Any], first: str = "", last: str = "") -> PipelineResult:
+    """One result for several runs: the last run's id and outcome, everyone's events."""
+    results = [_summarize(run) for run in runs]
+    merged = results[-1]
+    for earlier in results[:-1]:
+        merged.success = merged.success and earlier.success
+        merged.materializations = {**earlier.materializations, **merged.materializations}
+        for asset, partitions in earlier.partitions.items():
+            merged.partitions[asset] = {**partitions, **merged.partitions.get(asset, {})}
+        merged.checks = {**earlier.checks, **merged.checks}
+        merged.check_details = {**earlier.check_details, **merged.check_details}
+        merged.warn_checks |= earlier.warn_checks
+        merged.failures = earlier.failures + merged.failures
+        merged.failed_steps = earlier.failed_steps + merged.failed_steps
+    merged.first_date, merged.last_date = first, last
+    return merged
 
 
 def _summarize(run: Any) -> PipelineResult:

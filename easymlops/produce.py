@@ -91,6 +91,7 @@ def produce_synthetic(
     invalid_ratio: float = 0.0,
     rate: float | None = None,
     progress: Callable[[int], None] | None = None,
+    price_scale: float = 1.0,
 ) -> ProduceStats:
     """Generated sessions to the raw topic, and the generator's ground truth (each cart's
     purchase probability) to `<home>/truth/` once every event was delivered (easymlops.truth)."""
@@ -100,7 +101,13 @@ def produce_synthetic(
     first = start or datetime.now(UTC).date() - timedelta(days=days)
     truth = TruthRecorder()
     payloads = generate_payloads(
-        events, days=days, seed=seed, start=first, invalid_ratio=invalid_ratio, truth=truth
+        events,
+        days=days,
+        seed=seed,
+        start=first,
+        invalid_ratio=invalid_ratio,
+        truth=truth,
+        price_scale=price_scale,
     )
     stats = produce_payloads(settings, payloads, rate=rate, progress=progress)
     if not stats.failed:

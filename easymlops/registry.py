@@ -149,7 +149,12 @@ def log_and_register(
 
 def champion(settings: Settings) -> RegisteredModel | None:
     """The version behind `settings.champion_alias`, or None when there is no such alias yet (or
-    no registered model at all): both are normal states before the first promotion.
+    no registered model at all): both are normal states before the first promotion."""
+    return aliased(settings, settings.champion_alias)
+
+
+def aliased(settings: Settings, alias: str) -> RegisteredModel | None:
+    """The version behind `alias`, or None (no such alias, or no registered model yet).
 
     Reads the alias map of the registered model instead of `get_model_version_by_alias`, whose
     "alias not found" error is an INVALID_PARAMETER_VALUE indistinguishable from a real error.
@@ -161,7 +166,7 @@ def champion(settings: Settings) -> RegisteredModel | None:
         if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
             return None
         raise
-    version = (registered.aliases or {}).get(settings.champion_alias)
+    version = (registered.aliases or {}).get(alias)
     if version is None:
         return None
     mv = mlflow_client.get_model_version(settings.model_name, str(version))

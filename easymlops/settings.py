@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # stays challenger until `easymlops model promote` or the `promote_challenger` job.
     challenger_alias: str = "challenger"
     promotion: Literal["auto", "manual"] = "auto"
+    # Share of live requests (percent) the challenger answers instead of the champion, when it
+    # is another version; 0 = off. Each response names the version that answered.
+    canary_percent: float = Field(default=0.0, ge=0.0, le=100.0)
 
     # Automation (easymlops_assets/defs/automation): the retraining schedule (weekly, Monday
     # 03:00 UTC), the daily refresh of the newest partitions and the online store (00:30 UTC),
@@ -95,6 +98,15 @@ class Settings(BaseSettings):
     # known, above gate_max_auc otherwise (real data).
     gate_oracle_margin: float = 0.02
     gate_max_auc: float = 0.90
+
+    # Monitoring (easymlops_assets/defs/monitoring): PSI of a feature or the score against the
+    # training reference warns at drift_psi_warn and fails at drift_psi_fail; a failure requests
+    # a retraining at most once per drift_retrain_min_hours. Live AUC warns when it falls more
+    # than live_auc_margin below the model's offline test AUC.
+    drift_psi_warn: float = 0.1
+    drift_psi_fail: float = 0.25
+    drift_retrain_min_hours: float = 24.0
+    live_auc_margin: float = 0.05
     # First daily partition (event date) of silver and the partitioned gold models. The
     # default covers the public 2019 e-commerce dataset and everything generated since.
     partitions_start: date = date(2019, 10, 1)

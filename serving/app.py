@@ -18,6 +18,7 @@ prediction also carries `features`: the value of every model feature used, null 
 # required *query* parameter (every POST got a 422 "query.body: Field required").
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -130,6 +131,15 @@ class PurchasePredictor:
         self.fingerprint = fingerprint  # lets `deploy` skip redeploying an identical app
         self.watcher = ChampionWatcher(config)
         self.watcher.start()
+        # The canary: a second watcher on the challenger alias, only when a share is set.
+        self.challenger = (
+            ChampionWatcher(config, alias=config.challenger_alias)
+            if config.canary_percent > 0
+            else None
+        )
+        if self.challenger is not None:
+            self.challenger.start()
+        self._canary_draws = random.Random()
         self._redis: aioredis.Redis | None = None
         self.prediction_log = (
             PredictionLog(
@@ -153,9 +163,13 @@ class PurchasePredictor:
         is a normal, reported state, not a reason to restart)."""
         if not self.watcher.alive():
             raise RuntimeError("champion watcher thread died")
+        if self.challenger is not None and not self.challenger.alive():
+            raise RuntimeError("challenger watcher thread died")
 
     def __del__(self) -> None:
         self.watcher.stop()
+        if self.challenger is not None:
+            self.challenger.stop()
         if self.prediction_log is not None:
             self.prediction_log.close(timeout=5)
 
@@ -188,6 +202,17 @@ class PurchasePredictor:
             raise HTTPException(status_code=503, detail=mismatch)
         return model
 
+    def _canary(self, champion: LoadedModel) -> LoadedModel:
+        """The challenger for canary_percent of calls (when it is another loaded version)."""
+        if self.challenger is None:
+            return champion
+        challenger = self.challenger.model
+        if challenger is None or challenger.info.version == champion.info.version:
+            return champion
+        if self._canary_draws.random() * 100 < self.config.canary_percent:
+            return challenger
+        return champion
+
     async def _fetch(
         self, requests: Sequence[PredictRequest], arrived: datetime
     ) -> list[FeatureRow]:
@@ -219,7 +244,7 @@ class PurchasePredictor:
 
     async def _score(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
         arrived = datetime.now(UTC)  # the moment of a request without event_time
-        model = self._require_model()  # one model for the whole call, even if a swap happens
+        model = self._canary(self._require_model())  # one model for the whole call
         rows = await self._fetch(requests, arrived)
         probabilities = model.predict(to_matrix(rows))
         metrics = serving_metrics()

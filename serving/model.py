@@ -42,6 +42,9 @@ class ServingConfig:
     kafka_bootstrap: str = ""
     predictions_topic: str = "predictions"
     prediction_queue_size: int = 100_000
+    # settings.canary_percent of requests go to the challenger alias's version.
+    challenger_alias: str = "challenger"
+    canary_percent: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, poll_interval_s: float = 10.0) -> ServingConfig:
@@ -55,6 +58,8 @@ class ServingConfig:
             kafka_bootstrap=settings.bootstrap_servers if settings.serve_log_predictions else "",
             predictions_topic=settings.topic_predictions,
             prediction_queue_size=settings.serve_prediction_queue_size,
+            challenger_alias=settings.challenger_alias,
+            canary_percent=settings.canary_percent,
         )
 
     def settings(self) -> Settings:
@@ -109,15 +114,17 @@ class ModelState:
 
 
 class ChampionWatcher:
-    """Holds the current model and keeps it in step with the registry alias."""
+    """Holds the current model and keeps it in step with a registry alias (the champion's,
+    unless `alias` names another, e.g. the challenger for a canary)."""
 
-    def __init__(self, config: ServingConfig) -> None:
+    def __init__(self, config: ServingConfig, alias: str | None = None) -> None:
         self.config = config
+        self.alias = alias or config.champion_alias
         self._settings = config.settings()
         self._model: LoadedModel | None = None
         self.state = ModelState()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="champion-watcher", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"{self.alias}-watcher", daemon=True)
         self._redis = redis.Redis.from_url(
             config.redis_url,
             decode_responses=True,
@@ -162,7 +169,7 @@ class ChampionWatcher:
         self.state.last_poll = datetime.now(UTC)
 
     def _refresh_model(self) -> None:
-        info = registry.champion(self._settings)
+        info = registry.aliased(self._settings, self.alias)
         current = self._model
         if info is None:
             if current is not None:
@@ -170,7 +177,7 @@ class ChampionWatcher:
                 # serving; keep the last good model (rollback is done by moving the alias).
                 log.warning(
                     "alias %s of %s is gone; keeping version %s",
-                    self.config.champion_alias,
+                    self.alias,
                     self.config.model_name,
                     current.info.version,
                 )
@@ -198,15 +205,12 @@ class ChampionWatcher:
         """Why /predict would fail right now because of the model, or None."""
         if self._model is not None:
             return None
-        alias = f"{self.config.model_name}@{self.config.champion_alias}"
+        alias = f"{self.config.model_name}@{self.alias}"
         if self.state.last_error:
             return f"no model loaded: {alias}: {self.state.last_error}"
         if self.state.rejected:
             return f"no model loaded: {alias} rejected: {self.state.rejected}"
-        return (
-            f"no model loaded: no version of {self.config.model_name} "
-            f"has alias {self.config.champion_alias}"
-        )
+        return f"no model loaded: no version of {self.config.model_name} has alias {self.alias}"
 
     def store_mismatch(self) -> str | None:
         """Non-None when the online store holds features of another feature-set version, which

@@ -1,6 +1,7 @@
 """`dagster dev` loads the code location however it is started: here as `.venv/bin/dagster dev`
 with a PATH that lacks the virtualenv's bin/ (no `dbt` on PATH), as a user who never activated
-the virtualenv would start it. Asked through the webserver's GraphQL API, as the UI does."""
+the virtualenv would start it; and the loop's schedules and sensors are running in it. Asked
+through the webserver's GraphQL API, as the UI does."""
 
 from __future__ import annotations
 
@@ -16,6 +17,19 @@ import httpx
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
+AUTOMATION = """{ repositoriesOrError { ... on RepositoryConnection { nodes {
+  schedules { name scheduleState { status } } sensors { name sensorState { status } } } } } }"""
+# What a user who opens the UI finds running (README, "Aliases, rollback, schedules and
+# sensors"), and what is stopped on purpose.
+RUNNING = {
+    "retrain_schedule",
+    "daily_refresh_schedule",
+    "mlflow_registry_sensor",
+    "alert_on_run_failure",
+    "bronze_predictions_sensor",
+    "drift_retraining_sensor",
+}
+STOPPED = {"bronze_events_sensor", "bronze_invalid_events_sensor", "late_events_sensor"}
 LOCATIONS = """{ workspaceOrError { __typename ... on Workspace { locationEntries { name
   loadStatus locationOrLoadError { __typename ... on PythonError { message } } } } } }"""
 
@@ -62,6 +76,14 @@ def test_dagster_dev_loads_without_the_virtualenv_on_path(tmp_path: Path) -> Non
         assert entry is not None and entry["loadStatus"] == "LOADED", log.read_text()[-3000:]
         location = entry["locationOrLoadError"]
         assert location["__typename"] == "RepositoryLocation", location.get("message", location)
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/graphql", json={"query": AUTOMATION}, timeout=30
+        )
+        (repository,) = response.json()["data"]["repositoriesOrError"]["nodes"]
+        status = {s["name"]: s["scheduleState"]["status"] for s in repository["schedules"]}
+        status |= {s["name"]: s["sensorState"]["status"] for s in repository["sensors"]}
+        assert {name for name, state in status.items() if state == "RUNNING"} == RUNNING, status
+        assert {name for name, state in status.items() if state == "STOPPED"} >= STOPPED, status
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

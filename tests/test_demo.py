@@ -112,6 +112,35 @@ def test_second_demo_whose_model_the_gate_refuses_exits_0_and_the_champion_serve
     assert str(served["version"]) == first.version, served
 
 
+def test_pipeline_command_on_a_shifted_day_names_the_drifted_feature(
+    demo_settings: Settings,
+) -> None:
+    """`easymlops pipeline` after a day of prices x3 (runs after the test above): the new days
+    are scored by the champion and compared with its reference before retraining; the drift
+    check fails and names price; the command still ends with its summary and exit code 0."""
+    from easymlops.demo import run_pipeline_command
+
+    settings = demo_settings
+    champion = registry.champion(settings)
+    assert champion is not None
+    today = datetime.now(UTC).date()
+    produced = produce_synthetic(settings, 6_000, days=1, seed=21, start=today, price_scale=3.0)
+    assert produced.delivered == 6_000
+    run_validator(settings, idle_seconds=3)
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=250, force_terminal=False)
+    code = run_pipeline_command(console=console, out=console, first=None, last=None, predictions=5)
+    summary = buffer.getvalue()
+    assert code == 0, summary
+    assert "check failed: feature_drift:features_not_drifted: drift past PSI 0.25:" in summary
+    failed_line = next(
+        line for line in summary.splitlines() if "feature_drift:features_not_drifted" in line
+    )
+    assert "price" in failed_line, failed_line
+    assert "drift of new days vs the former champion" in summary, summary
+    assert "easymlops pipeline" in summary  # the summary table
+
+
 def test_only_a_run_failed_by_the_gate_alone_counts_as_refused() -> None:
     """The demo exits 0 on a refusal only: any other failed step is a failure (exit 1)."""
     refused = PipelineResult(success=False, run_id="r", checks={GATE_CHECK: False})

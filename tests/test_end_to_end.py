@@ -178,3 +178,200 @@ def test_served_predictions_equal_the_offline_ones_for_carts_of_a_held_out_day(
     assert any("user_views" in m for m in mismatches)
     # Back to today's features for the tests that follow.
     online_store.materialize(settings)
+
+
+def test_batch_scores_equal_predict_for_the_same_carts(e2e_settings: Settings) -> None:
+    """cart_scores of a day (one Dagster run) and /predict/batch of the same carts, with the
+    online store as of that day, give the same probabilities."""
+    import dagster as dg
+    import polars as pl
+
+    from easymlops import online_store
+    from easymlops.warehouse import connect
+    from easymlops_assets.defs.monitoring.assets import cart_scores
+
+    settings = e2e_settings
+    with connect(settings) as con:
+        row = con.execute(
+            "select max(event_date) from training_set where split = 'test'"
+        ).fetchone()
+    assert row is not None and row[0] is not None
+    day = row[0]
+    online_store.materialize(settings, as_of=day)
+    try:
+        with dg.DagsterInstance.get() as instance:
+            run = dg.materialize([cart_scores], instance=instance, partition_key=str(day))
+        assert run.success
+        with connect(settings) as con:
+            scores = con.execute(
+                "select * from cart_scores where event_date = ? order by event_time, event_id",
+                [day],
+            ).pl()
+        lake_scores = pl.read_parquet(
+            f"{settings.lake}/gold/cart_scores/event_date={day}/scores.parquet"
+        )
+        assert scores.height == lake_scores.height > 50
+        assert scores["event_id"].n_unique() == scores.height
+        sample = scores.gather_every(max(1, scores.height // 100))
+        with connect(settings) as con:
+            carts = con.execute(
+                "select event_id, event_time, user_id, product_id, user_session, price "
+                "from fct_cart_events where event_id in (select unnest(?))",
+                [sample["event_id"].to_list()],
+            ).pl()
+        from easymlops.parity import request_body
+
+        bodies = {r["event_id"]: request_body(r) for r in carts.to_dicts()}
+        ordered = sample["event_id"].to_list()
+        response = httpx.post(
+            f"{settings.serve_url}/predict/batch",
+            json={"requests": [bodies[e] for e in ordered]},
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        served = [p["probability"] for p in response.json()["predictions"]]
+        versions = {p["model_version"] for p in response.json()["predictions"]}
+        assert versions == set(sample["model_version"].to_list())
+        differences = [abs(a - b) for a, b in zip(served, sample["probability"], strict=True)]
+        assert max(differences) <= 1e-6, max(differences)
+        # Not everything equal by accident: the carts get different scores.
+        assert len({round(p, 6) for p in served}) > len(served) // 2
+    finally:
+        online_store.materialize(settings)
+
+
+def _check(run: object, name: str) -> object:
+    return next(
+        e.event_specific_data
+        for e in run.all_events  # type: ignore[attr-defined]
+        if e.event_type_value == "ASSET_CHECK_EVALUATION"
+        and e.event_specific_data.check_name == name  # type: ignore[union-attr]
+    )
+
+
+def test_live_performance_drift_and_the_retraining_it_requests(
+    e2e_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the tests above posted carts of the held-out day D: their logged predictions land
+    and are scored against their realized labels, planted predictions with known outcomes
+    (always right, always wrong) score AUC 1 and 0; D has no drift against the champion's
+    reference, a planted copy of D with prices x3 fails the drift check naming price, and the
+    failure requests one retraining."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    import dagster as dg
+
+    from easymlops.kafka import producer
+    from easymlops.settings import get_settings
+    from easymlops.warehouse import connect
+    from easymlops_assets.defs.automation.sensors import drift_retraining_sensor
+    from easymlops_assets.defs.lakehouse.assets import bronze_predictions
+    from easymlops_assets.defs.monitoring.assets import feature_drift, live_performance
+
+    settings = e2e_settings
+    with connect(settings) as con:
+        row = con.execute("select max(event_date) from cart_scores").fetchone()
+    assert row is not None and row[0] is not None
+    day = row[0]
+    with dg.DagsterInstance.get() as instance:
+        landed = dg.materialize([bronze_predictions], instance=instance)
+        assert landed.success
+        live = dg.materialize([live_performance], instance=instance, partition_key=str(day))
+        assert _check(live, "live_auc_close_to_offline").passed  # type: ignore[attr-defined]
+        table = live.asset_materializations_for_node("live_performance")[0].metadata
+        by_version = table["by_day_and_version"].value[str(day)]  # type: ignore[index]
+        served_version = registry.aliases(settings)["champion"]
+        assert by_version[served_version]["labelled"] >= 50
+
+        # Known outcomes: predictions of two made-up versions for D's labelled carts, one always
+        # right (probability = label), one always wrong, sent to the topic as serving sends them.
+        with connect(settings) as con:
+            carts = con.execute(
+                "select event_id, event_time, label from training_set where event_date = ?", [day]
+            ).pl()
+        client = producer(settings)
+        for version, right in (("9001", True), ("9002", False)):
+            for cart in carts.iter_rows(named=True):
+                label = float(cart["label"])
+                record = {
+                    "request_id": f"{version}-{cart['event_id']}",
+                    "predicted_at": datetime.now(UTC).isoformat(),
+                    "model_version": version,
+                    "event_id": cart["event_id"],
+                    "scored_at": cart["event_time"].replace(tzinfo=UTC).isoformat(),
+                    "probability": label if right else 1.0 - label,
+                }
+                client.produce(settings.topic_predictions, json.dumps(record).encode())
+        assert client.flush(30) == 0
+        assert dg.materialize([bronze_predictions], instance=instance).success
+        live = dg.materialize([live_performance], instance=instance, partition_key=str(day))
+        table = live.asset_materializations_for_node("live_performance")[0].metadata
+        by_version = table["by_day_and_version"].value[str(day)]  # type: ignore[index]
+        assert by_version["9001"]["labelled"] == by_version["9002"]["labelled"] == carts.height
+        assert by_version["9001"]["auc"] == 1.0 and by_version["9002"]["auc"] == 0.0
+        assert by_version["9001"]["brier"] == 0.0 and by_version["9002"]["brier"] == 1.0
+        assert by_version["9001"]["offline_auc"] is None  # no such registered version
+
+        # The check's failure path: a margin no model meets.
+        monkeypatch.setenv("EASYMLOPS_LIVE_AUC_MARGIN", "-1")
+        get_settings.cache_clear()
+        strict = dg.materialize([live_performance], instance=instance, partition_key=str(day))
+        assert not _check(strict, "live_auc_close_to_offline").passed  # type: ignore[attr-defined]
+        monkeypatch.delenv("EASYMLOPS_LIVE_AUC_MARGIN")
+        get_settings.cache_clear()
+
+        stable = dg.materialize([feature_drift], instance=instance, partition_key=str(day))
+        assert _check(stable, "features_not_drifted").passed  # type: ignore[attr-defined]
+
+        shifted_day = day + timedelta(days=1)
+        with connect(settings, read_only=False) as con:
+            con.execute("delete from cart_scores where event_date = ?", [shifted_day])
+            con.execute(
+                "insert into cart_scores select * replace (price * 3 as price, "
+                "event_date + 1 as event_date) from cart_scores where event_date = ?",
+                [day],
+            )
+        first = drift_retraining_sensor(dg.build_sensor_context(instance=instance))
+        shifted = dg.materialize([feature_drift], instance=instance, partition_key=str(shifted_day))
+        failed = _check(shifted, "features_not_drifted")
+        assert not failed.passed  # type: ignore[attr-defined]
+        assert failed.severity == dg.AssetCheckSeverity.ERROR  # type: ignore[attr-defined]
+        assert failed.description.startswith("drift past PSI 0.25: price")  # type: ignore[attr-defined]
+
+        # One retraining requested; a second failure within the interval requests none.
+        assert isinstance(first, dg.SensorResult) and not first.run_requests
+        context = dg.build_sensor_context(instance=instance, cursor=first.cursor)
+        requested = drift_retraining_sensor(context)
+        assert isinstance(requested, dg.SensorResult)
+        (request,) = requested.run_requests or []
+        assert request.tags["easymlops/trigger"] == "drift"
+        assert "dagster/asset_partition_range_end" in request.tags
+        dg.materialize([feature_drift], instance=instance, partition_key=str(shifted_day))
+        again = drift_retraining_sensor(
+            dg.build_sensor_context(instance=instance, cursor=requested.cursor)
+        )
+        assert isinstance(again, dg.SensorResult) and not again.run_requests
+        assert "at most one per" in str(again.skip_reason)
+
+
+def test_the_exploration_notebook_runs_on_the_pipelines_data(e2e_settings: Settings) -> None:
+    """notebooks/explore.py, every cell, as a script: it reads the lake, the warehouse, MLflow
+    and the landed predictions of the tests above through the library."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    notebook = Path(__file__).parents[1] / "notebooks" / "explore.py"
+    done = subprocess.run(
+        [sys.executable, str(notebook)],
+        env=os.environ.copy(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = next(x for x in done.stdout.splitlines() if x.startswith("notebook:"))
+    assert " 0 silver days" not in line and "champion none" not in line, line
+    assert " 0 live performance rows" not in line, line

@@ -591,6 +591,45 @@ def test_503_until_a_model_exists(served: Served) -> None:
     assert served.http.get("/readyz").status_code == 200
 
 
+@services
+def test_canary_sends_its_share_to_the_challenger(served: Served) -> None:
+    """A second app with EASYMLOPS_CANARY_PERCENT=30: over 300 requests the challenger answers
+    about 30% (binomial sd 2.6%: within 30 +- 10%), each response naming its version; the main
+    app (canary off) never answers with the challenger."""
+    from serving.deploy import deploy, undeploy
+
+    champion = served.champion_version()
+    challenger = registry.log_and_register(
+        tiny_booster(7), params={}, metrics={}, settings=served.settings
+    ).version
+    registry.promote(challenger, served.settings, alias="challenger")
+    settings = served.settings.model_copy(update={"canary_percent": 30.0})
+    url = deploy(
+        settings,
+        app_name="purchase-canary",
+        route_prefix="/canary",
+        poll_interval_s=POLL_S,
+        num_cpus=0.1,
+        wait_ready=True,
+    )
+    try:
+        with httpx.Client(base_url=url, timeout=10.0) as http:
+            # The challenger watcher loads in the background: wait until it answers once.
+            deadline = time.monotonic() + 10 * POLL_S
+            while http.post("/predict", json=BODY).json()["model_version"] != challenger:
+                assert time.monotonic() < deadline, "the challenger never answered"
+            versions = [
+                http.post("/predict", json=BODY).json()["model_version"] for _ in range(300)
+            ]
+    finally:
+        undeploy(settings, app_name="purchase-canary")
+    assert set(versions) == {champion, challenger}
+    share = versions.count(challenger) / len(versions)
+    assert 0.20 <= share <= 0.40, share
+    main = {served.http.post("/predict", json=BODY).json()["model_version"] for _ in range(30)}
+    assert main == {champion}
+
+
 def _wait_for(call: Callable[[], httpx.Response], status: int, timeout: float) -> httpx.Response:
     deadline = time.monotonic() + timeout
     while True:

@@ -14,10 +14,13 @@ FRESHNESS = dg.AssetSelection.checks(*FRESHNESS_CHECKS)
 # passes the dates bronze holds (easymlops.pipeline).
 # Predictions land only through bronze_predictions_sensor (see lakehouse/sensors.py).
 PREDICTIONS = dg.AssetSelection.assets("bronze_predictions")
+# Scores, drift and live performance of days *after* a model's training: a retraining run
+# would compare the model's own training days with themselves (see `monitoring`).
+MONITORING = dg.AssetSelection.groups("monitoring")
 
 full_pipeline = dg.define_asset_job(
     "full_pipeline",
-    selection=dg.AssetSelection.all() - FRESHNESS - PREDICTIONS,
+    selection=dg.AssetSelection.all() - FRESHNESS - PREDICTIONS - MONITORING,
     description=(
         "Land Kafka, build lake and gold tables, refresh the online store, retrain, gate, serve."
     ),
@@ -53,9 +56,19 @@ daily_refresh = dg.define_asset_job(
         dg.AssetSelection.assets("bronze_events", "bronze_invalid_events", "silver_events")
         | dg.AssetSelection.groups("warehouse")
         | dg.AssetSelection.assets("online_features")
+        | MONITORING
     )
     - FRESHNESS,
-    description="Land Kafka, rebuild the newest silver and gold partitions, refresh Redis.",
+    description="Land Kafka, rebuild the newest silver and gold partitions, refresh Redis, "
+    "score the days' carts with the champion, measure drift and live performance.",
+)
+
+# The champion's scores, drift and live performance for some dates (after their silver and
+# gold partitions exist): what `easymlops pipeline` runs on new data before retraining.
+monitoring = dg.define_asset_job(
+    "monitoring",
+    selection=MONITORING,
+    description="Score the dates' carts with the champion, measure drift and live performance.",
 )
 
 # The checks of serving_deployment alone: what the MLflow sensor runs after an alias moved by

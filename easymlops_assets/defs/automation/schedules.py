@@ -76,15 +76,17 @@ def _today(context: dg.ScheduleEvaluationContext) -> date:
     "retraining, the training set, tune and train, gate, deploy (EASYMLOPS_RETRAIN_CRON).",
 )
 def retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    return retrain_request(context.instance, _today(context), "retrain")
+
+
+def retrain_request(instance: dg.DagsterInstance, today: date, key: str) -> dg.RunRequest:
+    """A full_pipeline run over `retraining_window` (the schedule's, and the drift sensor's)."""
     first_partition = date.fromisoformat(daily_partitions.get_first_partition_key() or "1970-01-01")
     first, last = retraining_window(
-        _last_range_end(context.instance, "retrain_schedule"),
-        _bronze_range(),
-        _today(context),
-        first_partition,
+        _last_range_end(instance, "retrain_schedule"), _bronze_range(), today, first_partition
     )
     return dg.RunRequest(
-        run_key=f"retrain:{last.isoformat()}",
+        run_key=f"{key}:{last.isoformat()}",
         tags=partition_range_tags(first.isoformat(), last.isoformat()),
     )
 

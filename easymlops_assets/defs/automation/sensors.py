@@ -8,6 +8,9 @@ REST calls to MLflow, or a read of the instance's own event log).
   (serving follows the champion within its 10 s poll, answers, and matches training). The
   cursor is the last alias-history entry and version seen; run keys are `model@alias:seq`, so a
   move is handled once.
+- `drift_retraining_sensor`: a failed (ERROR) `features_not_drifted` check of `feature_drift`
+  requests a retraining run (the schedule's window), at most once per
+  EASYMLOPS_DRIFT_RETRAIN_MIN_HOURS.
 - `alert_on_run_failure`: a failed run (including one stopped by a failed blocking check) is
   logged and posted to EASYMLOPS_ALERT_WEBHOOK_URL, naming the failed steps and checks.
 """
@@ -15,6 +18,8 @@ REST calls to MLflow, or a read of the instance's own event log).
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime
 
 import dagster as dg
 from mlflow.exceptions import MlflowException
@@ -100,6 +105,51 @@ def mlflow_registry_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResu
         asset_events=events,
         cursor=json.dumps(new_cursor),
         skip_reason=None if events else "no alias move and no new version",
+    )
+
+
+DRIFT_CHECK_KEY = dg.AssetCheckKey(dg.AssetKey("feature_drift"), "features_not_drifted")
+
+
+@dg.sensor(
+    job_name="full_pipeline",
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Requests a retraining when feature_drift's check fails (PSI past the failure "
+    "threshold), at most once per EASYMLOPS_DRIFT_RETRAIN_MIN_HOURS.",
+)
+def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+    from dagster._core.storage.asset_check_execution_record import (
+        AssetCheckExecutionRecordStatus,
+    )
+
+    from easymlops_assets.defs.automation.schedules import retrain_request
+
+    settings = get_settings()
+    cursor = json.loads(context.cursor) if context.cursor else {"seen": 0, "requested_at": 0.0}
+    records = context.instance.event_log_storage.get_asset_check_execution_history(
+        DRIFT_CHECK_KEY, limit=50, status={AssetCheckExecutionRecordStatus.FAILED}
+    )
+    new = [r for r in records if r.id > cursor["seen"]]
+    if not new:
+        return dg.SensorResult(skip_reason="no failed drift check since the last tick")
+    cursor["seen"] = max(r.id for r in new)
+    wait = settings.drift_retrain_min_hours * 3600 - (time.time() - cursor["requested_at"])
+    if wait > 0:
+        return dg.SensorResult(
+            skip_reason=f"drift failed again, but the last drift retraining was requested "
+            f"{settings.drift_retrain_min_hours - wait / 3600:.1f} h ago (at most one per "
+            f"{settings.drift_retrain_min_hours} h)",
+            cursor=json.dumps(cursor),
+        )
+    cursor["requested_at"] = time.time()
+    newest = max(new, key=lambda r: r.id)
+    request = retrain_request(context.instance, datetime.now(UTC).date(), f"drift-{newest.id}")
+    return dg.SensorResult(
+        run_requests=[
+            request.with_replaced_attrs(tags={**request.tags, "easymlops/trigger": "drift"})
+        ],
+        cursor=json.dumps(cursor),
     )
 
 

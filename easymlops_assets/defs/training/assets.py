@@ -7,7 +7,9 @@ import subprocess
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 
+from easymlops.features import MODEL_FEATURES
 from easymlops.settings import get_settings
 
 # Below this share of the oracle AUC a model leaves a lot of the learnable behaviour unlearnt.
@@ -104,6 +106,12 @@ def purchase_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         experiment_id=experiment_id,
         parent_run_id=registered.run_id,
     )
+    from easymlops import drift
+
+    reference = data.test.select(MODEL_FEATURES).with_columns(
+        pl.Series("probability", training.predict(model.booster, data.test))
+    )
+    drift.write_reference(settings, registered.version, reference)
     metrics = model.metrics
     context.log.info(
         f"registered {registered.name} version {registered.version}: test AUC "
