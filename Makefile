@@ -82,6 +82,9 @@ bench-validation: install flink-venv ## validator events/s vs a transactional pa
 bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events)
 	$(RUN) python benchmarks/lakehouse.py
 
+bench-monitoring: install ## batch scoring and prediction logging vs their floors (needs `make demo`)
+	$(RUN) python benchmarks/monitoring.py
+
 bench-tune: install ## Ray Tune search (concurrent trials, ASHA) vs the same trials run sequentially
 	$(RUN) python benchmarks/tune.py
 
