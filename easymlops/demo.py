@@ -97,6 +97,21 @@ def _live_sessions(settings: Settings) -> int:
     )
 
 
+def materialize(
+    settings: Settings, console: Console, first: date | None = None, last: date | None = None
+) -> tuple[PipelineResult, registry.RegisteredModel | None] | None:
+    """`run_pipeline` with its checks and the gate's outcome printed; None when it failed (the
+    reason printed)."""
+    try:
+        result = run_pipeline(settings, first=first, last=last)
+    except NotEnoughData as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return None
+    if not report_checks(result, console):
+        return None
+    return result, report_gate(result, settings, console)
+
+
 def report_checks(result: PipelineResult, console: Console) -> bool:
     """Print the checks' outcome; False when the run failed for another reason than a refusal
     by the promotion gate (the failures are printed)."""
@@ -224,14 +239,10 @@ def run_pipeline_command(
         console.print(f"[red]error:[/red] {', '.join(missing)} not running: `easymlops up` first")
         return 1
     console.rule("[bold]materialize the asset graph through Dagster")
-    try:
-        result = run_pipeline(settings, first=first, last=last)
-    except NotEnoughData as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    outcome = materialize(settings, console, first, last)
+    if outcome is None:
         return 1
-    if not report_checks(result, console):
-        return 1
-    champion = report_gate(result, settings, console)
+    result, champion = outcome
     table = Table(title="easymlops pipeline", show_header=True)
     table.add_column("stage")
     table.add_column("result", justify="right")
@@ -283,14 +294,10 @@ def run_demo(
     step("3/5 validate")
     validated = validate()
     step("4/5 materialize the asset graph through Dagster")
-    try:
-        result = run_pipeline(settings)
-    except NotEnoughData as exc:
-        console.print(f"[red]error:[/red] {exc}")
+    outcome = materialize(settings, console)
+    if outcome is None:
         return 1
-    if not report_checks(result, console):
-        return 1
-    champion = report_gate(result, settings, console)
+    result, champion = outcome
     latency = None
     if champion is not None:
         step(f"5/5 {predictions} sequential predictions")

@@ -24,6 +24,7 @@ import mlflow.xgboost
 import xgboost
 from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import RegisteredModel as RegisteredModelEntity
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
@@ -159,17 +160,10 @@ def aliased(settings: Settings, alias: str) -> RegisteredModel | None:
     Reads the alias map of the registered model instead of `get_model_version_by_alias`, whose
     "alias not found" error is an INVALID_PARAMETER_VALUE indistinguishable from a real error.
     """
-    mlflow_client = client(settings)
-    try:
-        registered = mlflow_client.get_registered_model(settings.model_name)
-    except MlflowException as exc:
-        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return None
-        raise
-    version = (registered.aliases or {}).get(alias)
+    version = aliases(settings).get(alias)
     if version is None:
         return None
-    mv = mlflow_client.get_model_version(settings.model_name, str(version))
+    mv = client(settings).get_model_version(settings.model_name, version)
     return RegisteredModel.from_model_version(mv)
 
 
@@ -246,25 +240,26 @@ class AliasMove:
         )
 
 
-def _registered_tags(settings: Settings) -> dict[str, str]:
+def _registered(settings: Settings) -> RegisteredModelEntity | None:
+    """The registered model, or None before its first version."""
     try:
-        registered = client(settings).get_registered_model(settings.model_name)
+        return client(settings).get_registered_model(settings.model_name)
     except MlflowException as exc:
         if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return {}
+            return None
         raise
-    return dict(registered.tags or {})
+
+
+def _registered_tags(settings: Settings) -> dict[str, str]:
+    registered = _registered(settings)
+    return dict(registered.tags or {}) if registered else {}
 
 
 def aliases(settings: Settings) -> dict[str, str]:
     """alias -> version of `settings.model_name` ({} when the model does not exist yet)."""
-    try:
-        registered = client(settings).get_registered_model(settings.model_name)
-    except MlflowException as exc:
-        if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
-            return {}
-        raise
-    return {alias: str(version) for alias, version in (registered.aliases or {}).items()}
+    registered = _registered(settings)
+    aliases = (registered.aliases or {}) if registered else {}
+    return {alias: str(version) for alias, version in aliases.items()}
 
 
 def all_versions(settings: Settings) -> list[ModelVersion]:

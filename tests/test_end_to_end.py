@@ -4,6 +4,7 @@ Ray Serve answers, on the real embedded stack."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import date
 
 import httpx
 import pytest
@@ -34,6 +35,17 @@ def e2e_settings(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> I
             yield settings
     finally:
         patch.undo()
+
+
+def newest_test_day(settings: Settings) -> date:
+    from easymlops.warehouse import connect
+
+    with connect(settings) as con:
+        row = con.execute(
+            "select max(event_date) from training_set where split = 'test'"
+        ).fetchone()
+    assert row is not None and row[0] is not None
+    return row[0]
 
 
 def test_events_to_served_prediction(e2e_settings: Settings) -> None:
@@ -123,7 +135,6 @@ def test_served_predictions_equal_the_offline_ones_for_carts_of_a_held_out_day(
     import dagster as dg
 
     from easymlops import online_store, parity
-    from easymlops.warehouse import connect
     from easymlops_assets.defs.features.assets import (
         online_features,
         online_features_match_warehouse,
@@ -134,12 +145,7 @@ def test_served_predictions_equal_the_offline_ones_for_carts_of_a_held_out_day(
     )
 
     settings = e2e_settings
-    with connect(settings) as con:
-        row = con.execute(
-            "select max(event_date) from training_set where split = 'test'"
-        ).fetchone()
-    assert row is not None and row[0] is not None
-    day = row[0]
+    day = newest_test_day(settings)
     with dg.DagsterInstance.get() as instance:
         run = dg.materialize(
             [
@@ -191,12 +197,7 @@ def test_batch_scores_equal_predict_for_the_same_carts(e2e_settings: Settings) -
     from easymlops_assets.defs.monitoring.assets import cart_scores
 
     settings = e2e_settings
-    with connect(settings) as con:
-        row = con.execute(
-            "select max(event_date) from training_set where split = 'test'"
-        ).fetchone()
-    assert row is not None and row[0] is not None
-    day = row[0]
+    day = newest_test_day(settings)
     online_store.materialize(settings, as_of=day)
     try:
         with dg.DagsterInstance.get() as instance:
