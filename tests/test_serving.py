@@ -546,7 +546,6 @@ def test_a_full_prediction_queue_drops_and_counts_without_blocking() -> None:
     assert accepted == [True] * 5 + [False] * 7
     assert dropped._value.get() - start == 7
     assert took < 1.0
-    assert log.pending() == 5
     log.close(timeout=0.1)
 
 
