@@ -204,8 +204,7 @@ def promote(
     )
     if target == settings.champion_alias:
         if hold:
-            newest = max(int(v.version) for v in all_versions(settings))
-            mlflow_client.set_registered_model_tag(settings.model_name, HOLD_TAG, str(newest))
+            _hold_champion(settings)
         else:
             _clear_hold(settings)
     log.info("alias %s of %s -> version %s (%s)", target, settings.model_name, mv.version, by)
@@ -323,6 +322,12 @@ def champion_hold(settings: Settings) -> int | None:
     return int(value) if value else None
 
 
+def _hold_champion(settings: Settings) -> None:
+    """Hold the champion until a version newer than every existing one passes the gate."""
+    newest = max(int(v.version) for v in all_versions(settings))
+    client(settings).set_registered_model_tag(settings.model_name, HOLD_TAG, str(newest))
+
+
 def _clear_hold(settings: Settings) -> None:
     if champion_hold(settings) is not None:
         client(settings).delete_registered_model_tag(settings.model_name, HOLD_TAG)
@@ -383,10 +388,7 @@ def moves_since(settings: Settings, seq: int, known: Mapping[str, str]) -> list[
                 reason="alias moved without easymlops",
             )
             if hold:
-                newest = max(int(v.version) for v in all_versions(settings))
-                client(settings).set_registered_model_tag(
-                    settings.model_name, HOLD_TAG, str(newest)
-                )
+                _hold_champion(settings)
             moves.append(move)
     return moves
 

@@ -62,6 +62,10 @@ def _bronze_range() -> tuple[date, date] | None:
         return None
 
 
+def _first_partition() -> date:
+    return date.fromisoformat(daily_partitions.get_first_partition_key() or "1970-01-01")
+
+
 def _today(context: dg.ScheduleEvaluationContext) -> date:
     scheduled: datetime | None = context.scheduled_execution_time
     return (scheduled or datetime.now()).date()
@@ -81,9 +85,8 @@ def retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
 
 def retrain_request(instance: dg.DagsterInstance, today: date, key: str) -> dg.RunRequest:
     """A full_pipeline run over `retraining_window` (the schedule's, and the drift sensor's)."""
-    first_partition = date.fromisoformat(daily_partitions.get_first_partition_key() or "1970-01-01")
     first, last = retraining_window(
-        _last_range_end(instance, "retrain_schedule"), _bronze_range(), today, first_partition
+        _last_range_end(instance, "retrain_schedule"), _bronze_range(), today, _first_partition()
     )
     return dg.RunRequest(
         run_key=f"{key}:{last.isoformat()}",
@@ -101,8 +104,7 @@ def retrain_request(instance: dg.DagsterInstance, today: date, key: str) -> dg.R
 )
 def daily_refresh_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     today = _today(context)
-    first_partition = date.fromisoformat(daily_partitions.get_first_partition_key() or "1970-01-01")
-    first = max(today - timedelta(days=1), first_partition)
+    first = max(today - timedelta(days=1), _first_partition())
     return dg.RunRequest(
         run_key=f"daily:{today.isoformat()}",
         tags=partition_range_tags(first.isoformat(), today.isoformat()),

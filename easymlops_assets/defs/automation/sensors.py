@@ -60,7 +60,7 @@ def mlflow_registry_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResu
     try:
         current = registry.aliases(settings)
         history = registry.alias_history(settings)
-        versions = registry.all_versions(settings) if current or history else []
+        versions = registry.all_versions(settings)
     except (MlflowException, OSError) as exc:
         return dg.SensorResult(skip_reason=f"MLflow at {settings.mlflow_uri}: {exc}")
     newest = max((int(v.version) for v in versions), default=0)
