@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse bench-tune
-.PHONY: flink-venv flink-validate backfill
+.PHONY: flink-venv flink-validate backfill wrk soak-serving
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -73,8 +73,15 @@ status: install
 clean: down ## stop the stack and delete its data
 	rm -rf .easymlops dbt_project/target dbt_project/logs
 
-bench-serving: install ## /predict latency vs the /healthz floor (needs `make demo` first)
+# Debian packages: wrk loads the serving benchmark from its own process.
+wrk:
+	@infra/debian/install.sh wrk wrk
+
+bench-serving: install wrk ## Ray Serve vs a bare uvicorn server of the same app, c=1/8/32 (after `make demo`)
 	$(RUN) python benchmarks/serving.py
+
+soak-serving: install wrk ## 10 minutes at half the measured peak: errors and p99 vs a short run (after `make demo`)
+	$(RUN) python benchmarks/serving.py --soak 600
 
 bench-validation: install flink-venv ## validator events/s vs a transactional passthrough, + Flink
 	$(RUN) python benchmarks/validation.py

@@ -49,7 +49,9 @@ def time_predictions(settings: Settings, requests: list[dict[str, Any]]) -> dict
     latencies: list[float] = []
     probabilities: list[float] = []
     version = ""
-    with httpx.Client(base_url=settings.serve_url, timeout=10) as client:
+    with httpx.Client(
+        base_url=settings.serve_url, timeout=10, headers=settings.serve_headers
+    ) as client:
         for body in requests:
             started = time.perf_counter()
             response = client.post("/predict", json=body)
@@ -72,7 +74,9 @@ def ensure_serving(settings: Settings, champion_version: str, console: Console) 
     """Make sure Ray Serve answers with the champion: after a refused challenger this run did
     not deploy, and after `easymlops down` the Ray head (and the app on it) is new."""
     try:
-        response = httpx.get(f"{settings.serve_url}/model", timeout=5)
+        response = httpx.get(
+            f"{settings.serve_url}/model", timeout=5, headers=settings.serve_headers
+        )
         served = response.json() if response.status_code == 200 else {}
         if (served.get("name"), str(served.get("version"))) == (
             settings.model_name,

@@ -98,6 +98,7 @@ def compare(settings: Settings, day: date, *, sample: int = 50) -> ParityReport:
         f"{settings.serve_url}/predict/batch",
         json={"requests": [request_body(row) for row in rows]},
         timeout=60,
+        headers=settings.serve_headers,
     )
     if response.status_code != 200:
         report.mismatches.append(f"/predict/batch answered {response.status_code}: {response.text}")

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -87,6 +87,17 @@ class Settings(BaseSettings):
     # bounded queue of this many records: a broker outage never slows a request.
     serve_log_predictions: bool = True
     serve_prediction_queue_size: int = 100_000
+    # When set, every endpoint but /healthz wants `Authorization: Bearer <key>` (else 401).
+    serve_api_key: SecretStr = SecretStr("")
+    # Request bodies above this many bytes get 413 (a full /predict/batch of 1,000 is ~250 KB).
+    serve_max_body_bytes: int = Field(default=1_048_576, ge=1024)
+    # Replicas of the serving deployment and CPUs reserved per replica (2 cores: see
+    # benchmarks/README.md for the measured choice).
+    serve_replicas: int = Field(default=1, ge=1)
+    # Serve's HAProxy ingress (easymlops.stack._serve_ingress_env) on the embedded Ray head;
+    # off = Serve's Python proxy actor. Read when the head starts.
+    serve_haproxy: bool = True
+    serve_num_cpus: float = Field(default=0.5, gt=0)
 
     # Promotion gate (easymlops.gate): bootstrap resamples of the held-out rows; a challenger
     # must beat the price-only baseline by min_lift, and the lower bound of the paired interval
@@ -141,6 +152,12 @@ class Settings(BaseSettings):
     @property
     def serve_url(self) -> str:
         return f"http://{self.host}:{self.serve_port}"
+
+    @property
+    def serve_headers(self) -> dict[str, str]:
+        """What a client of serving sends: the API key when one is set."""
+        key = self.serve_api_key.get_secret_value()
+        return {"Authorization": f"Bearer {key}"} if key else {}
 
     @property
     def lake(self) -> str:

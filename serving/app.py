@@ -17,20 +17,26 @@ prediction also carries `features`: the value of every model feature used, null 
 # FastAPI then cannot resolve string annotations, so `body: PredictRequest` silently became a
 # required *query* parameter (every POST got a 422 "query.body: Field required").
 
+import hmac
 import logging
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+import orjson
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
 from ray import serve
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from easymlops.features import FEATURE_SET_VERSION, MODEL_FEATURES
 from serving.features import (
@@ -51,15 +57,14 @@ from serving.schemas import (
     PredictRequest,
     PredictResponse,
 )
+from serving.tracing import ASGI_HEADERS, PROPAGATOR, traceparent
+from serving.tracing import tracer_provider as make_tracer_provider
 
 log = logging.getLogger("ray.serve.easymlops")
 
 DEPLOYMENT_NAME = "PurchasePredictor"
-
-app = FastAPI(
-    title="EasyMLOps purchase propensity",
-    description="Probability that a cart event ends in a purchase of the product in the session.",
-)
+# Answered without the API key: what load balancers and Serve's own checks probe.
+OPEN_PATHS = frozenset({"/healthz"})
 
 
 def _field(loc: Sequence[int | str]) -> str:
@@ -84,10 +89,10 @@ def _error(err: dict[str, Any]) -> dict[str, Any]:
     return {"field": field, "reason": reason, "type": kind, "loc": loc}
 
 
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """422 whose body names each bad field and why, without echoing the input back (FastAPI's
     default includes `input`, which can be large or sensitive)."""
+    assert isinstance(exc, RequestValidationError)
     errors = [_error(err) for err in exc.errors()]
     message = "; ".join(f"{e['field']}: {e['reason']}" for e in errors)
     return JSONResponse(
@@ -95,40 +100,152 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     )
 
 
-@app.middleware("http")
-async def _observe(
-    request: Request, call_next: Callable[[Request], Awaitable[Response]]
-) -> Response:
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await call_next(request)
-        status = response.status_code
-        return response
-    finally:
-        route = request.scope.get("route")
-        # The route template, not the raw path: unknown paths must not create new series.
-        endpoint = getattr(route, "path", None) or "unmatched"
-        metrics = serving_metrics()
-        metrics.requests.labels(endpoint, request.method, str(status)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+def _json(status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    body = orjson.dumps({"detail": detail})
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *headers,
+    ]
+    return {
+        "start": {"type": "http.response.start", "status": status, "headers": headers},
+        "body": {"type": "http.response.body", "body": body},
+    }
 
 
-@serve.deployment(
-    name=DEPLOYMENT_NAME,
-    num_replicas=1,
-    ray_actor_options={"num_cpus": 0.5},
-    # Handlers await Redis, so one replica can overlap many requests.
-    max_ongoing_requests=64,
-    health_check_period_s=10,
-)
-@serve.ingress(app)
-class PurchasePredictor:
-    """One replica: a ChampionWatcher for the model, an async Redis client for features."""
+class Edge:
+    """The one ASGI middleware in front of the routes (plain ASGI, not Starlette's
+    BaseHTTPMiddleware, which costs a task and a memory stream per request): the server span
+    continuing the caller's `traceparent`, the trace headers of the response, the API key, the
+    body limit and the request metrics."""
 
-    def __init__(self, config: ServingConfig, fingerprint: str = "") -> None:
+    def __init__(self, app: ASGIApp, *, config: ServingConfig, tracer: trace.Tracer) -> None:
+        self.app = app
+        self.tracer = tracer
+        self.max_body = config.max_body_bytes
+        self.expected = f"Bearer {config.api_key}".encode() if config.api_key else None
+
+    def _authorized(self, headers: dict[str, str], path: str) -> bool:
+        if self.expected is None or path in OPEN_PATHS:
+            return True
+        given = headers.get("authorization", "").encode()
+        return hmac.compare_digest(given, self.expected)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        root = scope.get("root_path", "")
+        path = (
+            scope["path"][len(root) :] if root and scope["path"].startswith(root) else scope["path"]
+        )
+        context = PROPAGATOR.extract(headers, getter=ASGI_HEADERS)
+        status = 500
+        with self.tracer.start_as_current_span(
+            f"{scope['method']} {path}", context=context, kind=trace.SpanKind.SERVER
+        ) as span:
+            trace_headers = [
+                (b"traceparent", traceparent(span).encode()),
+                (b"x-trace-id", f"{span.get_span_context().trace_id:032x}".encode()),
+            ]
+
+            async def send_with_trace(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                    message = {**message, "headers": [*message.get("headers", []), *trace_headers]}
+                await send(message)
+
+            try:
+                refusal = await self._refusal(headers, path, receive, trace_headers)
+                if isinstance(refusal, dict):
+                    status = refusal["start"]["status"]
+                    await send(refusal["start"])
+                    await send(refusal["body"])
+                else:
+                    await self.app(scope, refusal, send_with_trace)
+            finally:
+                span.set_attribute("http.response.status_code", status)
+                route = scope.get("route")
+                # The route template, not the raw path: unknown paths must not create series.
+                endpoint = getattr(route, "path", None) or "unmatched"
+                metrics = serving_metrics()
+                metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+                metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+
+    async def _refusal(
+        self,
+        headers: dict[str, str],
+        path: str,
+        receive: Receive,
+        trace_headers: list[tuple[bytes, bytes]],
+    ) -> dict[str, Any] | Receive:
+        """A 401/413 response to send instead of the app's, or the `receive` the app reads."""
+        if not self._authorized(headers, path):
+            return _json(
+                401,
+                "missing or wrong API key: send the header `Authorization: Bearer <key>`",
+                [(b"www-authenticate", b"Bearer"), *trace_headers],
+            )
+        too_large = _json(
+            413,
+            f"request body larger than the limit of {self.max_body} bytes "
+            "(EASYMLOPS_SERVE_MAX_BODY_BYTES); send fewer rows per /predict/batch call",
+            trace_headers,
+        )
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            return too_large
+        # Read the body here (bounded) so a chunked body without a length is limited too; the
+        # app then gets it replayed as one message.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away: let the app see it
+                return _replay([], message, receive)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return too_large
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return _replay(chunks, None, receive)
+
+
+def _replay(chunks: list[bytes], last: Message | None, receive: Receive) -> Receive:
+    pending: Message | None = (
+        last if last is not None else {"type": "http.request", "body": b"".join(chunks)}
+    )
+
+    async def replayed() -> Message:
+        nonlocal pending
+        if pending is not None:
+            message, pending = pending, None
+            return message
+        return await receive()
+
+    return replayed
+
+
+class Predictor:
+    """The request path of one replica: a ChampionWatcher for the model, an async Redis client
+    for features, the prediction log. Plain Python: `PurchasePredictor` runs it under Serve,
+    and `build_app(Predictor(config))` under any ASGI server (the bare baseline of
+    benchmarks/serving.py, the in-process tracing tests)."""
+
+    def __init__(
+        self,
+        config: ServingConfig,
+        fingerprint: str = "",
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
         self.config = config
         self.fingerprint = fingerprint  # lets `deploy` skip redeploying an identical app
+        self.tracer_provider = tracer_provider or make_tracer_provider(config.otlp_endpoint)
+        self.tracer = self.tracer_provider.get_tracer("serving.app")
         self.watcher = ChampionWatcher(config)
         self.watcher.start()
         # The canary: a second watcher on the challenger alias, only when a share is set.
@@ -166,12 +283,13 @@ class PurchasePredictor:
         if self.challenger is not None and not self.challenger.alive():
             raise RuntimeError("challenger watcher thread died")
 
-    def __del__(self) -> None:
+    def close(self) -> None:
         self.watcher.stop()
         if self.challenger is not None:
             self.challenger.stop()
         if self.prediction_log is not None:
             self.prediction_log.close(timeout=5)
+        self.tracer_provider.shutdown()
 
     # ---- helpers -------------------------------------------------------------------------
     def _redis_client(self) -> aioredis.Redis:
@@ -218,35 +336,57 @@ class PurchasePredictor:
     ) -> list[FeatureRow]:
         """All feature hashes of all requests in one pipeline round trip; a request without
         event_time is scored at `arrived`."""
-        pipe = self._redis_client().pipeline(transaction=False)
-        for req in requests:
-            for key in redis_keys(req.user_id, req.product_id, req.user_session):
-                pipe.hgetall(key)
-        try:
-            hashes: list[Any] = await pipe.execute()
-        except redis.RedisError as exc:
-            raise HTTPException(
-                status_code=503, detail=f"online store unavailable: {type(exc).__name__}: {exc}"
-            ) from None
-        rows = []
-        for i, req in enumerate(requests):
-            user, product, session = hashes[3 * i : 3 * i + 3]
-            at = req.event_time or arrived
-            rows.append(
-                assemble_row(
-                    req.request_features(),
-                    user,
-                    product,
-                    session_features(session, req.product_id, at, req.event_id),
+        with self.tracer.start_as_current_span("feature_fetch") as span:
+            span.set_attribute("easymlops.rows", len(requests))
+            pipe = self._redis_client().pipeline(transaction=False)
+            for req in requests:
+                for key in redis_keys(req.user_id, req.product_id, req.user_session):
+                    pipe.hgetall(key)
+            try:
+                hashes: list[Any] = await pipe.execute()
+            except redis.RedisError as exc:
+                span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+                raise HTTPException(
+                    status_code=503,
+                    detail=f"online store unavailable: {type(exc).__name__}: {exc}",
+                ) from None
+            rows = []
+            for i, req in enumerate(requests):
+                user, product, session = hashes[3 * i : 3 * i + 3]
+                at = req.event_time or arrived
+                rows.append(
+                    assemble_row(
+                        req.request_features(),
+                        user,
+                        product,
+                        session_features(session, req.product_id, at, req.event_id),
+                    )
                 )
-            )
-        return rows
+            return rows
 
-    async def _score(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
+    async def score(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
         arrived = datetime.now(UTC)  # the moment of a request without event_time
         model = self._canary(self._require_model())  # one model for the whole call
+        request_span = trace.get_current_span()
+        request_span.set_attribute("easymlops.model_version", model.info.version)
         rows = await self._fetch(requests, arrived)
-        probabilities = model.predict(to_matrix(rows))
+        with self.tracer.start_as_current_span("model") as span:
+            span.set_attribute("easymlops.model_version", model.info.version)
+            span.set_attribute("easymlops.rows", len(rows))
+            probabilities = model.predict(to_matrix(rows))
+        with self.tracer.start_as_current_span("response"):
+            responses = self._responses(model, requests, rows, probabilities, arrived)
+        request_span.set_attribute("easymlops.request_ids", [r.request_id for r in responses])
+        return responses
+
+    def _responses(
+        self,
+        model: LoadedModel,
+        requests: Sequence[PredictRequest],
+        rows: Sequence[FeatureRow],
+        probabilities: np.ndarray,
+        arrived: datetime,
+    ) -> list[PredictResponse]:
         metrics = serving_metrics()
         metrics.predictions.labels(model.info.name, model.info.version).inc(len(rows))
         for row in rows:
@@ -287,21 +427,7 @@ class PurchasePredictor:
             responses.append(response)
         return responses
 
-    # ---- endpoints -----------------------------------------------------------------------
-    @app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True)
-    async def predict(self, body: PredictRequest) -> PredictResponse:
-        return (await self._score([body]))[0]
-
-    @app.post("/predict/batch", response_model=BatchResponse, response_model_exclude_unset=True)
-    async def predict_batch(self, body: BatchRequest) -> BatchResponse:
-        return BatchResponse(predictions=await self._score(body.requests))
-
-    @app.get("/healthz")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "alive", "deployment": self.fingerprint}
-
-    @app.get("/readyz")
-    async def readyz(self) -> JSONResponse:
+    async def readiness(self) -> JSONResponse:
         checks: dict[str, str] = {}
         model = self._sync_metrics()
         checks["model"] = (
@@ -322,8 +448,7 @@ class PurchasePredictor:
             content={"status": "ready" if ready else "not ready", "checks": checks},
         )
 
-    @app.get("/model", response_model=ModelInfo)
-    async def model_info(self) -> ModelInfo:
+    def model_info(self) -> ModelInfo:
         model = self._sync_metrics()
         if model is None:
             raise HTTPException(status_code=503, detail=self.watcher.not_ready_reason())
@@ -339,7 +464,59 @@ class PurchasePredictor:
             rejected_versions=dict(self.watcher.state.rejected),
         )
 
+
+def build_app(predictor: Predictor) -> FastAPI:
+    """The HTTP API over one Predictor (DESIGN.md section 5)."""
+    app = FastAPI(
+        title="EasyMLOps purchase propensity",
+        description="Probability that a cart event ends in a purchase of the product in the "
+        "session.",
+    )
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(Edge, config=predictor.config, tracer=predictor.tracer)
+
+    @app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True)
+    async def predict(body: PredictRequest) -> PredictResponse:
+        return (await predictor.score([body]))[0]
+
+    @app.post("/predict/batch", response_model=BatchResponse, response_model_exclude_unset=True)
+    async def predict_batch(body: BatchRequest) -> BatchResponse:
+        return BatchResponse(predictions=await predictor.score(body.requests))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive", "deployment": predictor.fingerprint}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        return await predictor.readiness()
+
+    @app.get("/model", response_model=ModelInfo)
+    async def model_info() -> ModelInfo:
+        return predictor.model_info()
+
     @app.get("/metrics")
-    async def metrics(self) -> Response:
-        self._sync_metrics()
+    async def metrics() -> Response:
+        predictor._sync_metrics()
         return Response(content=serving_metrics().render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+@serve.deployment(
+    name=DEPLOYMENT_NAME,
+    num_replicas=1,
+    ray_actor_options={"num_cpus": 0.5},
+    # Handlers await Redis, so one replica can overlap many requests.
+    max_ongoing_requests=64,
+    health_check_period_s=10,
+)
+@serve.ingress()
+class PurchasePredictor(Predictor):
+    """The Predictor as a Serve deployment; its app is built in the replica, around itself."""
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_app(self)
+
+    def __del__(self) -> None:
+        self.close()

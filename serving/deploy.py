@@ -8,6 +8,7 @@ environment of the deploying process.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import logging
@@ -75,7 +76,8 @@ def deploy(
     poll_interval_s: float = 10.0,
     app_name: str = APP_NAME,
     route_prefix: str = "/",
-    num_cpus: float = 0.5,
+    num_cpus: float | None = None,
+    replicas: int | None = None,
     force: bool = False,
 ) -> str:
     """Start Serve (HTTP on `settings.host:settings.serve_port`) if it is not running, deploy or
@@ -96,13 +98,19 @@ def deploy(
     serve.start(http_options={"host": settings.host, "port": settings.serve_port})
     config = ServingConfig.from_settings(settings, poll_interval_s=poll_interval_s)
     url = app_url(settings, route_prefix)
-    fingerprint = deployment_fingerprint(config, num_cpus=num_cpus, route_prefix=route_prefix)
+    num_cpus = settings.serve_num_cpus if num_cpus is None else num_cpus
+    replicas = settings.serve_replicas if replicas is None else replicas
+    fingerprint = deployment_fingerprint(
+        config, num_cpus=num_cpus, replicas=replicas, route_prefix=route_prefix
+    )
     if not force and _running_fingerprint(app_name, url) == fingerprint:
         log.info("Serve app %r already runs this configuration at %s", app_name, url)
     else:
         # The decorators make PurchasePredictor a serve.Deployment; type checkers see the class.
         deployment = cast(serve.Deployment, PurchasePredictor)
-        options = deployment.options(ray_actor_options={"num_cpus": num_cpus})
+        options = deployment.options(
+            num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus}
+        )
         # Not serve.run: it blocks without a deadline (e.g. forever if the replica cannot be
         # scheduled); we submit and then wait with our own timeout and a reason on failure.
         target = serve.RunTarget(
@@ -115,7 +123,9 @@ def deploy(
         )
         log.info("submitted Serve app %r at %s", app_name, url)
     if wait_ready:
-        _wait_ready(url, app_name, deadline=started + timeout, timeout=timeout)
+        _wait_ready(
+            url, app_name, settings.serve_headers, deadline=started + timeout, timeout=timeout
+        )
         log.info("Serve app %r ready at %s after %.1fs", app_name, url, time.monotonic() - started)
     return url
 
@@ -134,13 +144,19 @@ REPLICA_MODULES: tuple[str, ...] = (
     "serving.model",
     "serving.prediction_log",
     "serving.schemas",
+    "serving.tracing",
 )
 
 
-def deployment_fingerprint(config: ServingConfig, *, num_cpus: float, route_prefix: str) -> str:
-    """A digest of everything that makes one deployment differ from another: its init args,
-    resources, route and the source of the code a replica runs."""
-    digest = hashlib.sha256(repr((config, num_cpus, route_prefix)).encode())
+def deployment_fingerprint(
+    config: ServingConfig, *, num_cpus: float, replicas: int, route_prefix: str
+) -> str:
+    """A digest of everything that makes one deployment differ from another: its init args
+    (the API key too, which repr leaves out), resources, route and the source of the code a
+    replica runs."""
+    digest = hashlib.sha256(
+        repr((dataclasses.astuple(config), num_cpus, replicas, route_prefix)).encode()
+    )
     for name in REPLICA_MODULES:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
@@ -172,9 +188,11 @@ def _app_status(app_name: str) -> tuple[str, str]:
     return str(app.status.value if hasattr(app.status, "value") else app.status), app.message
 
 
-def _wait_ready(url: str, app_name: str, *, deadline: float, timeout: float) -> None:
+def _wait_ready(
+    url: str, app_name: str, headers: dict[str, str], *, deadline: float, timeout: float
+) -> None:
     reason = "no answer yet"
-    with httpx.Client(timeout=5.0) as http:
+    with httpx.Client(timeout=5.0, headers=headers) as http:
         while True:
             status, message = _app_status(app_name)
             if status in (ApplicationStatus.DEPLOY_FAILED.value, ApplicationStatus.UNHEALTHY.value):

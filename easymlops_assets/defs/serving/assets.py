@@ -5,7 +5,7 @@ import dagster as dg
 import httpx
 
 from easymlops import promotion, registry
-from easymlops.settings import get_settings
+from easymlops.settings import Settings, get_settings
 from easymlops_assets.defs.training.assets import latest_model_version
 
 
@@ -30,7 +30,7 @@ def serving_deployment(context: dg.AssetExecutionContext) -> dg.MaterializeResul
         ) from exc
     context.log.info(f"challenger {outcome.version}, champion {outcome.champion}: {outcome.reason}")
     url = deploy(settings, wait_ready=True)
-    served = wait_for_version(url, outcome.champion)
+    served = wait_for_version(settings, outcome.champion)
     context.log.info(f"serving {served} at {url}")
     return dg.MaterializeResult(
         metadata={
@@ -44,14 +44,16 @@ def serving_deployment(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     )
 
 
-def wait_for_version(url: str, version: str, timeout: float = 60.0) -> str:
+def wait_for_version(settings: Settings, version: str, timeout: float = 60.0) -> str:
     """Wait until serving answers with `version` (it polls the alias every 10 s)."""
     import time
 
     deadline = time.monotonic() + timeout
     served = ""
     while time.monotonic() < deadline:
-        response = httpx.get(f"{url}/model", timeout=5)
+        response = httpx.get(
+            f"{settings.serve_url}/model", timeout=5, headers=settings.serve_headers
+        )
         if response.status_code == 200:
             served = str(response.json().get("version"))
             if served == version:
@@ -86,11 +88,12 @@ def promote_challenger() -> None:
 def serving_answers() -> dg.AssetCheckResult:
     """The deployment is ready and returns a probability for a sample request."""
     settings = get_settings()
-    ready = httpx.get(f"{settings.serve_url}/readyz", timeout=10)
+    ready = httpx.get(f"{settings.serve_url}/readyz", timeout=10, headers=settings.serve_headers)
     response = httpx.post(
         f"{settings.serve_url}/predict",
         json={"user_id": 1, "product_id": 1, "user_session": "check", "price": 10.0},
         timeout=10,
+        headers=settings.serve_headers,
     )
     body = response.json() if response.status_code == 200 else {}
     probability = body.get("probability", -1.0)
@@ -152,7 +155,7 @@ def serving_follows_champion() -> dg.AssetCheckResult:
     if champion is None:
         return dg.AssetCheckResult(passed=False, description="no champion alias")
     try:
-        served = wait_for_version(settings.serve_url, champion, timeout=30.0)
+        served = wait_for_version(settings, champion, timeout=30.0)
     except (RuntimeError, httpx.HTTPError) as exc:
         return dg.AssetCheckResult(
             passed=False, description=str(exc), metadata={"champion": champion}
