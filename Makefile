@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse bench-tune
-.PHONY: flink-venv flink-validate backfill wrk soak-serving
+.PHONY: flink-venv flink-validate backfill wrk soak-serving nginx serve-nginx
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,7 +44,7 @@ format: install
 	$(RUN) ruff format .
 	$(RUN) ruff check --fix .
 
-test: manifest lint flink-venv ## lint, then every test tier on real services on loopback
+test: manifest lint flink-venv nginx ## lint, then every test tier on real services on loopback
 	$(RUN) dg check defs
 	$(RUN) pytest -q -ra
 
@@ -76,6 +76,13 @@ clean: down ## stop the stack and delete its data
 # Debian packages: wrk loads the serving benchmark from its own process.
 wrk:
 	@infra/debian/install.sh wrk wrk
+
+# nginx in front of Ray Serve (infra/nginx/); nginx-light has every module its config uses.
+nginx:
+	@infra/debian/install.sh nginx nginx-light
+
+serve-nginx: install nginx ## the stack plus NGINX in front of Ray Serve on 127.0.0.1:18080
+	$(RUN) easymlops up --with-nginx
 
 bench-serving: install wrk ## Ray Serve vs a bare uvicorn server of the same app, c=1/8/32 (after `make demo`)
 	$(RUN) python benchmarks/serving.py

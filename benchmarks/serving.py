@@ -1,71 +1,388 @@
-"""Serving latency: sequential POST /predict through Ray Serve, against GET /healthz on the same
-keep-alive connection (the HTTP + Serve proxy floor), measured in the same run.
+"""Serving: Ray Serve against a bare uvicorn server running the very same request path.
 
-Needs a running stack with a deployed model (`make demo` leaves one). Prints p50/p99 of both and
-the ratio predict/healthz: what feature fetch + model inference add on top of the transport."""
+Both sides run `serving.app.build_app(Predictor(...))`: the same code, the same Redis, the same
+champion booster from MLflow. The bare one (`python -m serving.bare`) is started here; Serve is
+the app `make demo` deployed. wrk, in its own process on loopback, drives each at 1, 8 and 32
+connections for `--seconds`, in `--rounds` interleaved rounds (a noisy neighbour slows both
+alike), and each figure is the median over the rounds. Prints p50/p99 latency, throughput and
+errors per side, the ratios Serve/bare and whether the goals hold (sequential p99 <= 1.5x bare,
+peak throughput >= 0.7x bare, zero errors); then where one sequential request's time goes.
+
+`--soak SECONDS` (make soak-serving): first a short run at 8 connections for the peak, then an
+open-loop load at half that rate for SECONDS; prints errors and p99 against the short run's.
+
+Needs a running stack with a deployed model (`make demo` leaves one) and wrk (`make wrk`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 
-from easymlops.demo import sample_requests
-from easymlops.settings import get_settings
+# Run as a script, sys.path[0] is benchmarks/, whose serving.py would shadow the serving package.
+ROOT = Path(__file__).resolve().parent.parent
+if sys.path[0] == str(ROOT / "benchmarks"):
+    sys.path[0] = str(ROOT)
+
+from easymlops.demo import sample_requests  # noqa: E402
+from easymlops.settings import Settings, get_settings  # noqa: E402
+
+WRK_SCRIPT = ROOT / "benchmarks" / "wrk_predict.lua"
+CONNECTIONS = (1, 8, 32)
+RESULT = re.compile(r"WRK_RESULT (.*)")
 
 
-def timed(
-    client: httpx.Client, method: str, path: str, bodies: list[dict] | None, n: int
-) -> list[float]:
-    latencies = []
-    for i in range(n):
-        started = time.perf_counter()
-        if bodies is None:
-            response = client.request(method, path)
-        else:
-            response = client.request(method, path, json=bodies[i % len(bodies)])
-        latencies.append((time.perf_counter() - started) * 1000)
-        response.raise_for_status()
-    return sorted(latencies)
+@dataclass(frozen=True)
+class Load:
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
 
 
-def p(latencies: list[float], q: float) -> float:
-    return latencies[min(len(latencies) - 1, int(len(latencies) * q))]
+def wrk(url: str, connections: int, seconds: float, bodies: str, api_key: str) -> Load:
+    """One wrk run (bodies: a JSON-lines file to POST in turn, or "-" for GETs)."""
+    threads = min(connections, 2)
+    out = subprocess.run(
+        [
+            *("wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds:g}s"),
+            *("-s", str(WRK_SCRIPT), url, "--", bodies, api_key),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    match = RESULT.search(out)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result for {url}:\n{out}")
+    fields = {k: int(v) for k, v in (pair.split("=") for pair in match.group(1).split())}
+    errors = sum(fields[k] for k in ("non2xx", "connect", "read", "write", "timeout"))
+    return Load(
+        requests=fields["requests"],
+        seconds=fields["duration_us"] / 1e6,
+        p50_ms=fields["p50_us"] / 1000,
+        p99_ms=fields["p99_us"] / 1000,
+        errors=errors,
+    )
+
+
+def median_load(loads: list[Load]) -> Load:
+    return Load(
+        requests=int(statistics.median(x.requests for x in loads)),
+        seconds=statistics.median(x.seconds for x in loads),
+        p50_ms=statistics.median(x.p50_ms for x in loads),
+        p99_ms=statistics.median(x.p99_ms for x in loads),
+        errors=sum(x.errors for x in loads),
+    )
+
+
+def start_bare(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    """The bare server on `port`, returned once its /readyz answers 200."""
+    log = open(Path(tempfile.gettempdir()) / f"easymlops-bare-{port}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(
+        [sys.executable, "-m", "serving.bare", "--port", str(port)],
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 180
+    url = f"http://{settings.host}:{port}/readyz"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the bare server exited ({process.returncode}); see {log.name}")
+        try:
+            if httpx.get(url, headers=settings.serve_headers, timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise TimeoutError(f"the bare server was not ready in 180 s; see {log.name}")
+
+
+def free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def breakdown(
+    settings: Settings, bodies: list[dict[str, object]], n: int = 1000
+) -> dict[str, float]:
+    """Median milliseconds of the parts of one /predict inside one process: the same Predictor
+    and app, the app called as ASGI directly (no HTTP server, no client in between)."""
+    from serving.app import Predictor, build_app
+    from serving.features import to_matrix
+    from serving.model import ServingConfig
+    from serving.schemas import PredictRequest
+
+    predictor = Predictor(ServingConfig.from_settings(settings), "breakdown")
+    requests = [PredictRequest.model_validate(body) for body in bodies]
+    app = build_app(predictor)
+    encoded = [json.dumps(body).encode() for body in bodies]
+    headers = [(b"content-type", b"application/json")]
+    if settings.serve_headers:
+        headers.append((b"authorization", settings.serve_headers["Authorization"].encode()))
+
+    async def asgi_post(body: bytes) -> None:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/predict",
+            "raw_path": b"/predict",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [*headers, (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+        }
+        status = 0
+
+        async def receive() -> dict[str, object]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, object]) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])  # type: ignore[call-overload]
+
+        await app(scope, receive, send)
+        if status != 200:
+            raise RuntimeError(f"in-process /predict answered {status}")
+
+    async def median_ms(call: Callable[[int], Awaitable[object]]) -> float:
+        times = []
+        for i in range(n):
+            started = time.perf_counter()
+            await call(i)
+            times.append((time.perf_counter() - started) * 1000)
+        return statistics.median(times)
+
+    async def measure() -> dict[str, float]:
+        model = predictor.watcher.model
+        assert model is not None
+        rows = [await predictor._fetch([req], datetime.now(UTC)) for req in requests]
+        await median_ms(lambda i: asgi_post(encoded[i % len(encoded)]))  # warm-up
+
+        async def inference(i: int) -> object:
+            return model.predict(to_matrix(rows[i % len(rows)]))
+
+        fetch = await median_ms(
+            lambda i: predictor._fetch([requests[i % len(requests)]], datetime.now(UTC))
+        )
+        infer = await median_ms(inference)
+        score = await median_ms(lambda i: predictor.score([requests[i % len(requests)]]))
+        whole = await median_ms(lambda i: asgi_post(encoded[i % len(encoded)]))
+        return {
+            "feature fetch (Redis, session features)": fetch,
+            "model (XGBoost inplace_predict)": infer,
+            "response, prediction log, spans": score - fetch - infer,
+            "middleware, routing, validation, JSON": whole - score,
+        }
+
+    try:
+        return asyncio.run(measure())
+    finally:
+        predictor.close()
+
+
+async def open_loop(
+    url: str, rate: float, seconds: float, bodies: list[dict[str, object]], headers: dict[str, str]
+) -> tuple[list[float], int, int]:
+    """Requests at a fixed rate whatever the latency (an open loop, so a slow server cannot
+    slow the load down); returns sorted latencies (ms), the count sent and the errors."""
+    latencies: list[float] = []
+    errors = 0
+    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=10, limits=limits, headers=headers) as client:
+
+        async def one(body: dict[str, object]) -> None:
+            nonlocal errors
+            started = time.perf_counter()
+            try:
+                response = await client.post(url, json=body)
+                if response.status_code != 200:
+                    errors += 1
+            except httpx.HTTPError:
+                errors += 1
+            latencies.append((time.perf_counter() - started) * 1000)
+
+        tasks = []
+        begin = time.perf_counter()
+        sent = 0
+        last_report = begin
+        while (now := time.perf_counter()) - begin < seconds:
+            due = int((now - begin) * rate)
+            while sent < due:
+                tasks.append(asyncio.create_task(one(bodies[sent % len(bodies)])))
+                sent += 1
+            if now - last_report >= 60:
+                last_report = now
+                print(
+                    f"  soak: {now - begin:.0f}/{seconds:.0f} s, {sent} sent, {errors} errors",
+                    flush=True,
+                )
+            await asyncio.sleep(0.002)
+        await asyncio.gather(*tasks)
+    return sorted(latencies), sent, errors
+
+
+def percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * q))]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=500)
+    parser.add_argument("--seconds", type=float, default=8.0, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--soak", type=float, default=0.0, help="soak for this many seconds")
     args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("wrk is not installed: run `make wrk`", file=sys.stderr)
+        return 1
     settings = get_settings()
     bodies = sample_requests(settings, 200)
     if not bodies:
         print("no test-split cart events in the warehouse: run `make demo` first", file=sys.stderr)
         return 1
-    with httpx.Client(base_url=settings.serve_url, timeout=10) as client:
-        ready = client.get("/readyz")
-        if ready.status_code != 200:
-            print(f"serving is not ready ({ready.status_code}): {ready.text}", file=sys.stderr)
-            return 1
-        timed(client, "POST", "/predict", bodies, 50)  # warm-up
-        # Interleave rounds so a noisy neighbour slows both sides alike.
-        base: list[float] = []
-        predict: list[float] = []
-        for _ in range(5):
-            base += timed(client, "GET", "/healthz", None, args.requests // 5)
-            predict += timed(client, "POST", "/predict", bodies, args.requests // 5)
-    base.sort()
-    predict.sort()
-    for name, values in (("baseline GET /healthz", base), ("POST /predict", predict)):
-        print(f"{name:<22}  p50 {statistics.median(values):7.2f} ms  p99 {p(values, 0.99):7.2f} ms")
+    ready = httpx.get(f"{settings.serve_url}/readyz", headers=settings.serve_headers, timeout=10)
+    if ready.status_code != 200:
+        print(f"serving is not ready ({ready.status_code}): {ready.text}", file=sys.stderr)
+        return 1
+    key = settings.serve_api_key.get_secret_value()
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as handle:
+        handle.write("\n".join(json.dumps(body) for body in bodies))
+        bodies_file = handle.name
+    if args.soak:
+        return soak(settings, bodies, bodies_file, key, args.soak)
+
+    port = free_port(settings.host)
+    bare = start_bare(settings, port)
+    targets = {"serve": settings.serve_url, "bare": f"http://{settings.host}:{port}"}
     print(
-        f"ratio predict/healthz   p50 {statistics.median(predict) / statistics.median(base):.2f}x"
+        f"Ray Serve {targets['serve']} vs bare uvicorn {targets['bare']} (same app, same "
+        f"Redis, same booster); wrk {args.seconds:g} s x {args.rounds} rounds, {os.cpu_count()} "
+        f"cores, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
-    print(f"throughput (sequential) {1000 / statistics.fmean(predict):.0f} predictions/s")
+    try:
+        for target in targets.values():  # warm both (connections, caches, JIT-free but lazy)
+            wrk(f"{target}/predict", 8, 2, bodies_file, key)
+        results: dict[tuple[str, int], list[Load]] = {}
+        floors: dict[str, list[Load]] = {}
+        for round_ in range(args.rounds):
+            order = list(targets.items()) if round_ % 2 == 0 else list(targets.items())[::-1]
+            for name, target in order:
+                floors.setdefault(name, []).append(
+                    wrk(f"{target}/healthz", 1, args.seconds / 2, "-", key)
+                )
+                for c in CONNECTIONS:
+                    results.setdefault((name, c), []).append(
+                        wrk(f"{target}/predict", c, args.seconds, bodies_file, key)
+                    )
+        parts = breakdown(settings, bodies)
+    finally:
+        bare.terminate()
+        bare.wait(30)
+        os.unlink(bodies_file)
+    return report(
+        {k: median_load(v) for k, v in results.items()},
+        {k: median_load(v) for k, v in floors.items()},
+        parts,
+    )
+
+
+def report(
+    results: dict[tuple[str, int], Load], floors: dict[str, Load], parts: dict[str, float]
+) -> int:
+    print(f"\n{'':<14}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
+    for c in CONNECTIONS:
+        for name in ("serve", "bare"):
+            r = results[(name, c)]
+            print(
+                f"{name + f' c={c}':<14}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.rps:>9.0f}{r.errors:>8}"
+            )
+        s, b = results[("serve", c)], results[("bare", c)]
+        print(
+            f"{'serve/bare':<14}{s.p50_ms / b.p50_ms:>8.2f}x{s.p99_ms / b.p99_ms:>8.2f}x"
+            f"{s.rps / b.rps:>8.2f}x"
+        )
+    for name, floor in floors.items():
+        print(f"GET /healthz {name}: p50 {floor.p50_ms:.2f} ms, p99 {floor.p99_ms:.2f} ms")
+    seq_p99 = results[("serve", 1)].p99_ms / results[("bare", 1)].p99_ms
+    peak = max(results[("serve", c)].rps for c in CONNECTIONS) / max(
+        results[("bare", c)].rps for c in CONNECTIONS
+    )
+    errors = sum(r.errors for r in results.values())
+    goals = [
+        (f"sequential p99 serve/bare {seq_p99:.2f}x <= 1.5x", seq_p99 <= 1.5),
+        (f"peak throughput serve/bare {peak:.2f}x >= 0.7x", peak >= 0.7),
+        (f"errors {errors} == 0", errors == 0),
+    ]
+    print()
+    for text, ok in goals:
+        print(f"goal {'met' if ok else 'MISSED'}: {text}")
+    seq_serve, seq_bare = results[("serve", 1)].p50_ms, results[("bare", 1)].p50_ms
+    in_process = sum(parts.values())
+    print("\nWhere one sequential /predict's time goes (p50, ms):")
+    for name, ms in parts.items():
+        print(f"  {name:<42}{ms:>7.2f}  (in process, median)")
+    print(f"  {'HTTP server + loopback + client (bare)':<42}{seq_bare - in_process:>7.2f}")
+    print(f"  {'Serve ingress (HAProxy + replica server)':<42}{seq_serve - seq_bare:>7.2f}")
+    print(f"  {'total through Serve':<42}{seq_serve:>7.2f}")
     return 0
+
+
+def soak(
+    settings: Settings, bodies: list[dict[str, object]], bodies_file: str, key: str, seconds: float
+) -> int:
+    short = wrk(f"{settings.serve_url}/predict", 8, 10, bodies_file, key)
+    rate = short.rps / 2
+    print(
+        f"short run: {short.rps:.0f} req/s at 8 connections, p99 {short.p99_ms:.2f} ms; "
+        f"soaking at {rate:.0f} req/s for {seconds:.0f} s (open loop)"
+    )
+    base, _, base_errors = asyncio.run(
+        open_loop(f"{settings.serve_url}/predict", rate, 20, bodies, settings.serve_headers)
+    )
+    latencies, sent, errors = asyncio.run(
+        open_loop(f"{settings.serve_url}/predict", rate, seconds, bodies, settings.serve_headers)
+    )
+    os.unlink(bodies_file)
+    p99, base_p99 = percentile(latencies, 0.99), percentile(base, 0.99)
+    print(f"20 s at {rate:.0f} req/s: p99 {base_p99:.2f} ms, {base_errors} errors")
+    print(
+        f"soak {seconds:.0f} s: {sent} requests, {errors} errors, p50 "
+        f"{statistics.median(latencies):.2f} ms, p99 {p99:.2f} ms = {p99 / base_p99:.2f}x "
+        "the 20 s run"
+    )
+    ok = errors == 0 and p99 <= 2 * base_p99
+    print(f"goal {'met' if ok else 'MISSED'}: zero errors and p99 within 2x of the short run")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -1,18 +1,22 @@
--- POST /predict with the bodies of a JSON-lines file (one request body per line), in turn.
--- Usage: wrk -s benchmarks/wrk_predict.lua <url>/predict -- <bodies.jsonl> [api key]
+-- POST /predict with the bodies of a JSON-lines file (one request body per line), in turn;
+-- with "-" for the file, plain GETs (the /healthz floor).
+-- Usage: wrk -s benchmarks/wrk_predict.lua <url>/predict -- <bodies.jsonl|-> [api key]
 local bodies = {}
 local counter = 0
 
 function init(args)
-  for line in io.lines(args[1]) do
-    if #line > 0 then bodies[#bodies + 1] = line end
+  if args[1] ~= "-" then
+    for line in io.lines(args[1]) do
+      if #line > 0 then bodies[#bodies + 1] = line end
+    end
+    wrk.method = "POST"
+    wrk.headers["Content-Type"] = "application/json"
   end
-  wrk.method = "POST"
-  wrk.headers["Content-Type"] = "application/json"
   if args[2] and #args[2] > 0 then wrk.headers["Authorization"] = "Bearer " .. args[2] end
 end
 
 function request()
+  if #bodies == 0 then return wrk.format() end
   counter = counter % #bodies + 1
   return wrk.format(nil, nil, nil, bodies[counter])
 end

@@ -42,13 +42,23 @@ def _progress() -> Progress:
 
 
 @app.command()
-def up() -> None:
+def up(
+    with_nginx: Annotated[
+        bool,
+        typer.Option(
+            "--with-nginx", help="Also NGINX in front of Ray Serve on EASYMLOPS_NGINX_PORT."
+        ),
+    ] = False,
+) -> None:
     """Start the embedded stack (Kafka-compatible broker, Redis, MLflow, Ray head); idempotent."""
     from easymlops import stack
 
     settings = get_settings()
+    services = [*stack.MANAGED, "nginx"] if with_nginx else None
     try:
-        statuses = stack.up(settings, progress=lambda msg: console.print(f"  {msg}"))
+        statuses = stack.up(
+            settings, services=services, progress=lambda msg: console.print(f"  {msg}")
+        )
     except stack.StackError as exc:
         _fail(str(exc))
     for s in statuses:

