@@ -31,6 +31,7 @@ from easymlops import stack as stack_module
 from easymlops.cli import app
 from easymlops.settings import Settings, get_settings
 from tests.test_registry import tiny_booster
+from tests.test_stack import gone
 
 pytestmark = pytest.mark.services
 
@@ -201,15 +202,6 @@ def test_up_starts_nginx_in_front_and_down_stops_it(
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url(settings)}/-/nginx-healthz")
     assert list(s.name for s in stack_module.status(settings)) == list(stack_module.SERVICES)
-
-
-def gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    return stat.exists() and stat.read_text().rsplit(")", 1)[-1].split()[0] == "Z"
 
 
 def test_cli_up_with_nginx(stack: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
