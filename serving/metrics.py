@@ -51,6 +51,14 @@ class ServingMetrics:
             ["model_name", "model_version"],
             registry=self.registry,
         )
+        # One observation per model call: 1 for a lone /predict, the batch's size for
+        # /predict/batch or under @serve.batch (ServingConfig.batch_max_size).
+        self.model_call_rows = Histogram(
+            "easymlops_serving_model_call_rows",
+            "Rows scored per model call",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 1000),
+            registry=self.registry,
+        )
         self.missing_features = Counter(
             "easymlops_serving_missing_features",
             "Features absent from the online store at prediction time",

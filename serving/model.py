@@ -51,6 +51,9 @@ class ServingConfig:
     max_body_bytes: int = 1_048_576
     # Where spans go over OTLP/HTTP (the deployer's OTEL_EXPORTER_OTLP_ENDPOINT); "" = nowhere.
     otlp_endpoint: str = ""
+    # settings.serve_batch_max_size / serve_batch_wait_ms: @serve.batch on /predict (0 = off).
+    batch_max_size: int = 0
+    batch_wait_s: float = 0.002
 
     @classmethod
     def from_settings(cls, settings: Settings, *, poll_interval_s: float = 10.0) -> ServingConfig:
@@ -69,6 +72,8 @@ class ServingConfig:
             api_key=settings.serve_api_key.get_secret_value(),
             max_body_bytes=settings.serve_max_body_bytes,
             otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            batch_max_size=settings.serve_batch_max_size,
+            batch_wait_s=settings.serve_batch_wait_ms / 1000,
         )
 
     def settings(self) -> Settings:

@@ -36,8 +36,10 @@ def _no_bool(value: Any) -> Any:
 
 
 EventTime = Annotated[datetime | None, BeforeValidator(_event_time)]
-Int64 = Annotated[int, BeforeValidator(_no_bool), Field(ge=INT64_MIN, le=INT64_MAX)]
-Price = Annotated[float, BeforeValidator(_no_bool), Field(ge=0, allow_inf_nan=False)]
+# Field before BeforeValidator: after it, pydantic leaves the bounds out of the JSON schema
+# (they still apply), and the OpenAPI spec would call a negative price valid.
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX), BeforeValidator(_no_bool)]
+Price = Annotated[float, Field(ge=0, allow_inf_nan=False), BeforeValidator(_no_bool)]
 
 
 class PredictRequest(BaseModel):
@@ -95,3 +97,30 @@ class ModelInfo(BaseModel):
     # be loaded: the replica keeps serving `version`), and versions it refused, with the reason.
     last_poll_error: str | None = None
     rejected_versions: dict[str, str] = {}
+
+
+class Readiness(BaseModel):
+    # "ready" or "not ready"; checks: model, redis, feature_set, each "ok..." or why not.
+    status: str
+    checks: dict[str, str]
+
+
+class FieldError(BaseModel):
+    # `requests[3].user_id`, or `body` for the body as a whole.
+    field: str
+    reason: str
+    type: str
+    loc: list[int | str]
+
+
+class ValidationErrorBody(BaseModel):
+    """The 422 body: each bad field and why, never the input itself."""
+
+    detail: list[FieldError]
+    message: str
+
+
+class ErrorBody(BaseModel):
+    """401, 413 and 503 bodies: what is wrong (the online store, the model, the key, the size)."""
+
+    detail: str

@@ -1,12 +1,16 @@
 """Shared fixtures: one embedded stack (broker, Redis, MLflow, Ray) per test session, on free
-loopback ports and in a temporary home, so a developer's running `easymlops up` is untouched."""
+loopback ports and in a temporary home, so a developer's running `easymlops up` is untouched.
+
+The broker-facing tiers (validator faults, landing, the Kafka sensors) take the `broker` fixture
+instead and run once on each broker: the stack's embedded Tansu, and Apache Kafka started from
+the jars of `make jars` in a home of its own."""
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
 
@@ -14,12 +18,9 @@ import pytest
 
 from easymlops.schema import Event
 from easymlops.settings import Settings, get_settings
+from easymlops.stack import free_port
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+BROKERS = ("tansu", "kafka")
 
 
 def stack_env(home: Path) -> dict[str, str]:
@@ -65,6 +66,60 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+        get_settings.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def apache_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
+    """Apache Kafka (KRaft, one node) in a stack home of its own, for the `broker` fixture."""
+    from easymlops import stack as stack_module
+
+    settings = Settings(
+        home=tmp_path_factory.mktemp("apache-kafka-home"),
+        broker="kafka",
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+    )
+    stack_module.up(settings, services=["kafka"])
+    try:
+        yield settings
+    finally:
+        stack_module.down(settings)
+
+
+@dataclass(frozen=True)
+class Broker:
+    """One of the brokers a broker-facing test runs on."""
+
+    name: str  # "tansu" | "kafka"
+    settings: Settings  # the session stack's settings, pointed at this broker
+    runner: Settings  # the settings of the stack that runs it: its pid, its log
+
+    def pid(self) -> int:
+        from easymlops import stack as stack_module
+
+        status = next(s for s in stack_module.status(self.runner) if s.name == "kafka")
+        assert status.pid is not None, f"{self.name} is not running: {status}"
+        return status.pid
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request: pytest.FixtureRequest, stack: Settings) -> Iterator[Broker]:
+    """Each broker in turn. For Kafka, EASYMLOPS_KAFKA_BOOTSTRAP points the environment at it,
+    so get_settings() and subprocesses (the CLI, a landing) use it too."""
+    if request.param == "tansu":
+        yield Broker("tansu", stack, stack)
+        return
+    kafka: Settings = request.getfixturevalue("apache_kafka")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("EASYMLOPS_KAFKA_BOOTSTRAP", kafka.bootstrap_servers)
+    get_settings.cache_clear()
+    try:
+        yield Broker(
+            "kafka", stack.model_copy(update={"kafka_bootstrap": kafka.bootstrap_servers}), kafka
+        )
+    finally:
+        patch.undo()
         get_settings.cache_clear()
 
 

@@ -22,6 +22,7 @@ from easymlops_assets.defs.lakehouse.sensors import (
     bronze_events_sensor,
     bronze_invalid_events_sensor,
 )
+from tests.conftest import Broker
 
 pytestmark = pytest.mark.services
 
@@ -86,9 +87,9 @@ def expected_request(
 
 
 def test_sensor_requests_each_new_range_and_the_run_lands_exactly_it(
-    stack: Settings, tmp_path: Path, point_at: Callable[[Settings], None]
+    broker: Broker, tmp_path: Path, point_at: Callable[[Settings], None]
 ) -> None:
-    settings = own_topic(stack, tmp_path, "validated")
+    settings = own_topic(broker.settings, tmp_path, "validated")
     point_at(settings)
     topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
     incarnation = topic_id(settings, topic)
@@ -144,9 +145,9 @@ def test_sensor_requests_each_new_range_and_the_run_lands_exactly_it(
 
 
 def test_invalid_events_land_the_same_way(
-    stack: Settings, tmp_path: Path, point_at: Callable[[Settings], None]
+    broker: Broker, tmp_path: Path, point_at: Callable[[Settings], None]
 ) -> None:
-    settings = own_topic(stack, tmp_path, "invalid")
+    settings = own_topic(broker.settings, tmp_path, "invalid")
     point_at(settings)
     topic, table = settings.topic_invalid, lake.bronze_path(settings, "invalid_events")
     produce_in_transaction(

@@ -24,6 +24,7 @@ from easymlops.generator import generate_payloads
 from easymlops.kafka import admin, end_offsets, ensure_topics, producer, topic_id
 from easymlops.schema import MAX_MESSAGE_BYTES, DeadLetter, ValidationError, validate_bytes
 from easymlops.settings import Settings
+from tests.conftest import Broker
 
 services = pytest.mark.services
 
@@ -98,9 +99,9 @@ def test_dead_letters_decode_every_field_and_older_envelopes() -> None:
 
 @services
 def test_landing_commits_only_what_it_read_while_the_topic_grows(
-    stack: Settings, tmp_path: Path
+    broker: Broker, tmp_path: Path
 ) -> None:
-    settings = own_topic(stack, tmp_path, "validated")
+    settings = own_topic(broker.settings, tmp_path, "validated")
     topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
     events = validated_events(300, seed=11)
     produce_in_transaction(settings, topic, events[:200])
@@ -134,11 +135,11 @@ def test_landing_commits_only_what_it_read_while_the_topic_grows(
 
 @services
 def test_a_recreated_topic_lands_from_offset_0_and_the_table_keeps_its_history(
-    stack: Settings, tmp_path: Path
+    broker: Broker, tmp_path: Path
 ) -> None:
     """The embedded broker empties its topics on restart: the new incarnation (new topic id,
     offsets from 0) lands in full beside the old one; nothing is skipped or refused."""
-    settings = own_topic(stack, tmp_path, "validated")
+    settings = own_topic(broker.settings, tmp_path, "validated")
     topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
     old_events, new_events = validated_events(30, seed=12), validated_events(20, seed=13)
     produce_in_transaction(settings, topic, old_events)
@@ -168,9 +169,9 @@ def test_a_recreated_topic_lands_from_offset_0_and_the_table_keeps_its_history(
 
 
 @services
-def test_landing_refuses_a_topic_behind_its_table(stack: Settings, tmp_path: Path) -> None:
+def test_landing_refuses_a_topic_behind_its_table(broker: Broker, tmp_path: Path) -> None:
     """Same topic id but fewer records than landed: the broker lost acknowledged records."""
-    settings = own_topic(stack, tmp_path, "validated")
+    settings = own_topic(broker.settings, tmp_path, "validated")
     topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
     produce_in_transaction(settings, topic, validated_events(30, seed=14))
     landed = lake.land_topic(settings, topic, table, "validated").end_offsets
@@ -205,9 +206,9 @@ def test_landing_refuses_a_topic_behind_its_table(stack: Settings, tmp_path: Pat
 
 @services
 def test_dead_letters_append_to_a_table_from_before_the_new_fields(
-    stack: Settings, tmp_path: Path
+    broker: Broker, tmp_path: Path
 ) -> None:
-    settings = own_topic(stack, tmp_path, "invalid")
+    settings = own_topic(broker.settings, tmp_path, "invalid")
     topic, table = settings.topic_invalid, lake.bronze_path(settings, "invalid_events")
     # A bronze_invalid table as landed before payload_bytes/payload_truncated existed.
     old_columns = {
@@ -249,11 +250,11 @@ def test_dead_letters_append_to_a_table_from_before_the_new_fields(
 
 @services
 def test_a_concurrent_landing_is_refused_and_nothing_lands_twice(
-    stack: Settings, tmp_path: Path
+    broker: Broker, tmp_path: Path
 ) -> None:
     """A second landing commits while the first is still reading: the first one's commit is
     refused (Delta's concurrent-transaction check on the app ids), so no record lands twice."""
-    settings = own_topic(stack, tmp_path, "validated")
+    settings = own_topic(broker.settings, tmp_path, "validated")
     topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
     events = validated_events(400, seed=15)
     produce_in_transaction(settings, topic, events[:100])
@@ -288,8 +289,8 @@ lake.land_topic(settings, sys.argv[1], sys.argv[3], "validated", progress=hang)
 
 
 @services
-def test_kill_9_mid_landing_then_rerun_gives_exact_counts(stack: Settings, tmp_path: Path) -> None:
-    settings = own_topic(stack, tmp_path, "validated")
+def test_kill_9_mid_landing_then_rerun_gives_exact_counts(broker: Broker, tmp_path: Path) -> None:
+    settings = own_topic(broker.settings, tmp_path, "validated")
     topic, table = settings.topic_validated, lake.bronze_path(settings, "events")
     events = validated_events(2000, seed=16)
     produce_in_transaction(settings, topic, events[:500])

@@ -590,6 +590,49 @@ def test_503_until_a_model_exists(served: Served) -> None:
     assert served.http.get("/readyz").status_code == 200
 
 
+def _metric(text: str, name: str) -> float:
+    """The value of an unlabelled Prometheus sample in /metrics text."""
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[1])
+
+
+@services
+def test_serve_batch_scores_each_request_as_alone(served: Served) -> None:
+    """A second app with @serve.batch (EASYMLOPS_SERVE_BATCH_MAX_SIZE): 24 concurrent requests
+    of different prices and users are scored in fewer model calls than requests, and each
+    answer is the one the unbatched app gives to that request alone (no mix-up in a batch)."""
+    import asyncio
+
+    from serving.deploy import deploy, undeploy
+
+    settings = served.settings.model_copy(
+        update={"serve_batch_max_size": 8, "serve_batch_wait_ms": 50.0}
+    )
+    bodies = [
+        BODY | {"price": i / 8, "user_id": USER_ID if i % 3 else 987654321} for i in range(24)
+    ]
+    alone = [served.http.post("/predict", json=body).json() for body in bodies]
+    assert len({a["probability"] for a in alone}) > 1  # the bodies do score differently
+    url = deploy(settings, app_name="purchase-batched", route_prefix="/batched", num_cpus=0.1)
+    try:
+
+        async def concurrently() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=url, timeout=30.0) as http:
+                return await asyncio.gather(*(http.post("/predict", json=b) for b in bodies))
+
+        batched = [r.json() for r in asyncio.run(concurrently())]
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+    finally:
+        undeploy(settings, app_name="purchase-batched")
+    for one, other in zip(alone, batched, strict=True):
+        assert other["probability"] == pytest.approx(one["probability"], abs=1e-7)
+        assert other["missing_features"] == one["missing_features"]
+    rows = _metric(metrics, "easymlops_serving_model_call_rows_sum")
+    calls = _metric(metrics, "easymlops_serving_model_call_rows_count")
+    assert rows == len(bodies)
+    assert calls < rows, f"{calls:.0f} model calls for {rows:.0f} rows: nothing was batched"
+
+
 @services
 def test_canary_sends_its_share_to_the_challenger(served: Served) -> None:
     """A second app with EASYMLOPS_CANARY_PERCENT=30: over 300 requests the challenger answers

@@ -39,9 +39,7 @@ PREDICT, BATCH, METRICS = "POST /predict", "POST /predict/batch", "GET /metrics"
 OPERATIONS = (PREDICT, BATCH, "GET /healthz", "GET /readyz", "GET /model", METRICS)
 BODY_OPERATIONS = (PREDICT, BATCH)
 
-# Checks that excuse what the published spec does not (yet) say. Each temporary excuse has a
-# strict xfail test below (test_spec_*, test_body_not_utf8_*): it passes once serving/app.py
-# declares the thing, and then the excuse and the xfail mark go.
+# The one refusal the spec cannot declare: see _excused_refusal.
 IDS = ("user_id", "product_id")
 
 
@@ -52,13 +50,9 @@ def _excused_refusal(error: dict[str, Any]) -> bool:
     # (easymlops.schema.parse_time); an id beyond int64, whose bounds the spec can only state
     # as floats (FastAPI's OpenAPI models write them as +-2**63), nor can it rule out an
     # integer written as a float too large for pydantic to convert.
-    if name == "event_time" or (
+    return name == "event_time" or (
         name in IDS and kind in ("greater_than_equal", "less_than_equal", "int_parsing_size")
-    ):
-        return True
-    # Temporary (test_spec_bounds_price_and_ids): the spec lacks price's minimum (pydantic
-    # writes a Field placed after a BeforeValidator as an unknown `ge` keyword).
-    return name == "price" and kind == "greater_than_equal"
+    )
 
 
 def accepted(ctx: CheckContext, response: Response, case: Case) -> bool | None:
@@ -68,34 +62,7 @@ def accepted(ctx: CheckContext, response: Response, case: Case) -> bool | None:
     return checks.positive_data_acceptance(ctx, response, case)
 
 
-def body_conforms(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """response_schema_conformance, but for a 422 until the spec declares the app's own body
-    {detail: [{field, reason, type, loc}], message} instead of FastAPI's default
-    {detail: [{loc, msg, type}]} (test_spec_declares_the_422_body_the_app_sends)."""
-    if response.status_code == 422:
-        return None
-    return checks.response_schema_conformance(ctx, response, case)
-
-
-def content_type_documented(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """content_type_conformance, but for /metrics until the spec declares its Prometheus text
-    instead of application/json (test_spec_declares_metrics_as_text)."""
-    if case.operation.path == "/metrics":
-        return None
-    return checks.content_type_conformance(ctx, response, case)
-
-
-def status_documented(ctx: CheckContext, response: Response, case: Case) -> bool | None:
-    """status_code_conformance, but for the 400 FastAPI itself answers to a JSON body that is not
-    UTF-8: undeclared, and not the 422 naming the body that other bad JSON gets
-    (test_body_not_utf8_is_a_422_naming_the_body)."""
-    if response.status_code == 400:
-        return None
-    return checks.status_code_conformance(ctx, response, case)
-
-
 services = pytest.mark.services
-spec_gap = pytest.mark.xfail(strict=True, reason="serving/app.py does not declare it yet")
 # Bounded and reproducible: the same cases on every run (derandomize, no example database), a
 # few minutes on 2 cores. Each example is an HTTP call through the Serve proxy, hence no
 # deadline and no too_slow.
@@ -196,10 +163,10 @@ def test_valid_requests_keep_the_contract(
             timeout=30,
             checks=[
                 checks.not_a_server_error,
-                status_documented,
-                content_type_documented,
+                checks.status_code_conformance,
+                checks.content_type_conformance,
                 checks.response_headers_conformance,
-                body_conforms,
+                checks.response_schema_conformance,
                 accepted,
             ],
         )
@@ -221,14 +188,14 @@ def test_malformed_bodies_get_4xx(api: BaseSchema, http: requests.Session, label
             timeout=30,
             checks=[
                 checks.not_a_server_error,
-                status_documented,
+                checks.status_code_conformance,
                 checks.content_type_conformance,
-                body_conforms,
+                checks.response_schema_conformance,
                 checks.negative_data_rejection,
             ],
         )
         assert 400 <= response.status_code < 500, response.text
-        if response.status_code == 422:  # by hand until the spec declares it (body_conforms)
+        if response.status_code == 422:  # the schema allows empty strings and lists
             body = response.json()
             assert body["detail"] and isinstance(body["message"], str), body
             assert all(e["field"] and e["reason"] for e in body["detail"]), body
@@ -236,11 +203,10 @@ def test_malformed_bodies_get_4xx(api: BaseSchema, http: requests.Session, label
     rejected()
 
 
-# ---- what the spec should declare (strict xfails: they pass once serving/app.py does) -------
+# ---- what the spec declares, beyond what FastAPI writes by default ------------------------
 
 
 @services
-@spec_gap
 def test_spec_bounds_price_and_ids(api: BaseSchema) -> None:
     request = api.raw_schema["components"]["schemas"]["PredictRequest"]["properties"]
     assert request["price"].get("minimum") == 0
@@ -249,21 +215,18 @@ def test_spec_bounds_price_and_ids(api: BaseSchema) -> None:
 
 
 @services
-@spec_gap
 @pytest.mark.parametrize("label", BODY_OPERATIONS)
 def test_spec_declares_the_422_body_the_app_sends(api: BaseSchema, label: str) -> None:
     assert "message" in _response_schema(api, label, "422")["properties"]
 
 
 @services
-@spec_gap
 def test_spec_declares_metrics_as_text(api: BaseSchema) -> None:
     content = api.raw_schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
     assert "text/plain" in content
 
 
 @services
-@spec_gap
 @pytest.mark.parametrize("label", BODY_OPERATIONS)
 def test_body_not_utf8_is_a_422_naming_the_body(
     service_url: str, http: requests.Session, label: str

@@ -350,3 +350,50 @@ def test_second_ray_head_stops_without_touching_the_sessions(
     assert kept.is_dir() and any(p.suffix in (".out", ".err", ".log") for p in kept.iterdir())
     after = by_name(stack.status(stack_settings, services=["ray"]))["ray"]
     assert (after.state, after.pid) == ("running", session_ray.pid)
+
+
+def test_apache_kafka_without_its_jars_names_make_jars(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from easymlops import apache_kafka
+
+    monkeypatch.setattr(apache_kafka, "JARS", tmp_path / "no-jars")
+    settings = Settings(home=tmp_path / "home", broker="kafka", kafka_port=free_port())
+    with pytest.raises(stack.StackError, match="make jars"):
+        stack.up(settings, services=["kafka"])
+    assert processes_in(tmp_path / "home") == []
+
+
+@pytest.mark.services
+def test_apache_kafka_keeps_its_topics_across_down_and_up(tmp_path: Path) -> None:
+    """EASYMLOPS_BROKER=kafka: the log dir is formatted once and survives a restart (Tansu's
+    memory storage does not), with the committed records readable again."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from easymlops.kafka import ensure_topics, producer
+
+    settings = Settings(
+        home=tmp_path / "home",
+        broker="kafka",
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+        topic_partitions=1,
+    )
+    stack.up(settings, services=["kafka"])
+    try:
+        ensure_topics(settings)
+        client = producer(settings)
+        for i in range(10):
+            client.produce(settings.topic_raw, value=f"record-{i}".encode(), partition=0)
+        assert client.flush(30) == 0
+        first_pid = next(s for s in stack.status(settings) if s.name == "kafka").pid
+        stack.down(settings, services=["kafka"])
+        assert first_pid is not None and gone(first_pid)
+        stack.up(settings, services=["kafka"])
+        reader = Consumer({"bootstrap.servers": settings.bootstrap_servers, "group.id": "t"})
+        reader.assign([TopicPartition(settings.topic_raw, 0, 0)])
+        values = [m.value() for m in reader.consume(10, timeout=30) if m.error() is None]
+        reader.close()
+        assert values == [f"record-{i}".encode() for i in range(10)]
+    finally:
+        stack.down(settings)
