@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
-.PHONY: flink-venv flink-validate backfill wrk soak-serving nginx serve-nginx jars kcat
+.PHONY: flink-venv flink-validate backfill wrk soak-serving nginx serve-nginx jars kcat vegeta
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -108,7 +108,14 @@ bench-serving: install wrk ## Ray Serve vs a bare uvicorn server of the same app
 bench-serving-variants: install wrk ## @serve.batch and 2 replicas vs the demo's app, c=1/8/32 (after `make demo`)
 	$(RUN) python benchmarks/serving.py --variants
 
-soak-serving: install wrk ## 10 minutes at half the measured peak: errors and p99 vs a short run (after `make demo`)
+# vegeta (Go module proxy) into .tools/: the open-loop, constant-rate load of soak-serving.
+VEGETA := .tools/vegeta
+vegeta: $(VEGETA)
+$(VEGETA):
+	@command -v go >/dev/null || { echo "soak-serving needs Go to install vegeta (https://go.dev/dl)" >&2; exit 1; }
+	GOBIN=$(CURDIR)/.tools go install github.com/tsenart/vegeta/v12@v12.13.0
+
+soak-serving: install wrk vegeta ## 10 minutes at half the measured peak: errors and p99 vs a short run (after `make demo`)
 	$(RUN) python benchmarks/serving.py --soak 600
 
 bench-validation: install flink-venv ## validator events/s vs a transactional passthrough, + Flink

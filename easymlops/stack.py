@@ -878,7 +878,8 @@ def _plan(spec: _Spec, settings: Settings, say: Progress) -> _Plan:
     host = settings.host
     for port_field in spec.ports(settings):
         port = int(getattr(settings, port_field))
-        # Ray's GCS binds every interface, so the port must be free on all of them.
+        # The GCS listens on `host` only (an IPv6 socket on ::ffff:127.0.0.1, seen with `ss`),
+        # but a process holding the port on all interfaces still keeps it from binding.
         hosts = (host, "0.0.0.0") if port_field == "ray_port" else (host,)
         if not all(_port_free(h, port) for h in hosts):
             raise StackError(
