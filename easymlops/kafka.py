@@ -63,7 +63,32 @@ def ensure_topics(settings: Settings, timeout: float = 15.0) -> list[str]:
         except KafkaException as exc:
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+    _wait_visible(client, missing, timeout, settings.bootstrap_servers)
     return created
+
+
+def _wait_visible(client: AdminClient, topics: list[str], timeout: float, bootstrap: str) -> None:
+    """Return once every topic is in the broker's metadata with a leader for each partition.
+    Apache Kafka acknowledges a CreateTopics before its metadata shows the topic (Tansu does
+    not), and a client asking right after would be told the topic does not exist."""
+    deadline = time.monotonic() + timeout
+    pending = list(topics)
+    while pending:
+        meta = client.list_topics(timeout=timeout)
+        pending = [
+            t
+            for t in pending
+            if t not in meta.topics
+            or meta.topics[t].error is not None
+            or any(p.leader < 0 for p in meta.topics[t].partitions.values())
+        ]
+        if pending and time.monotonic() > deadline:
+            raise KafkaUnavailable(
+                f"topics {', '.join(pending)} were created on {bootstrap} but "
+                f"did not appear in its metadata within {timeout:g} s"
+            )
+        if pending:
+            time.sleep(0.1)
 
 
 def producer(settings: Settings, **overrides: Any) -> Producer:

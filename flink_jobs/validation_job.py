@@ -222,29 +222,36 @@ def _kafka_source_ddl(settings: Settings, group_id: str) -> str:
     """
 
 
-def _kafka_sink(settings: Settings, topic: str, transactional_id_prefix: str, timeout_ms: int):
-    from pyflink.common.serialization import RowFieldExtractorSchema
-    from pyflink.datastream.connectors.base import DeliveryGuarantee
-    from pyflink.datastream.connectors.kafka import KafkaRecordSerializationSchema, KafkaSink
+def _kafka_sink_ddl(
+    table: str, settings: Settings, topic: str, transactional_id_prefix: str, timeout_ms: int
+) -> str:
+    """A Kafka sink table writing Row(key, value) as the record's raw key and value bytes,
+    exactly once: transactions committed on checkpoints. The Table API's connector rather than
+    the DataStream KafkaSink, whose Python API on PyFlink 2.2 cannot write a Row's bytes field
+    as the key (RowFieldExtractorSchema is 2.3-only)."""
 
-    serializer = (
-        KafkaRecordSerializationSchema.builder()
-        .set_topic(topic)
-        .set_key_serialization_schema(RowFieldExtractorSchema(0))
-        .set_value_serialization_schema(RowFieldExtractorSchema(1))
-        .build()
-    )
-    return (
-        KafkaSink.builder()
-        .set_bootstrap_servers(settings.bootstrap_servers)
-        .set_record_serializer(serializer)
-        .set_delivery_guarantee(DeliveryGuarantee.EXACTLY_ONCE)
-        .set_transactional_id_prefix(transactional_id_prefix)
-        # Must stay under the broker's transaction.max.timeout.ms (Kafka default 15 min) and
-        # well above the checkpoint interval plus a restart.
-        .set_property("transaction.timeout.ms", str(timeout_ms))
-        .build()
-    )
+    def quote(text: str) -> str:
+        return "'" + text.replace("'", "''") + "'"
+
+    return f"""
+        CREATE TEMPORARY TABLE {table} (
+            `key` BYTES,
+            `value` BYTES
+        ) WITH (
+            'connector' = 'kafka',
+            'topic' = {quote(topic)},
+            'properties.bootstrap.servers' = {quote(settings.bootstrap_servers)},
+            'key.format' = 'raw',
+            'key.fields' = 'key',
+            'value.format' = 'raw',
+            'value.fields-include' = 'EXCEPT_KEY',
+            'sink.delivery-guarantee' = 'exactly-once',
+            'sink.transactional-id-prefix' = {quote(transactional_id_prefix)},
+            -- Must stay under the broker's transaction.max.timeout.ms (Kafka default 15 min)
+            -- and well above the checkpoint interval plus a restart.
+            'properties.transaction.timeout.ms' = '{int(timeout_ms)}'
+        )
+    """
 
 
 def _require_kafka_connector() -> None:
@@ -281,12 +288,15 @@ def run_kafka(args: argparse.Namespace) -> int:
     streams = build_topology(raw, settings)
     prefix = args.transactional_id_prefix
     timeout = args.transaction_timeout_ms
-    streams.valid.sink_to(
-        _kafka_sink(settings, settings.topic_validated, f"{prefix}-validated", timeout)
-    ).name(f"kafka: {settings.topic_validated}").uid("sink-validated")
-    streams.invalid.sink_to(
-        _kafka_sink(settings, settings.topic_invalid, f"{prefix}-invalid", timeout)
-    ).name(f"kafka: {settings.topic_invalid}").uid("sink-invalid")
+    outputs = t_env.create_statement_set()
+    for table, topic, stream in (
+        ("validated_sink", settings.topic_validated, streams.valid),
+        ("invalid_sink", settings.topic_invalid, streams.invalid),
+    ):
+        name = topic.rsplit(".", 1)[-1]
+        t_env.execute_sql(_kafka_sink_ddl(table, settings, topic, f"{prefix}-{name}", timeout))
+        outputs.add_insert(table, t_env.from_data_stream(stream))
+    outputs.attach_as_datastream()
     if args.session_features:
         streams.sessions.map(
             RedisSessionSink(settings.redis, settings.session_ttl_seconds), Types.INT()
