@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
-.PHONY: flink-venv flink-validate backfill wrk soak-serving nginx serve-nginx jars kcat vegeta
+.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -118,8 +118,9 @@ $(VEGETA):
 soak-serving: install wrk vegeta ## 10 minutes at half the measured peak: errors and p99 vs a short run (after `make demo`)
 	$(RUN) python benchmarks/serving.py --soak 600
 
-bench-validation: install flink-venv ## validator events/s vs a transactional passthrough, + Flink
+bench-validation: install flink-venv jars ## validator events/s vs a transactional passthrough, on Tansu, then on Kafka + Flink
 	$(RUN) python benchmarks/validation.py
+	$(RUN) python benchmarks/validation.py --broker kafka --no-flink
 
 bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events)
 	$(RUN) python benchmarks/lakehouse.py
@@ -140,6 +141,15 @@ $(FLINK_VENV)/.installed: flink_jobs/requirements.txt | uv
 	$(UV) venv --allow-existing --python 3.11 $(FLINK_VENV)
 	$(UV) pip install --python $(FLINK_PYTHON) -r flink_jobs/requirements.txt
 	touch $@
+
+flink-cluster: install flink-venv jars ## the stack on Apache Kafka plus a standalone Flink cluster (web UI on 127.0.0.1:18081)
+	EASYMLOPS_BROKER=kafka $(RUN) easymlops up --with-flink
+
+flink-submit: install ## the validation job on that cluster, Kafka mode, exactly once (after `make flink-cluster`)
+	EASYMLOPS_BROKER=kafka $(RUN) easymlops flink submit
+
+flink-stop: install ## stop the job with a savepoint; resume: easymlops flink submit --from-savepoint <path>
+	EASYMLOPS_BROKER=kafka $(RUN) easymlops flink stop
 
 flink-validate: flink-venv ## Flink job, bounded: make flink-validate INPUT=events.jsonl OUTPUT=dir
 	@test -n "$(INPUT)" || { echo "usage: make flink-validate INPUT=<file.jsonl> OUTPUT=<dir> (INPUT is missing)" >&2; exit 2; }

@@ -49,12 +49,21 @@ def up(
             "--with-nginx", help="Also NGINX in front of Ray Serve on EASYMLOPS_NGINX_PORT."
         ),
     ] = False,
+    with_flink: Annotated[
+        bool,
+        typer.Option(
+            "--with-flink",
+            help="Also a standalone Flink cluster (jobmanager + taskmanager; REST API and web UI "
+            "on EASYMLOPS_FLINK_REST_PORT) to run flink_jobs/validation_job.py on.",
+        ),
+    ] = False,
 ) -> None:
     """Start the embedded stack (Kafka-compatible broker, Redis, MLflow, Ray head); idempotent."""
     from easymlops import stack
 
     settings = get_settings()
-    services = [*stack.MANAGED, "nginx"] if with_nginx else None
+    extra = (["nginx"] if with_nginx else []) + (list(stack.FLINK) if with_flink else [])
+    services = [*stack.MANAGED, *extra] if extra else None
     try:
         statuses = stack.up(
             settings, services=services, progress=lambda msg: console.print(f"  {msg}")
@@ -62,7 +71,7 @@ def up(
     except stack.StackError as exc:
         _fail(str(exc))
     for s in statuses:
-        out.print(f"[green]{s.state:>8}[/green]  {s.name:<8} {s.url}")
+        out.print(f"[green]{s.state:>8}[/green]  {s.name:<17} {s.url}")
 
 
 @app.command()
@@ -458,3 +467,69 @@ def main() -> None:  # pragma: no cover - console entry point
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(app())
+
+
+flink_app = typer.Typer(
+    help="The validation job on the standalone Flink cluster (`easymlops up --with-flink`).",
+    no_args_is_help=True,
+)
+app.add_typer(flink_app, name="flink")
+
+
+@flink_app.command("submit")
+def flink_submit(
+    checkpoint_interval_ms: Annotated[
+        int, typer.Option(help="Checkpoint (and Kafka transaction commit) interval.")
+    ] = 10_000,
+    from_savepoint: Annotated[
+        str, typer.Option(help="Resume from this savepoint (as `easymlops flink stop` printed).")
+    ] = "",
+    parallelism: Annotated[int, typer.Option(min=1)] = 1,
+    session_features: Annotated[
+        bool, typer.Option(help="Write the feat:session:* hashes to Redis.")
+    ] = True,
+) -> None:
+    """Submit flink_jobs/validation_job.py in Kafka mode (events.raw -> events.validated |
+    events.invalid, exactly once, + session events to Redis) and wait until it runs."""
+    from easymlops import flink_cluster, stack
+
+    settings = get_settings()
+    args = ["kafka", "--checkpoint-interval-ms", str(checkpoint_interval_ms)]
+    args += ["--parallelism", str(parallelism)]
+    if not session_features:
+        args.append("--no-session-features")
+    console.print(f"submitting the validation job to {flink_cluster.rest_url(settings)} ...")
+    try:
+        job_id = flink_cluster.submit(
+            settings, stack.flink_data_dir(settings), args, savepoint=from_savepoint or None
+        )
+        flink_cluster.wait_for(settings, job_id, "RUNNING", 300, checkpoints=1)
+    except flink_cluster.FlinkSetupError as exc:
+        _fail(str(exc))
+    out.print(f"job {job_id} running; web UI: {flink_cluster.rest_url(settings)}/#/job/running")
+
+
+@flink_app.command("stop")
+def flink_stop(
+    job_id: Annotated[str, typer.Argument(help="Default: every running job.")] = "",
+    savepoint_dir: Annotated[
+        str, typer.Option(help="Where the savepoint goes (default: the cluster's savepoints/).")
+    ] = "",
+) -> None:
+    """Stop the job with a savepoint (its last transactions commit) and print where it is."""
+    from easymlops import flink_cluster
+
+    settings = get_settings()
+    try:
+        running = [j["jid"] for j in flink_cluster.jobs(settings) if j["state"] == "RUNNING"]
+    except Exception as exc:
+        _fail(f"Flink REST API at {flink_cluster.rest_url(settings)}: {exc}")
+    targets = [job_id] if job_id else running
+    if not targets:
+        out.print("no running job")
+    for target in targets:
+        try:
+            location = flink_cluster.stop_with_savepoint(settings, target, savepoint_dir or None)
+        except Exception as exc:
+            _fail(f"stopping job {target}: {exc}")
+        out.print(f"job {target} stopped; savepoint: {location}")

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     # easymlops.apache_kafka). Both listen on kafka_port; Kafka's controller on the port below.
     broker: Literal["tansu", "kafka"] = "tansu"
     kafka_controller_port: int = 19093
+    # The standalone Flink cluster (`easymlops up --with-flink`, easymlops.flink_cluster): its
+    # REST API (web UI, job submission), the jobmanager's RPC port and the taskmanager's.
+    flink_rest_port: int = 18081
+    flink_rpc_port: int = 16123
+    flink_taskmanager_port: int = 16124
 
     # Override these to point at external services (compose, k8s); empty = embedded stack.
     kafka_bootstrap: str = ""

@@ -52,7 +52,7 @@ import httpx
 import redis
 from confluent_kafka.admin import AdminClient
 
-from easymlops import apache_kafka, nginx
+from easymlops import apache_kafka, flink_cluster, nginx
 from easymlops import kafka as kafka_helpers
 from easymlops.settings import Settings
 
@@ -73,9 +73,11 @@ __all__ = [
 
 #: Services `up` starts (or health-checks when external), in start/report order.
 MANAGED: tuple[str, ...] = ("kafka", "redis", "mlflow", "ray")
+#: The standalone Flink cluster (easymlops.flink_cluster), started together by `up --with-flink`.
+FLINK: tuple[str, ...] = ("flink-jobmanager", "flink-taskmanager")
 #: Services `up` starts only when asked by name; `down` stops them, `status` reports them once
 #: started.
-OPTIONAL: tuple[str, ...] = ("nginx",)
+OPTIONAL: tuple[str, ...] = ("nginx", *FLINK)
 #: Everything `status` reports: the managed services plus Ray Serve, which is deployed on the
 #: Ray head later by the serving code and only observed here.
 SERVICES: tuple[str, ...] = (*MANAGED, "serve")
@@ -98,6 +100,8 @@ _START_TIMEOUT: dict[str, float] = {
     "mlflow": 180.0,
     "ray": 180.0,
     "nginx": 30.0,
+    "flink-jobmanager": 120.0,
+    "flink-taskmanager": 120.0,
 }
 # Seconds between SIGTERM and SIGKILL. Ray's gcs_server ignores SIGTERM for 20 s and more and
 # holds nothing durable, so it gets a short grace; Redis flushes its AOF on SIGTERM.
@@ -107,6 +111,8 @@ _STOP_GRACE: dict[str, float] = {
     "mlflow": 10.0,
     "ray": 5.0,
     "nginx": 5.0,
+    "flink-jobmanager": 15.0,
+    "flink-taskmanager": 15.0,
 }
 # Which environment variable moves each port, for the error messages.
 _PORT_VARS: dict[str, str] = {
@@ -118,6 +124,9 @@ _PORT_VARS: dict[str, str] = {
     "ray_dashboard_port": "EASYMLOPS_RAY_DASHBOARD_PORT",
     "serve_port": "EASYMLOPS_SERVE_PORT",
     "nginx_port": "EASYMLOPS_NGINX_PORT",
+    "flink_rest_port": "EASYMLOPS_FLINK_REST_PORT",
+    "flink_rpc_port": "EASYMLOPS_FLINK_RPC_PORT",
+    "flink_taskmanager_port": "EASYMLOPS_FLINK_TASKMANAGER_PORT",
 }
 
 _HAS_PROC = Path("/proc/self/stat").exists()
@@ -717,6 +726,38 @@ def _nginx_launch(settings: Settings) -> _Launch:
     return _Launch(argv)
 
 
+def flink_data_dir(settings: Settings) -> Path:
+    """The Flink cluster's configuration, checkpoints and savepoints (both processes share it)."""
+    return _data_dir(settings, "flink")
+
+
+def _flink_launch(role: str) -> Callable[[Settings], _Launch]:
+    def launch(settings: Settings) -> _Launch:
+        try:
+            argv, env = flink_cluster.prepare(settings, flink_data_dir(settings), role)
+        except flink_cluster.FlinkSetupError as exc:
+            raise StackError(f"flink-{role}: {exc}") from None
+        if role != "taskmanager":
+            return _Launch(argv, env)
+        # A fresh id per start, so health means "this process registered", not an old one
+        # the jobmanager has not yet declared lost.
+        resource_id = f"easymlops-tm-{os.urandom(4).hex()}"
+        return _Launch(
+            [*argv, "-D", f"taskmanager.resource-id={resource_id}"],
+            env,
+            {"resource_id": resource_id},
+        )
+
+    return launch
+
+
+def _flink_taskmanager_health(settings: Settings) -> str | None:
+    record = _read_record(settings, "flink-taskmanager")
+    if record is None:
+        return "not started"
+    return flink_cluster.taskmanager_health(settings, str(record.extra.get("resource_id")))
+
+
 @dataclass(frozen=True)
 class _Spec:
     name: str
@@ -794,6 +835,22 @@ _SPECS: dict[str, _Spec] = {
         _nginx_health,
         nginx.url,
         lambda s: {"upstream": s.serve_url},
+    ),
+    "flink-jobmanager": _Spec(
+        "flink-jobmanager",
+        ("flink_rest_port", "flink_rpc_port"),
+        lambda _s: "",
+        _flink_launch("jobmanager"),
+        flink_cluster.jobmanager_health,
+        flink_cluster.rest_url,
+    ),
+    "flink-taskmanager": _Spec(
+        "flink-taskmanager",
+        ("flink_taskmanager_port",),
+        lambda _s: "",
+        _flink_launch("taskmanager"),
+        _flink_taskmanager_health,
+        flink_cluster.rest_url,
     ),
 }
 

@@ -39,8 +39,10 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 import uuid
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -265,6 +267,20 @@ def _require_kafka_connector() -> None:
         raise SystemExit(f"error: {KAFKA_CONNECTOR_HINT}") from None
 
 
+def _job_archive() -> Path:
+    """A zip of the packages the Python workers import (easymlops, flink_jobs), package
+    directories at its root. A directory given to add_python_file lands on the workers'
+    PYTHONPATH itself, so `flink_jobs.validation_job` would not import on a remote taskmanager
+    (a mini-cluster hides that: its workers inherit the driver's PYTHONPATH)."""
+    archive = Path(tempfile.mkdtemp(prefix="easymlops-flink-")) / "easymlops_job.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for package in ("easymlops", "flink_jobs"):
+            for path in sorted((ROOT / package).rglob("*")):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    bundle.write(path, path.relative_to(ROOT).as_posix())
+    return archive
+
+
 def run_kafka(args: argparse.Namespace) -> int:
     from pyflink.table import StreamTableEnvironment
 
@@ -277,8 +293,7 @@ def run_kafka(args: argparse.Namespace) -> int:
         env.add_jars(jar if "://" in jar else Path(jar).resolve().as_uri())
     _require_kafka_connector()
     # Ship the rules with the job, so task managers need only pyflink (and redis) installed.
-    env.add_python_file(str(ROOT / "easymlops"))
-    env.add_python_file(str(ROOT / "flink_jobs"))
+    env.add_python_file(str(_job_archive()))
     env.enable_checkpointing(args.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
 
     t_env = StreamTableEnvironment.create(env)

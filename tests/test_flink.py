@@ -8,8 +8,8 @@ check the exact split, that the Flink output is byte-identical to what the local
 (`easymlops.schema.route`, in-process) produce, and that the session hashes equal
 `session_fields(events)`, what the local runner's writer stores in Redis.
 
-Not covered here (no Maven Central, so no Kafka connector jar on this machine): the Kafka source
-and the exactly-once Kafka sinks, checkpoint recovery, the Redis sink. See flink_jobs/README.md.
+The Kafka mode (Kafka source, exactly-once Kafka sinks, checkpoint recovery, savepoints, the Redis
+sink) runs on a standalone Flink cluster in tests/test_flink_kafka.py.
 
 The job runs in `.flink-venv` (PyFlink pins old pandas/pyarrow): a missing venv fails these
 tests with a pointer to `make flink-venv`; it never skips them.

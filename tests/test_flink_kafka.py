@@ -1,0 +1,257 @@
+"""The Flink validation job in Kafka mode, for real: a standalone Flink cluster (jobmanager +
+taskmanager from the PyFlink distribution, `easymlops up --with-flink`) runs
+flink_jobs/validation_job.py against Apache Kafka, with exactly-once Kafka sinks, checkpoints
+to a local directory and the session events to Redis.
+
+- conservation: every raw record ends in exactly one output, read with read_committed;
+- parity: the local runner (`easymlops validate`) on the same raw topic writes the same
+  validated records, the same dead letters and the same session hashes;
+- a kill -9 of the taskmanager mid-stream, a new taskmanager, a restart from the last
+  checkpoint: nothing lost, nothing twice, also as kcat (an independent client) reads it;
+- a stop with a savepoint, more events, a resume from that savepoint: the same.
+
+Heavy (a JVM cluster, Python workers, about 40 s per job start on two cores): one cluster per
+module, one job at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from confluent_kafka import Consumer
+
+from easymlops import flink_cluster
+from easymlops import stack as stack_module
+from easymlops.features import session_key
+from easymlops.kafka import ensure_topics
+from easymlops.settings import Settings
+from easymlops.validate import run_validator
+from tests.conftest import free_port
+from tests.test_validator_faults import (
+    assert_conserved,
+    assert_sessions_match,
+    kcat_event_ids,
+    produce,
+    read_all,
+)
+
+pytestmark = pytest.mark.services
+
+JOB_START_TIMEOUT = 240.0
+CHECKPOINT_MS = 1000
+
+
+@pytest.fixture(scope="module")
+def cluster(
+    apache_kafka: Settings, stack: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """A Flink cluster in a home of its own, pointed at Apache Kafka and the session's Redis."""
+    settings = Settings(
+        home=tmp_path_factory.mktemp("flink-home"),
+        flink_rest_port=free_port(),
+        flink_rpc_port=free_port(),
+        flink_taskmanager_port=free_port(),
+        kafka_bootstrap=apache_kafka.bootstrap_servers,
+        redis_url=stack.redis,
+    )
+    stack_module.up(settings, services=list(stack_module.FLINK))
+    try:
+        yield settings
+    finally:
+        for job in flink_cluster.jobs(settings):
+            if job["state"] not in ("FINISHED", "CANCELED", "FAILED"):
+                flink_cluster.cancel(settings, job["jid"])
+        stack_module.down(settings)
+
+
+@pytest.fixture
+def topics(cluster: Settings) -> Settings:
+    name = f"flink-{uuid.uuid4().hex[:8]}"
+    settings = cluster.model_copy(
+        update={f"topic_{t}": f"{name}.{t}" for t in ("raw", "validated", "invalid", "predictions")}
+    )
+    ensure_topics(settings)
+    return settings
+
+
+def job_env(settings: Settings) -> dict[str, str]:
+    return {
+        "EASYMLOPS_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
+        "EASYMLOPS_REDIS_URL": settings.redis,
+        "EASYMLOPS_TOPIC_RAW": settings.topic_raw,
+        "EASYMLOPS_TOPIC_VALIDATED": settings.topic_validated,
+        "EASYMLOPS_TOPIC_INVALID": settings.topic_invalid,
+    }
+
+
+def submit(settings: Settings, savepoint: str | None = None) -> str:
+    """Start the job on this test's topics and wait until every task runs and one checkpoint
+    completed; returns its id."""
+    name = settings.topic_raw.rsplit(".", 1)[0]
+    args = ["kafka", "--checkpoint-interval-ms", str(CHECKPOINT_MS)]
+    args += ["--group-id", f"{name}-flink", "--transactional-id-prefix", name]
+    data_dir = stack_module.flink_data_dir(settings)
+    job_id = flink_cluster.submit(
+        settings, data_dir, args, savepoint=savepoint, env=job_env(settings)
+    )
+    flink_cluster.wait_for(settings, job_id, "RUNNING", JOB_START_TIMEOUT, checkpoints=1)
+    return job_id
+
+
+def output_count(settings: Settings) -> int:
+    outputs = (settings.topic_validated, settings.topic_invalid)
+    return sum(len(read_all(settings, topic)) for topic in outputs)
+
+
+def some_output(settings: Settings) -> bool:
+    """Has the job committed any validated record yet? (one quick read_committed poll)"""
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"probe-{uuid.uuid4().hex[:6]}",
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        reader.subscribe([settings.topic_validated])
+        return any(m.error() is None for m in reader.consume(1, timeout=2))
+    finally:
+        reader.close()
+
+
+def wait_for_output(settings: Settings, expected: int, timeout: float = 240.0) -> None:
+    """Until read_committed readers see `expected` records in the two outputs (more is a
+    failure the conservation check then names)."""
+    deadline = time.monotonic() + timeout
+    seen = 0
+    while time.monotonic() < deadline:
+        seen = output_count(settings)
+        if seen >= expected:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the Flink job wrote {seen} of {expected} records in {timeout:.0f} s")
+
+
+def restored_from(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """The checkpoint or savepoint the job last restored from (REST), or None."""
+    latest = flink_cluster._get(settings, f"/jobs/{job_id}/checkpoints").get("latest") or {}
+    restored = latest.get("restored")
+    return dict(restored) if restored else None
+
+
+def test_conservation_and_parity_with_the_local_runner(topics: Settings) -> None:
+    produced = produce(topics, 5_000, seed=7301)
+    job_id = submit(topics)
+    try:
+        wait_for_output(topics, produced)
+    finally:
+        flink_cluster.cancel(topics, job_id)
+    events = assert_conserved(topics, produced)
+    assert_sessions_match(topics, events)
+
+    # The local runner on the same raw topic, into outputs (and a Redis database) of its own.
+    runner = topics.model_copy(
+        update={
+            "topic_validated": f"{topics.topic_raw}.runner-validated",
+            "topic_invalid": f"{topics.topic_raw}.runner-invalid",
+            "redis_url": topics.redis.rsplit("/", 1)[0] + "/1",
+        }
+    )
+    ensure_topics(runner)
+    stats = run_validator(runner, until_idle=True, idle_seconds=3)
+    assert stats.valid + stats.invalid == produced
+
+    def records(settings: Settings, topic: str) -> Counter[bytes]:
+        return Counter(value for _, _, value in read_all(settings, topic))
+
+    def dead_letters(settings: Settings) -> Counter[str]:
+        # received_at is the wall clock of the validator that saw the message
+        letters = (json.loads(v) for _, _, v in read_all(settings, settings.topic_invalid))
+        return Counter(
+            json.dumps({k: v for k, v in letter.items() if k != "received_at"}, sort_keys=True)
+            for letter in letters
+        )
+
+    flink_valid = records(topics, topics.topic_validated)
+    assert flink_valid == records(runner, runner.topic_validated)
+    flink_invalid = dead_letters(topics)
+    assert sum(flink_invalid.values()) > 0, "the input must hold invalid events"
+    assert flink_invalid == dead_letters(runner)
+    flink_redis = redis.Redis.from_url(topics.redis, decode_responses=True)
+    runner_redis = redis.Redis.from_url(runner.redis, decode_responses=True)
+    sessions = {e.user_session for e in events}
+    for session in sessions:
+        key = session_key(session)
+        assert flink_redis.hgetall(key) == runner_redis.hgetall(key), session
+
+
+def test_taskmanager_killed_mid_stream_restarts_from_the_last_checkpoint(
+    topics: Settings,
+) -> None:
+    # Events keep arriving while the taskmanager dies and its successor catches up.
+    batches: list[int] = [produce(topics, 2_000, seed=7302)]
+
+    def keep_producing() -> None:
+        for i in range(30):
+            batches.append(produce(topics, 1_000, seed=73020 + i))
+            time.sleep(0.5)
+
+    job_id = submit(topics)
+    producer = threading.Thread(target=keep_producing)
+    producer.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not some_output(topics) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert producer.is_alive(), "the kill must land mid-stream"
+        (manager,) = stack_module.status(topics, services=["flink-taskmanager"])
+        assert manager.pid is not None, manager
+        os.killpg(manager.pid, signal.SIGKILL)  # the JVM and its Python workers
+        while stack_module.status(topics, services=["flink-taskmanager"])[0].pid is not None:
+            time.sleep(0.1)  # SIGKILL is delivered, not yet done: the JVM has many threads
+        # On a port of its own: the dead one's port lies in the ephemeral range, where the
+        # test's Kafka clients may hold it by now.
+        successor = topics.model_copy(update={"flink_taskmanager_port": free_port()})
+        stack_module.up(successor, services=["flink-taskmanager"])
+        producer.join()
+        wait_for_output(topics, sum(batches))
+        restored = restored_from(topics, job_id)
+        assert restored is not None and not restored["is_savepoint"], restored
+    finally:
+        producer.join()
+        flink_cluster.cancel(topics, job_id)
+    events = assert_conserved(topics, sum(batches))
+    assert_sessions_match(topics, events)
+    ids = kcat_event_ids(topics, topics.topic_validated)
+    assert len(ids) == len(set(ids)) == len(events)
+
+
+def test_stop_with_savepoint_then_resume(topics: Settings, tmp_path: Any) -> None:
+    first = produce(topics, 3_000, seed=7303)
+    job_id = submit(topics)
+    wait_for_output(topics, first)
+    savepoint = flink_cluster.stop_with_savepoint(topics, job_id, (tmp_path / "sp").as_uri())
+    assert flink_cluster.job_state(topics, job_id) == "FINISHED"
+    second = produce(topics, 3_000, seed=7304)
+    resumed = submit(topics, savepoint=savepoint)
+    try:
+        restored = restored_from(topics, resumed)
+        assert restored is not None and restored["is_savepoint"], restored
+        assert restored["external_path"] == savepoint
+        wait_for_output(topics, first + second)
+    finally:
+        flink_cluster.cancel(topics, resumed)
+    events = assert_conserved(topics, first + second)
+    assert_sessions_match(topics, events)
