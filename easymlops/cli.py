@@ -506,7 +506,10 @@ def flink_submit(
         flink_cluster.wait_for(settings, job_id, "RUNNING", 300, checkpoints=1)
     except flink_cluster.FlinkSetupError as exc:
         _fail(str(exc))
-    out.print(f"job {job_id} running; web UI: {flink_cluster.rest_url(settings)}/#/job/running")
+    out.print(
+        f"job {job_id} running; web UI: {flink_cluster.rest_url(settings)}/#/job/running",
+        soft_wrap=True,
+    )
 
 
 @flink_app.command("stop")
@@ -532,4 +535,5 @@ def flink_stop(
             location = flink_cluster.stop_with_savepoint(settings, target, savepoint_dir or None)
         except Exception as exc:
             _fail(f"stopping job {target}: {exc}")
-        out.print(f"job {target} stopped; savepoint: {location}")
+        # Unwrapped, so the path can be copied into `flink submit --from-savepoint`.
+        out.print(f"job {target} stopped; savepoint: {location}", soft_wrap=True)

@@ -18,23 +18,27 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 from confluent_kafka import Consumer
+from typer.testing import CliRunner
 
 from easymlops import flink_cluster
 from easymlops import stack as stack_module
+from easymlops.cli import app
 from easymlops.features import session_key
 from easymlops.kafka import ensure_topics
-from easymlops.settings import Settings
+from easymlops.settings import Settings, get_settings
 from easymlops.validate import run_validator
 from tests.conftest import free_port
 from tests.test_validator_faults import (
@@ -47,6 +51,7 @@ from tests.test_validator_faults import (
 
 pytestmark = pytest.mark.services
 
+cli = CliRunner()
 JOB_START_TIMEOUT = 240.0
 CHECKPOINT_MS = 1000
 
@@ -238,20 +243,68 @@ def test_taskmanager_killed_mid_stream_restarts_from_the_last_checkpoint(
     assert len(ids) == len(set(ids)) == len(events)
 
 
-def test_stop_with_savepoint_then_resume(topics: Settings, tmp_path: Any) -> None:
-    first = produce(topics, 3_000, seed=7303)
-    job_id = submit(topics)
-    wait_for_output(topics, first)
-    savepoint = flink_cluster.stop_with_savepoint(topics, job_id, (tmp_path / "sp").as_uri())
-    assert flink_cluster.job_state(topics, job_id) == "FINISHED"
-    second = produce(topics, 3_000, seed=7304)
-    resumed = submit(topics, savepoint=savepoint)
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point `easymlops` (get_settings) at this cluster, broker, Redis and topics."""
+    env = {
+        **job_env(settings),
+        "EASYMLOPS_HOME": str(settings.home_dir),
+        "EASYMLOPS_FLINK_REST_PORT": str(settings.flink_rest_port),
+        "EASYMLOPS_FLINK_RPC_PORT": str(settings.flink_rpc_port),
+        "EASYMLOPS_FLINK_TASKMANAGER_PORT": str(settings.flink_taskmanager_port),
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+
+
+def test_stop_with_savepoint_then_resume_through_the_cli(
+    topics: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`easymlops flink submit`, `easymlops flink stop` (savepoint), more events, `easymlops
+    flink submit --from-savepoint`: the resumed job restores that savepoint and the two runs
+    together write every event once."""
+    cli_env(topics, monkeypatch)
     try:
-        restored = restored_from(topics, resumed)
-        assert restored is not None and restored["is_savepoint"], restored
-        assert restored["external_path"] == savepoint
-        wait_for_output(topics, first + second)
+        first = produce(topics, 3_000, seed=7303)
+        started = cli.invoke(app, ["flink", "submit", "--checkpoint-interval-ms", "1000"])
+        assert started.exit_code == 0, started.output
+        wait_for_output(topics, first)
+        stopped = cli.invoke(app, ["flink", "stop"])
+        assert stopped.exit_code == 0, stopped.output
+        (job_id, savepoint) = re.findall(r"job (\w+) stopped; savepoint: (\S+)", stopped.output)[0]
+        assert flink_cluster.job_state(topics, job_id) == "FINISHED"
+        second = produce(topics, 3_000, seed=7304)
+        resumed = cli.invoke(
+            app,
+            ["flink", "submit", "--checkpoint-interval-ms", "1000", "--from-savepoint", savepoint],
+        )
+        assert resumed.exit_code == 0, resumed.output
+        (resumed_id,) = re.findall(r"job (\w+) running", resumed.output)
+        try:
+            restored = restored_from(topics, resumed_id)
+            assert restored is not None and restored["is_savepoint"], restored
+            assert restored["external_path"] == savepoint
+            wait_for_output(topics, first + second)
+        finally:
+            flink_cluster.cancel(topics, resumed_id)
     finally:
-        flink_cluster.cancel(topics, resumed)
+        get_settings.cache_clear()
     events = assert_conserved(topics, first + second)
     assert_sessions_match(topics, events)
+
+
+def test_submit_without_a_cluster_says_how_to_start_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EASYMLOPS_HOME", str(tmp_path))
+    monkeypatch.setenv("EASYMLOPS_FLINK_REST_PORT", str(free_port()))
+    get_settings.cache_clear()
+    try:
+        submitted = cli.invoke(app, ["flink", "submit"])
+        stopped = cli.invoke(app, ["flink", "stop"])
+    finally:
+        get_settings.cache_clear()
+    assert submitted.exit_code == 1
+    assert "easymlops up --with-flink" in submitted.output
+    assert stopped.exit_code == 1
+    assert "Flink REST API at http://127.0.0.1:" in stopped.output
