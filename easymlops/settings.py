@@ -41,6 +41,10 @@ class Settings(BaseSettings):
     flink_rpc_port: int = 16123
     flink_taskmanager_port: int = 16124
 
+    # Deployed in Kubernetes (infra/k8s/): the code location adds the asset that submits the
+    # Flink validation job through dagster-k8s's PipesK8sClient (easymlops_assets/k8s.py).
+    kubernetes: bool = False
+
     # Override these to point at external services (compose, k8s); empty = embedded stack.
     kafka_bootstrap: str = ""
     redis_url: str = ""

@@ -4,6 +4,10 @@ import logging
 from pathlib import Path
 
 import dagster as dg
+from dagster_k8s import PipesK8sClient
+
+from easymlops.settings import get_settings
+from easymlops_assets.k8s import PIPES_K8S_CLIENT, flink_validation_k8s_asset
 
 # Dagster prints every run event with its own console logger. Messages that libraries send
 # through `get_dagster_logger` (dagster-dbt's "Running dbt command ...") also propagate to the
@@ -14,4 +18,13 @@ logging.getLogger("dagster").propagate = False
 
 @dg.definitions
 def defs() -> dg.Definitions:
-    return dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+    loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+    if not get_settings().kubernetes:  # a local stack has no Kubernetes to submit Flink to
+        return loaded
+    return dg.Definitions.merge(
+        loaded,
+        dg.Definitions(
+            assets=[flink_validation_k8s_asset()],
+            resources={PIPES_K8S_CLIENT: PipesK8sClient(load_incluster_config=True)},
+        ),
+    )

@@ -167,3 +167,23 @@ def write_silver_events(lake: Path, events: Iterable[Event]) -> None:
         directory = lake / "silver" / "events" / f"event_date={day}"
         directory.mkdir(parents=True)
         part.write_parquet(directory / "part-0.parquet")
+
+
+# ---- wall time per test file (the README's tier table comes from this summary) ---------------
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    # setup + call + teardown; a session fixture's start counts in the first file that uses it
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.section("wall time per test file")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
+    total = sum(_FILE_SECONDS.values())
+    terminalreporter.write_line(f"{total:8.1f} s  in all")
