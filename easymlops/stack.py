@@ -482,6 +482,13 @@ def _ray_health(settings: Settings) -> str | None:
         return None if _tcp_open(host, port) else f"nothing listens on {host}:{port}"
     if not _tcp_open(settings.host, settings.ray_port):
         return f"GCS does not listen on {settings.host}:{settings.ray_port}"
+    # The client server comes up last: under load it waits up to 30 s for the raylet, gives
+    # up, and `ray start --block` then tears the whole head down, seconds after the GCS and the
+    # dashboard answered. Healthy only once it listens, so `up` never reports a dying head.
+    record = _read_record(settings, "ray")
+    client_port = record.extra.get("ray_client_server_port") if record is not None else None
+    if client_port and not _tcp_open(settings.host, int(client_port)):
+        return f"Ray client server does not listen on {settings.host}:{client_port} yet"
     return _http_ok(f"{_ray_dashboard_url(settings)}/api/version")
 
 
