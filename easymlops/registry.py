@@ -5,6 +5,11 @@ Aliases only: model-version stages are deprecated in MLflow and never used here.
 explicit `MlflowClient(tracking_uri=...)` so a long-lived process (a Serve replica) never depends
 on the process-wide MLflow URI; `log_and_register` needs MLflow's fluent run API and therefore
 sets the process-wide tracking and registry URIs to `settings.mlflow_uri`.
+
+Not dagster-mlflow: its `mlflow_tracking` resource opens one MLflow run per Dagster run and sets
+the process-wide URI and experiment, while training here logs one run per tuned model with the
+Dagster run id as a tag, and serving must not touch process-wide state. Its only other part, a
+hook that ends the active run, has nothing to end here. So the dependency was dropped.
 """
 
 from __future__ import annotations
