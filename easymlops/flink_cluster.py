@@ -194,6 +194,14 @@ def completed_checkpoints(settings: Settings, job_id: str) -> int:
     return int(_get(settings, f"/jobs/{job_id}/checkpoints")["counts"]["completed"])
 
 
+def restored_from(settings: Settings, job_id: str) -> dict[str, Any] | None:
+    """The checkpoint or savepoint the job last restored from (is_savepoint, external_path,
+    ...), or None if it started fresh."""
+    latest = _get(settings, f"/jobs/{job_id}/checkpoints").get("latest") or {}
+    restored = latest.get("restored")
+    return dict(restored) if restored else None
+
+
 def wait_for(
     settings: Settings, job_id: str, state: str, timeout: float, *, checkpoints: int = 0
 ) -> None:

@@ -37,7 +37,7 @@ from urllib.parse import quote
 
 import httpx
 
-from easymlops.stack import free_port
+from easymlops.stack import free_port, log_tail
 
 __all__ = [
     "CODE_LOCATION",
@@ -273,22 +273,10 @@ class Running:
         return self.process.pid
 
 
-def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, handle.tell() - 16384))
-            text = handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return "  (no log)"
-    tail = text.splitlines()[-lines:]
-    return "\n".join(f"  | {line}" for line in tail) if tail else "  (log is empty)"
-
-
 def _failure(service: Service, headline: str) -> ProductionLocalError:
     return ProductionLocalError(
         f"{service.name}: {headline}; see {service.log}\n"
-        f"last lines of {service.log}:\n{_log_tail(service.log)}"
+        f"last lines of {service.log}:\n{log_tail(service.log, _LOG_TAIL_LINES)}"
     )
 
 

@@ -67,6 +67,7 @@ __all__ = [
     "down",
     "free_port",
     "log_path",
+    "log_tail",
     "status",
     "up",
 ]
@@ -885,7 +886,8 @@ def _serialized(progress: Progress | None) -> Progress:
     return say
 
 
-def _log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    """The last lines of a service's log, indented, for an error message."""
     try:
         with open(path, "rb") as handle:
             handle.seek(0, os.SEEK_END)
@@ -902,7 +904,7 @@ def _failure(name: str, headline: str, settings: Settings, record: _Record | Non
     message = f"{name}: {headline}; see {log}"
     if record is not None and "temp_dir" in record.extra:
         message += f" and {record.extra['temp_dir']}/session_latest/logs"
-    return f"{message}\nlast lines of {log}:\n{_log_tail(log)}"
+    return f"{message}\nlast lines of {log}:\n{log_tail(log)}"
 
 
 # ---- up ---------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -149,13 +148,6 @@ def wait_for_output(settings: Settings, expected: int, timeout: float = 240.0) -
     raise AssertionError(f"the Flink job wrote {seen} of {expected} records in {timeout:.0f} s")
 
 
-def restored_from(settings: Settings, job_id: str) -> dict[str, Any] | None:
-    """The checkpoint or savepoint the job last restored from (REST), or None."""
-    latest = flink_cluster._get(settings, f"/jobs/{job_id}/checkpoints").get("latest") or {}
-    restored = latest.get("restored")
-    return dict(restored) if restored else None
-
-
 def test_conservation_and_parity_with_the_local_runner(topics: Settings) -> None:
     produced = produce(topics, 5_000, seed=7301)
     job_id = submit(topics)
@@ -232,7 +224,7 @@ def test_taskmanager_killed_mid_stream_restarts_from_the_last_checkpoint(
         stack_module.up(successor, services=["flink-taskmanager"])
         producer.join()
         wait_for_output(topics, sum(batches))
-        restored = restored_from(topics, job_id)
+        restored = flink_cluster.restored_from(topics, job_id)
         assert restored is not None and not restored["is_savepoint"], restored
     finally:
         producer.join()
@@ -281,7 +273,7 @@ def test_stop_with_savepoint_then_resume_through_the_cli(
         assert resumed.exit_code == 0, resumed.output
         (resumed_id,) = re.findall(r"job (\w+) running", resumed.output)
         try:
-            restored = restored_from(topics, resumed_id)
+            restored = flink_cluster.restored_from(topics, resumed_id)
             assert restored is not None and restored["is_savepoint"], restored
             assert restored["external_path"] == savepoint
             wait_for_output(topics, first + second)
