@@ -59,6 +59,20 @@ class Settings(BaseSettings):
 
     lake_uri: str = ""  # default: <home>/lake
     warehouse_path: str = ""  # default: <home>/warehouse.duckdb
+    # The warehouse dbt builds gold into and training / the online store read: "duckdb" (the
+    # file above, the embedded default) or "postgres" (dbt's postgres target, the server below).
+    warehouse_backend: Literal["duckdb", "postgres"] = "duckdb"
+
+    # PostgreSQL: the production warehouse (database pg_dbname) and, in the production-local
+    # profile, Dagster's and MLflow's stores (databases of their own). The same EASYMLOPS_PG_*
+    # names are what dbt_project/profiles.yml and infra/dagster/*/dagster.yaml read. The port is
+    # away from 5432 so a developer's own server keeps working beside the stack's.
+    pg_host: str = "127.0.0.1"
+    pg_port: int = 15432
+    pg_user: str = "easymlops"
+    pg_password: SecretStr = SecretStr("")
+    pg_dbname: str = "easymlops"
+    pg_schema: str = "public"
 
     mlflow_experiment: str = "easymlops-purchase"
     model_name: str = "purchase_propensity"
