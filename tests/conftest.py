@@ -37,6 +37,15 @@ def stack_env(home: Path) -> dict[str, str]:
     }
 
 
+def topic_env(settings: Settings) -> dict[str, str]:
+    """EASYMLOPS_TOPIC_* of `settings`: what a subprocess (the validator, the Flink job) needs to
+    work on a test's own topics."""
+    return {
+        f"EASYMLOPS_TOPIC_{kind.upper()}": getattr(settings, f"topic_{kind}")
+        for kind in ("raw", "validated", "invalid", "predictions")
+    }
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """The embedded stack, up for the whole session; its settings are exported to the

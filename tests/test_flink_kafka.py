@@ -39,7 +39,7 @@ from easymlops.features import session_key
 from easymlops.kafka import ensure_topics
 from easymlops.settings import Settings, get_settings
 from easymlops.validate import run_validator
-from tests.conftest import free_port
+from tests.conftest import free_port, topic_env
 from tests.test_validator_faults import (
     assert_conserved,
     assert_sessions_match,
@@ -92,9 +92,7 @@ def job_env(settings: Settings) -> dict[str, str]:
     return {
         "EASYMLOPS_KAFKA_BOOTSTRAP": settings.bootstrap_servers,
         "EASYMLOPS_REDIS_URL": settings.redis,
-        "EASYMLOPS_TOPIC_RAW": settings.topic_raw,
-        "EASYMLOPS_TOPIC_VALIDATED": settings.topic_validated,
-        "EASYMLOPS_TOPIC_INVALID": settings.topic_invalid,
+        **topic_env(settings),
     }
 
 

@@ -39,7 +39,7 @@ from easymlops.validate import (
     _fewer_gc_passes,
     run_validator,
 )
-from tests.conftest import Broker
+from tests.conftest import Broker, topic_env
 
 pytestmark = pytest.mark.services
 
@@ -179,13 +179,7 @@ def produce(settings: Settings, n: int, seed: int) -> int:
 
 
 def validator_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "EASYMLOPS_TOPIC_RAW": settings.topic_raw,
-        "EASYMLOPS_TOPIC_VALIDATED": settings.topic_validated,
-        "EASYMLOPS_TOPIC_INVALID": settings.topic_invalid,
-        "EASYMLOPS_TOPIC_PREDICTIONS": settings.topic_predictions,
-    }
+    return {**os.environ, **topic_env(settings)}
 
 
 def kcat_event_ids(settings: Settings, topic: str) -> list[str]:
