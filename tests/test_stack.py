@@ -26,6 +26,10 @@ from confluent_kafka.admin import AdminClient
 from conftest import free_port, stack_env
 
 from easymlops import stack
+from easymlops.services import kafka as kafka_service
+from easymlops.services import ray as ray_service
+from easymlops.services import redis as redis_service
+from easymlops.services import supervisor
 from easymlops.settings import Settings
 
 pytestmark = pytest.mark.services
@@ -201,7 +205,7 @@ def test_busy_port_fails_fast_and_starts_nothing(own: Settings) -> None:
 def test_missing_binary_is_a_one_line_error(
     own: Settings, monkeypatch: pytest.MonkeyPatch, binary: tuple[str, str], expected: str
 ) -> None:
-    monkeypatch.setitem(stack.PACKAGED_BINARIES, "kafka", binary)
+    monkeypatch.setattr(kafka_service, "TANSU_BINARY", binary)
     with pytest.raises(stack.StackError) as caught:
         stack.up(own, services=FAST)
     message = str(caught.value)
@@ -235,9 +239,10 @@ def test_health_timeout_stops_the_stuck_process(
     own: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     stuck = stack._Launch([sys.executable, "-c", "import time; print('stuck'); time.sleep(120)"])
-    spec = dataclasses.replace(stack._SPECS["redis"], launch=lambda _settings: stuck)
+    spec = dataclasses.replace(
+        stack._SPECS["redis"], launch=lambda _settings: stuck, start_timeout=1.0
+    )
     monkeypatch.setitem(stack._SPECS, "redis", spec)
-    monkeypatch.setitem(stack._START_TIMEOUT, "redis", 1.0)
     with pytest.raises(stack.StackError) as caught:
         stack.up(own, services=["redis"])
     message = str(caught.value)
@@ -251,7 +256,7 @@ def test_down_leaves_processes_it_did_not_start_alone(own: Settings, tmp_path: P
     """A developer's own redis-server (same binary!) survives our up/down, and a pid file
     whose pid was recycled by another process is not acted upon."""
     port = free_port()
-    binary = stack._packaged_binary("redis")
+    binary = redis_service.binary()
     foreign = subprocess.Popen(
         [
             str(binary),
@@ -283,13 +288,13 @@ def test_down_leaves_processes_it_did_not_start_alone(own: Settings, tmp_path: P
         assert client.ping()
 
         # A stale record pointing at the foreign pid (as after a reboot or pid reuse).
-        stack._write_record(
+        supervisor.write_record(
             own,
-            stack._Record(
+            supervisor.Record(
                 service="redis",
                 pid=foreign.pid,
                 start_ticks=1,
-                boot_id=stack._boot_id(),
+                boot_id=supervisor.boot_id(),
                 port=own.redis_port,
                 argv=["redis-server"],
                 log=str(own.home_dir / "logs" / "redis.log"),
@@ -322,7 +327,7 @@ def test_external_services_are_checked_not_started(own: Settings, tmp_path: Path
 
 def test_unknown_service_is_rejected(own: Settings) -> None:
     with pytest.raises(stack.StackError, match="unknown service"):
-        stack.up(own, services=["postgres"])
+        stack.up(own, services=["no-such-service"])
 
 
 def test_second_ray_head_stops_without_touching_the_sessions(
@@ -336,7 +341,7 @@ def test_second_ray_head_stops_without_touching_the_sessions(
     assert ray.state == "running"
     dashboard = ray.links["dashboard"]
     assert httpx.get(f"{dashboard}/api/version", timeout=5).status_code == 200
-    temp_dir = stack._ray_temp_dir(own)
+    temp_dir = ray_service.temp_dir(own)
     assert temp_dir.is_dir()
 
     assert stack.down(own) == ["ray"]
