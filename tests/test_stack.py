@@ -402,3 +402,52 @@ def test_apache_kafka_keeps_its_topics_across_down_and_up(tmp_path: Path) -> Non
         assert values == [f"record-{i}".encode() for i in range(10)]
     finally:
         stack.down(settings)
+
+
+def test_profiles_select_their_services_in_dependency_order() -> None:
+    from easymlops.services.supervisor import waves
+
+    assert stack.profile_services("embedded") == ["kafka", "redis", "mlflow", "ray"]
+    production = stack.profile_services("production-local")
+    assert production == [
+        "kafka",
+        "postgres",
+        "s3",
+        "redis",
+        "mlflow",
+        "ray",
+        "dagster-code",
+        "dagster-webserver",
+        "dagster-daemon",
+    ]
+    order = [[spec.name for spec in wave] for wave in waves([stack._SPECS[n] for n in production])]
+    assert order == [
+        ["kafka", "postgres", "s3", "redis", "ray"],
+        ["mlflow", "dagster-code"],
+        ["dagster-webserver", "dagster-daemon"],
+    ]
+    # Observed only: reported by status, never started.
+    assert "serve" in stack.SERVICES and "serve" not in stack.MANAGED
+
+
+def test_what_needs_a_failed_service_is_not_started(
+    own: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow needs PostgreSQL when both are part of `up`: PostgreSQL failing, only its failure
+    is reported and MLflow never starts."""
+    crashing = stack._Launch([sys.executable, "-c", "import sys; print('no pg'); sys.exit(2)"])
+    spec = dataclasses.replace(
+        stack._SPECS["postgres"],
+        launch=lambda _settings: crashing,
+        prepare=None,
+        run_as=lambda _settings: None,  # `nobody` may not run this virtualenv's python
+    )
+    monkeypatch.setitem(stack._SPECS, "postgres", spec)
+    settings = own.model_copy(update={"pg_port": free_port()})
+    with pytest.raises(stack.StackError) as caught:
+        stack.up(settings, services=["postgres", "mlflow"])
+    message = str(caught.value)
+    assert message.startswith("postgres: process ") and "no pg" in message
+    assert "mlflow" not in message
+    assert not (settings.home_dir / "logs" / "mlflow.log").exists()
+    assert processes_in(settings.home_dir) == []

@@ -37,8 +37,9 @@ Other design choices:
   signals exactly that session. (A random token in the environment does not work: Redis and
   Ray's workers overwrite their environ area with their process titles.)
 - `up` checks everything it can before starting anything (ports, binaries, stale records), so
-  a conflict fails fast with one line and leaves nothing half-started; then it starts each wave
-  of services in parallel threads (MLflow and Ray each need 15-30 s on two cores).
+  a conflict fails fast with one line and leaves nothing half-started; then it starts every
+  service in a thread of its own as soon as the services it `needs` are healthy (MLflow and Ray
+  each need 15-30 s on two cores, the Dagster code server more).
 - Services whose settings point at external endpoints are only health-checked.
 """
 
@@ -57,7 +58,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -87,6 +88,10 @@ class StackError(RuntimeError):
     The message names the service and the cause; when a log exists it ends with the log's
     path and last lines, so the CLI can print it as is.
     """
+
+
+class _NotStarted(StackError):
+    """A service `up` did not start because a service it needs failed (reported itself)."""
 
 
 class FatalHealth(StackError):
@@ -679,8 +684,9 @@ def _bring_up(
     try:
         if plan.kind == "start":
             assert plan.launch is not None
-            where = f"{settings.host}:{spec.port(settings)}" if spec.port(settings) else "-"
-            say(f"{name}: starting on {where} (log: {log})")
+            port = spec.port(settings)
+            where = f" on {settings.host}:{port}" if port else ""
+            say(f"{name}: starting{where} (log: {log})")
             record = _start(spec, settings, plan.launch)
         assert record is not None
         if plan.kind in ("start", "wait"):
@@ -738,14 +744,14 @@ def up(
     *,
     progress: Progress | None = None,
 ) -> list[ServiceStatus]:
-    """Start `specs` and wait until they are healthy, wave after wave (see `waves`).
+    """Start `specs` and wait until they are healthy, each once the services it `needs` are.
 
     Idempotent: services already running and healthy are left alone; external ones are only
     health-checked. Raises StackError naming each failed service and the cause; conflicts
     found before starting (busy port, missing binary, a config `nginx -t` rejects) leave
-    nothing started. A failed service is stopped (its log stays) and later waves do not start;
-    healthy services stay up, so a second `up` continues. `progress` receives one-line messages,
-    serialized, from worker threads.
+    nothing started. A failed service is stopped (its log stays) and what needs it does not
+    start; healthy services stay up, so a second `up` continues. `progress` receives one-line
+    messages, serialized, from worker threads.
     """
     startable = [spec for spec in specs if not spec.observed()]
     say = _serialized(progress)
@@ -763,32 +769,46 @@ def up(
         if errors:
             raise StackError("; ".join(errors))
 
-        results: dict[str, ServiceStatus] = {}
-        # Set on Ctrl-C so the workers stop waiting and stop what they started, instead of the
-        # pool blocking the interrupt for minutes.
+        # Each service starts as soon as the services it needs are healthy (not a whole wave
+        # later: MLflow need not wait for Ray). Set on Ctrl-C so the workers stop waiting and
+        # stop what they started, instead of the pool blocking the interrupt for minutes.
         cancel = threading.Event()
-        for wave in waves(startable):
+        names = {spec.name for spec in startable}
+        futures: dict[str, Future[ServiceStatus]] = {}
+
+        def bring_up_after_needs(spec: Spec) -> ServiceStatus:
+            for need in spec.needs:
+                if need in names:
+                    try:
+                        futures[need].result()
+                    except BaseException:
+                        raise _NotStarted(f"{spec.name}: not started, {need} failed") from None
+            return _bring_up(spec, settings, plans[spec.name], say, cancel)
+
+        ordered = [spec for wave in waves(startable) for spec in wave]
+        with ThreadPoolExecutor(
+            max_workers=len(ordered) or 1, thread_name_prefix="easymlops-up"
+        ) as pool:
+            # In wave order, so a service's needs are submitted (in `futures`) before it.
+            for spec in ordered:
+                futures[spec.name] = pool.submit(bring_up_after_needs, spec)
+            results: dict[str, ServiceStatus] = {}
             failures: list[str] = []
-            with ThreadPoolExecutor(
-                max_workers=len(wave), thread_name_prefix="easymlops-up"
-            ) as pool:
-                futures = {
-                    spec.name: pool.submit(_bring_up, spec, settings, plans[spec.name], say, cancel)
-                    for spec in wave
-                }
-                try:
-                    for name, future in futures.items():
-                        try:
-                            results[name] = future.result()
-                        except StackError as exc:
-                            failures.append(str(exc))
-                        except Exception as exc:  # a bug or an OS error: still name the service
-                            failures.append(f"{name}: {type(exc).__name__}: {exc}")
-                except BaseException:
-                    cancel.set()
-                    raise
-            if failures:
-                raise StackError("\n\n".join(failures))
+            try:
+                for name, future in futures.items():
+                    try:
+                        results[name] = future.result()
+                    except _NotStarted:
+                        pass  # the failure of what it needs is reported
+                    except StackError as exc:
+                        failures.append(str(exc))
+                    except Exception as exc:  # a bug or an OS error: still name the service
+                        failures.append(f"{name}: {type(exc).__name__}: {exc}")
+            except BaseException:
+                cancel.set()
+                raise
+        if failures:
+            raise StackError("\n\n".join(failures))
         return [results[spec.name] for spec in startable]
 
 
