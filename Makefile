@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
-.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta
+.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,7 +44,7 @@ format: install
 	$(RUN) ruff format .
 	$(RUN) ruff check --fix .
 
-test: manifest lint flink-venv nginx jars kcat ## lint, then every test tier on real services on loopback
+test: manifest lint flink-venv nginx jars kcat compose-schema ## lint, then every test tier on real services on loopback
 	$(RUN) dg check defs
 	$(RUN) pytest -q -ra
 
@@ -90,6 +90,26 @@ kcat:
 # nginx in front of Ray Serve (infra/nginx/); nginx-light has every module its config uses.
 nginx:
 	@infra/debian/install.sh nginx nginx-light
+
+# The compose-spec JSON schema docker-compose.yml is validated against (tests/test_infra.py):
+# the schema compose-go itself loads, from its module zip on the Go module proxy, checked
+# against the sha256 below (move both together).
+COMPOSE_GO_VERSION := v2.17.0
+COMPOSE_GO_SHA256 := 3af3c020ea6875a44c6663755650439aa4749cf3f036095e23c115e25ba6051e
+COMPOSE_SCHEMA := .tools/compose-spec-$(COMPOSE_GO_VERSION).json
+comma := ,
+GOPROXY_URL := $(firstword $(subst $(comma), ,$(shell go env GOPROXY 2>/dev/null || echo https://proxy.golang.org)))
+compose-schema: $(COMPOSE_SCHEMA)
+
+$(COMPOSE_SCHEMA):
+	mkdir -p .tools
+	curl -fsSL --retry 3 -o .tools/compose-go.zip \
+	  "$(GOPROXY_URL)/github.com/compose-spec/compose-go/v2/@v/$(COMPOSE_GO_VERSION).zip"
+	echo "$(COMPOSE_GO_SHA256)  .tools/compose-go.zip" | sha256sum -c --quiet -
+	$(PYTHON) -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
+	  .tools/compose-go.zip "github.com/compose-spec/compose-go/v2@$(COMPOSE_GO_VERSION)/schema/compose-spec.json" > $@.tmp
+	mv $@.tmp $@
+	rm .tools/compose-go.zip
 
 # JVM artifacts from Maven Central, declared once in infra/maven/pom.xml: the Apache Kafka broker
 # (EASYMLOPS_BROKER=kafka) and the Flink Kafka connector. Java 17 and Maven from Debian if missing.

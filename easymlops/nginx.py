@@ -67,7 +67,9 @@ def _loopback(host: str) -> bool:
 def _path(path: Path) -> str:
     """An absolute path as the template quotes it; characters nginx would read as a variable,
     an escape or the end of the string are refused rather than escaped."""
-    text = str(path.resolve())
+    # Absolute but not resolved: /dev/stdout must stay /dev/stdout, not the renderer's
+    # /proc/self/fd/1 (the compose file renders the config in another container).
+    text = str(path if path.is_absolute() else path.resolve())
     if any(char in text for char in '"$\\\n'):
         raise NginxError(f"path {text!r} contains a character nginx cannot take in a config")
     return text
@@ -84,10 +86,15 @@ def _user_directive() -> str:
 
 
 def render(settings: Settings, data_dir: Path, access_log: Path) -> str:
-    """The config for `settings`: listen on host:nginx_port, proxy to serve_url, plus the backup
-    upstream when one is set. Raises NginxError for a value that does not fit."""
-    if not _loopback(settings.host):
-        raise NginxError(f"nginx listens on loopback only, and EASYMLOPS_HOST is {settings.host!r}")
+    """The config for `settings`: listen on listen_host:nginx_port, proxy to serve_url, plus the
+    backup upstream when one is set. Raises NginxError for a value that does not fit."""
+    # Loopback unless EASYMLOPS_BIND_HOST asks otherwise, as in a container whose published
+    # port decides who can connect: a stray EASYMLOPS_HOST must not open nginx to the network.
+    if not settings.bind_host and not _loopback(settings.host):
+        raise NginxError(
+            f"nginx listens on loopback only, and EASYMLOPS_HOST is {settings.host!r} "
+            "(set EASYMLOPS_BIND_HOST to bind elsewhere on purpose)"
+        )
     backup = settings.nginx_backup_upstream.strip()
     if backup and not _UPSTREAM.fullmatch(backup):
         raise NginxError(f"EASYMLOPS_NGINX_BACKUP_UPSTREAM must be host:port, not {backup!r}")
@@ -96,7 +103,7 @@ def render(settings: Settings, data_dir: Path, access_log: Path) -> str:
         "user": _user_directive(),
         "data_dir": _path(data_dir),
         "access_log": _path(access_log),
-        "listen": _address(settings.host, settings.nginx_port),
+        "listen": _address(settings.listen_host, settings.nginx_port),
         "primary": primary,
         # Used only while the primary is out (after a failure, for fail_timeout).
         "backup": f"server {backup} backup;" if backup else "# no backup upstream",
@@ -138,3 +145,28 @@ def prepare(settings: Settings, data_dir: Path, access_log: Path) -> list[str]:
         reason = "; ".join(lines or checked.stderr.splitlines()[-3:]) or "no output"
         raise NginxError(f"`nginx -t` rejected {conf}: {reason}")
     return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m easymlops.nginx --output FILE`: render the config for the EASYMLOPS_*
+    environment without checking it (the renderer need not have nginx; docker-compose.yml's
+    nginx-config job writes it for the nginx container, which checks it when it starts)."""
+    import argparse
+
+    from easymlops.settings import get_settings
+
+    parser = argparse.ArgumentParser(prog="python -m easymlops.nginx", description=main.__doc__)
+    parser.add_argument("--output", type=Path, required=True, help="where to write nginx.conf")
+    parser.add_argument("--data-dir", type=Path, required=True, help="nginx's pid and temp files")
+    parser.add_argument("--access-log", type=Path, required=True, help="e.g. /dev/stdout")
+    args = parser.parse_args(argv)
+    try:
+        text = render(get_settings(), args.data_dir, args.access_log)
+    except NginxError as exc:
+        raise SystemExit(f"nginx config: {exc}") from None
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

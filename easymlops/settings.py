@@ -18,7 +18,11 @@ class Settings(BaseSettings):
 
     # Where the embedded stack keeps pids, logs and data (git-ignored).
     home: Path = Field(default=Path(".easymlops"))
+    # The address clients use to reach the stack's servers (Serve, NGINX, Flink's REST API)...
     host: str = "127.0.0.1"
+    # ...and the address those servers bind to, when it differs: "0.0.0.0" in a container,
+    # whose published ports decide who can connect (docker-compose.yml). Empty = host.
+    bind_host: str = ""
 
     # Ports of the embedded stack; chosen away from the services' usual defaults so that a
     # developer's own Kafka/Redis/MLflow keep working beside it.
@@ -197,6 +201,10 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def listen_host(self) -> str:
+        return self.bind_host or self.host
 
     @property
     def bootstrap_servers(self) -> str:

@@ -29,7 +29,7 @@ def main() -> None:
         # One worker, one event loop, no access log: what a Serve replica runs per request.
         uvicorn.run(
             build_app(predictor),
-            host=settings.host,
+            host=settings.listen_host,
             port=args.port,
             access_log=False,
             log_level="warning",

@@ -80,8 +80,8 @@ def deploy(
     replicas: int | None = None,
     force: bool = False,
 ) -> str:
-    """Start Serve (HTTP on `settings.host:settings.serve_port`) if it is not running, deploy or
-    update the app, and return its base URL.
+    """Start Serve (HTTP on `settings.listen_host:settings.serve_port`) if it is not running,
+    deploy or update the app, and return its base URL.
 
     Idempotent: if the app already runs with the same configuration and code (compared by a
     fingerprint the replica reports at GET /healthz), nothing is redeployed, because Serve
@@ -97,7 +97,7 @@ def deploy(
     # want rather than a silently unreachable app.
     serve.start(
         http_options={
-            "host": settings.host,
+            "host": settings.listen_host,
             "port": settings.serve_port,
             # A request waiting for a replica (e.g. while Serve replaces a dead one) gets an
             # error after this long instead of waiting without end.

@@ -21,7 +21,7 @@ from typing import Any
 import boto3
 import polars as pl
 import pytest
-from conftest import free_port
+from conftest import free_port, topic_env
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
 from test_dbt import query, run_dbt
@@ -29,7 +29,7 @@ from test_lake_landing import own_topic, produce_in_transaction
 
 from easymlops import lake, warehouse
 from easymlops.generator import generate_payloads
-from easymlops.kafka import end_offsets
+from easymlops.kafka import admin, end_offsets, partitions
 from easymlops.schema import validate_bytes
 from easymlops.settings import Settings
 
@@ -261,3 +261,57 @@ def test_lake_on_s3_gives_what_a_local_lake_gives(
     )
     assert f"s3://{BUCKET}/lake/silver/events/" in view["sql"]
     assert warehouse.row_counts(remote, ["stg_events"]) == {"stg_events": silver.height}
+
+
+def provision_run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "easymlops.provision", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_provision_creates_topics_and_buckets_once(stack: Settings, s3_server: S3Server) -> None:
+    # What docker-compose.yml's `init` job runs, here against the embedded broker and SeaweedFS.
+    name = f"test.provision.{secrets.token_hex(4)}"
+    settings = stack.model_copy(
+        update={
+            **{f"topic_{kind}": f"{name}.{kind}" for kind in ("raw", "validated", "invalid")},
+            "topic_predictions": f"{name}.predictions",
+            "lake_uri": f"s3://lake-{name.rsplit('.', 1)[1]}/lake",
+        }
+    )
+    env = {**topic_env(settings), "EASYMLOPS_LAKE_URI": settings.lake}
+    buckets = [f"mlflow-{name.rsplit('.', 1)[1]}", f"dagster-{name.rsplit('.', 1)[1]}"]
+    lake_bucket = settings.lake.split("/")[2]
+    before = {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}
+    assert not {*buckets, lake_bucket} & before
+
+    first = provision_run(env, "--bucket", buckets[0], "--bucket", buckets[1])
+    assert first.returncode == 0, first.stderr
+    assert f"topics: created {', '.join(settings.topics)}" in first.stdout
+    assert f"buckets: created {buckets[0]}, {buckets[1]}, {lake_bucket}" in first.stdout
+    after = {b["Name"] for b in s3_server.client().list_buckets()["Buckets"]}
+    assert {*buckets, lake_bucket} <= after
+    assert set(settings.topics) <= set(admin(settings).list_topics(timeout=10).topics)
+    assert partitions(settings, settings.topic_raw) == list(range(settings.topic_partitions))
+
+    again = provision_run(env, "--bucket", buckets[0], "--bucket", buckets[1])
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == ["topics: all present", "buckets: all present"]
+
+
+def test_provision_names_the_cause_when_s3_refuses(stack: Settings, s3_server: S3Server) -> None:
+    env = {
+        **topic_env(stack),
+        "EASYMLOPS_LAKE_URI": "s3://lake-refused/lake",
+        "AWS_SECRET_ACCESS_KEY": "not-the-key",
+    }
+    done = provision_run(env, "--timeout", "3")
+    assert done.returncode != 0
+    assert "provision failed: create buckets:" in done.stderr
+    assert "SignatureDoesNotMatch" in done.stderr or "AccessDenied" in done.stderr, done.stderr
+    assert "not-the-key" not in done.stderr
