@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
-.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema
+.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema promtool
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,7 +44,7 @@ format: install
 	$(RUN) ruff format .
 	$(RUN) ruff check --fix .
 
-test: manifest lint flink-venv nginx jars kcat compose-schema ## lint, then every test tier on real services on loopback
+test: manifest lint flink-venv nginx jars kcat compose-schema promtool ## lint, then every test tier on real services on loopback
 	$(RUN) dg check defs
 	$(RUN) pytest -q -ra
 
@@ -86,6 +86,10 @@ wrk:
 # kcat: the independent Kafka client the broker tests read Apache Kafka with.
 kcat:
 	@infra/debian/install.sh kcat kcat
+
+# promtool (Debian's prometheus package): the alert rules' tests (tests/test_alert_rules.py).
+promtool:
+	@infra/debian/install.sh promtool prometheus
 
 # nginx in front of Ray Serve (infra/nginx/); nginx-light has every module its config uses.
 nginx:
