@@ -58,8 +58,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     os.environ.update(env)
     get_settings.cache_clear()
     settings = get_settings()
-    stack_module.up(settings)
     try:
+        # Inside the try: a failed `up` leaves the services that did start running.
+        stack_module.up(settings)
         yield settings
     finally:
         # Detach this process from the head first (tests that deploy to Serve attach to it):
@@ -89,8 +90,8 @@ def apache_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]
         kafka_port=free_port(),
         kafka_controller_port=free_port(),
     )
-    stack_module.up(settings, services=["kafka"])
     try:
+        stack_module.up(settings, services=["kafka"])
         yield settings
     finally:
         stack_module.down(settings)

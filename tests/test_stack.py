@@ -451,3 +451,28 @@ def test_what_needs_a_failed_service_is_not_started(
     assert "mlflow" not in message
     assert not (settings.home_dir / "logs" / "mlflow.log").exists()
     assert processes_in(settings.home_dir) == []
+
+
+def test_a_start_retry_recovers_from_an_exit_during_startup(
+    own: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_retries (Ray's head has one): the process exits before it is healthy, the next
+    start answers."""
+    real = stack._SPECS["redis"]
+    assert real.launch is not None
+    real_launch = real.launch
+    launches: list[str] = []
+
+    def flaky(settings: Settings) -> stack._Launch:
+        launches.append("crash" if not launches else "real")
+        if launches[-1] == "crash":
+            return stack._Launch([sys.executable, "-c", "import sys; sys.exit(1)"])
+        return real_launch(settings)
+
+    monkeypatch.setitem(
+        stack._SPECS, "redis", dataclasses.replace(real, launch=flaky, start_retries=1)
+    )
+    messages: list[str] = []
+    [status] = stack.up(own, services=["redis"], progress=messages.append)
+    assert status.state == "running" and launches == ["crash", "real"]
+    assert any("exited during startup; starting it again" in m for m in messages), messages

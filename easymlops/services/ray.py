@@ -191,6 +191,9 @@ SERVICES = (
         links=lambda s: {} if s.ray_address else {"dashboard": dashboard_url(s)},
         after_stop=_after_stop,
         start_timeout=180.0,
+        # Under load the client server gives up waiting 30 s for the raylet and `ray start
+        # --block` tears the head down (seen on 2 busy cores): one more start usually makes it.
+        start_retries=1,
         # Ray's gcs_server ignores SIGTERM for 20 s and more and holds nothing durable.
         stop_grace=5.0,
     ),

@@ -94,6 +94,10 @@ class _NotStarted(StackError):
     """A service `up` did not start because a service it needs failed (reported itself)."""
 
 
+class _ExitedDuringStartup(StackError):
+    """The process died before its health check passed (a start may be retried)."""
+
+
 class FatalHealth(StackError):
     """Raised by a health check for a cause that waiting cannot fix (a refused password, code
     that does not load): `up` fails at once with it instead of at the start timeout."""
@@ -173,6 +177,9 @@ class Spec:
     # The stop signal to the session leader only, which stops its own children (PostgreSQL's
     # postmaster: a SIGINT to a backend would only cancel its query).
     stop_leader_only: bool = False
+    # Starts again when the process exits before it is healthy (supervisord's startretries):
+    # for a start that fails under load now and then, not for a wrong configuration.
+    start_retries: int = 0
 
     def port(self, settings: Settings) -> int:
         fields = self.port_fields(settings)
@@ -652,7 +659,7 @@ def _wait_healthy(spec: Spec, settings: Settings, record: Record, cancel: thread
         if cancel.is_set():
             raise StackError(f"{spec.name}: interrupted while waiting for it to become healthy")
         if not leader_alive(record):
-            raise StackError(
+            raise _ExitedDuringStartup(
                 _failure(spec.name, f"process {record.pid} exited during startup", settings, record)
             )
         if time.monotonic() > deadline:
@@ -692,7 +699,18 @@ def _bring_up(
         if plan.kind in ("start", "wait"):
             if plan.kind == "wait":
                 say(f"{name}: pid {record.pid} is running but not healthy yet; waiting")
-            _wait_healthy(spec, settings, record, cancel)
+            retries = spec.start_retries if plan.kind == "start" else 0
+            while True:
+                try:
+                    _wait_healthy(spec, settings, record, cancel)
+                    break
+                except _ExitedDuringStartup:
+                    if retries == 0 or spec.launch is None:
+                        raise
+                    retries -= 1
+                    say(f"{name}: process {record.pid} exited during startup; starting it again")
+                    _terminate(spec, record)  # what is left of its session
+                    record = _start(spec, settings, spec.launch(settings))
         if spec.ready is not None:
             try:
                 message = spec.ready(settings)
