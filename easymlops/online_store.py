@@ -9,9 +9,8 @@ from datetime import UTC, date, datetime
 import redis
 from redis.typing import EncodableT, FieldT
 
-from easymlops import features
+from easymlops import features, warehouse
 from easymlops.settings import Settings
-from easymlops.warehouse import connect
 
 # The row per entity valid on day `as_of` (today): the one with the greatest valid_from <= as_of.
 # Exactly what the training set joins for an event on that day, so history is only ever from
@@ -19,7 +18,7 @@ from easymlops.warehouse import connect
 # (valid_from tomorrow) is not served, since no training row ever saw same-day history.
 AS_OF_SQL = """
 select {key}, {columns}, valid_from from {table}
-where valid_from <= $as_of and (valid_to is null or valid_to > $as_of)
+where valid_from <= ? and (valid_to is null or valid_to > ?)
 """
 
 
@@ -33,9 +32,8 @@ class OnlineMaterialization:
 def rows_as_of(
     settings: Settings, table: str, key: str, columns: tuple[str, ...], as_of: date
 ) -> list[tuple]:
-    with connect(settings) as con:
-        sql = AS_OF_SQL.format(key=key, columns=", ".join(columns), table=table)
-        return con.execute(sql, {"as_of": as_of}).fetchall()
+    sql = AS_OF_SQL.format(key=key, columns=", ".join(columns), table=table)
+    return warehouse.query(settings, sql, [as_of, as_of])
 
 
 def entity_hash(names: tuple[str, ...], values: tuple) -> dict[str, str]:
@@ -120,25 +118,23 @@ def compare_with_warehouse(settings: Settings, as_of: date) -> tuple[str, int, i
     entity on `as_of`: the training set's point-in-time join where it has carts of that day,
     else the as-of query. A null (or missing) feature must be absent in Redis. Returns the
     source compared with, users and products compared, and the mismatches."""
-    with connect(settings) as con:
-        carts = con.execute(
-            "select count(*) from training_set where event_date = ?", [as_of]
-        ).fetchone()
-        from_training_set = bool(carts and carts[0])
+    with warehouse.reader(settings) as con:
+        carts = con.rows("select count(*) from training_set where event_date = ?", [as_of])
+        from_training_set = bool(carts and carts[0][0])
         expected: list[tuple[str, tuple[str, ...], list[tuple]]] = []
         for kind, key, names, table in (
             ("user", "user_id", features.USER_FEATURES, "user_features"),
             ("product", "product_id", features.PRODUCT_FEATURES, "product_features"),
         ):
             if from_training_set:
-                rows = con.execute(
+                rows = con.rows(
                     f"select distinct {key}, {', '.join(names)} from training_set "
                     "where event_date = ?",
                     [as_of],
-                ).fetchall()
+                )
             else:
                 sql = AS_OF_SQL.format(key=key, columns=", ".join(names), table=table)
-                rows = [r[:-1] for r in con.execute(sql, {"as_of": as_of}).fetchall()]
+                rows = [r[:-1] for r in con.rows(sql, [as_of, as_of])]
             expected.append((kind, names, rows))
     client = redis.Redis.from_url(settings.redis, decode_responses=True)
     mismatches: list[str] = []

@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from easymlops import gate
+from easymlops import gate, warehouse
 from easymlops.features import LABEL, MODEL_FEATURES
 from easymlops.settings import Settings
-from easymlops.warehouse import connect
 
 if TYPE_CHECKING:
     import xgboost as xgb
@@ -91,16 +90,13 @@ class TrainingData:
 
 
 def load_training_data(settings: Settings) -> TrainingData:
-    with connect(settings) as con:
-        frame = pl.from_arrow(
-            con.execute(
-                f"select event_id, split, event_date, {LABEL}, {', '.join(MODEL_FEATURES)} "
-                # A total order: DuckDB returns rows in any order, and row order decides the
-                # model; the same data must give the same model.
-                "from training_set order by event_time, event_id"
-            ).arrow()
-        )
-    assert isinstance(frame, pl.DataFrame)
+    frame = warehouse.query_frame(
+        settings,
+        f"select event_id, split, event_date, {LABEL}, {', '.join(MODEL_FEATURES)} "
+        # A total order: a database returns rows in any order, and row order decides the
+        # model; the same data must give the same model (on DuckDB as on PostgreSQL).
+        "from training_set order by event_time, event_id",
+    )
     return TrainingData(
         train=frame.filter(pl.col("split") == "train"), test=frame.filter(pl.col("split") == "test")
     )

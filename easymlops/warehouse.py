@@ -1,15 +1,20 @@
-"""Where the dbt project and the DuckDB warehouse live, and how dbt is told about them."""
+"""The warehouse dbt builds gold into and training / the online store read: DuckDB (embedded)
+or PostgreSQL (production), chosen by `Settings.warehouse_backend`; and how dbt is told."""
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import duckdb
+import polars as pl
 
-from easymlops import s3
+from easymlops import lake, s3
 from easymlops.settings import Settings
 
 DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
@@ -24,7 +29,23 @@ def dbt_env(settings: Settings) -> dict[str, str]:
         "EASYMLOPS_WAREHOUSE_PATH": str(settings.warehouse.resolve()),
         "EASYMLOPS_LAKE_ROOT": settings.lake,
     }
+    if settings.warehouse_backend == "postgres":
+        # What profiles.yml's postgres target reads: the resource's values, not only the
+        # process environment's (a run may override them).
+        env |= {
+            "EASYMLOPS_PG_HOST": settings.pg_host,
+            "EASYMLOPS_PG_PORT": str(settings.pg_port),
+            "EASYMLOPS_PG_USER": settings.pg_user,
+            "EASYMLOPS_PG_PASSWORD": settings.pg_password.get_secret_value(),
+            "EASYMLOPS_PG_DBNAME": settings.pg_dbname,
+            "EASYMLOPS_PG_SCHEMA": settings.pg_schema,
+        }
     return env | (s3.duckdb_dbt_env() if s3.is_s3(settings.lake) else {})
+
+
+def dbt_target(settings: Settings) -> str:
+    """The profiles.yml target of the backend (the targets are named after the backends)."""
+    return settings.warehouse_backend
 
 
 def dbt_vars(settings: Settings, window: tuple[date, date] | None = None) -> str:
@@ -45,12 +66,156 @@ def export_dbt_env(settings: Settings) -> None:
 
 
 def connect(settings: Settings, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
-    """A connection to the warehouse; dbt holds the write lock only while it runs. With the lake
-    on S3 it can read S3, as the staging views over silver do."""
+    """A connection to the DuckDB warehouse; dbt holds the write lock only while it runs. With
+    the lake on S3 it can read S3, as the staging views over silver do. Backend-neutral reads go
+    through `reader`."""
     con = duckdb.connect(str(settings.warehouse), read_only=read_only)
     if s3.is_s3(settings.lake):
         s3.enable_duckdb_s3(con)
     return con
+
+
+def postgres_connect(settings: Settings) -> Any:
+    """A psycopg2 connection to the PostgreSQL warehouse, unqualified names in pg_schema."""
+    import psycopg2
+
+    return psycopg2.connect(
+        host=settings.pg_host,
+        port=settings.pg_port,
+        user=settings.pg_user,
+        password=settings.pg_password.get_secret_value() or None,
+        dbname=settings.pg_dbname,
+        options=f"-c search_path={settings.pg_schema}",
+    )
+
+
+# PostgreSQL type oids -> the polars types DuckDB's Arrow result has for the same dbt columns,
+# so a frame is the same whichever backend built it. numeric (avg of integers) reads as float,
+# as DuckDB's double.
+_PG_TYPES: dict[int, pl.DataType] = {
+    16: pl.Boolean(),
+    20: pl.Int64(),
+    21: pl.Int16(),
+    23: pl.Int32(),
+    25: pl.String(),
+    700: pl.Float32(),
+    701: pl.Float64(),
+    1043: pl.String(),
+    1082: pl.Date(),
+    1114: pl.Datetime("us"),
+    1184: pl.Datetime("us", "UTC"),
+    1700: pl.Float64(),
+}
+
+
+class Reader:
+    """Reads of the warehouse in one connection, the same SQL on both backends: parameters are
+    `?` placeholders (DuckDB's; rewritten to psycopg2's `%s` for PostgreSQL), and only SQL that
+    both dialects share (the queries here and in training / online_store are tested on both)."""
+
+    def __init__(self, settings: Settings, con: Any) -> None:
+        self.backend = settings.warehouse_backend
+        self._con = con
+
+    def _sql(self, sql: str) -> str:
+        return sql if self.backend == "duckdb" else sql.replace("%", "%%").replace("?", "%s")
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        if self.backend == "duckdb":
+            return self._con.execute(sql, list(params)).fetchall()
+        with self._con.cursor() as cursor:
+            cursor.execute(self._sql(sql), list(params))
+            return [tuple(row) for row in cursor.fetchall()]
+
+    def frame(self, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
+        if self.backend == "duckdb":
+            return self._con.execute(sql, list(params)).pl()  # (an empty result too)
+        with self._con.cursor() as cursor:
+            cursor.execute(self._sql(sql), list(params))
+            schema = {d.name: _PG_TYPES.get(d.type_code, pl.Object()) for d in cursor.description}
+            rows = cursor.fetchall()
+        # numeric values (Decimal) become floats; the other types are as polars wants them.
+        floats = [t == pl.Float64() for t in schema.values()]
+        return pl.DataFrame(
+            [
+                tuple(
+                    float(v) if f and v is not None else v for v, f in zip(r, floats, strict=True)
+                )
+                for r in rows
+            ],
+            schema=schema,
+            orient="row",
+        )
+
+
+@contextmanager
+def reader(settings: Settings) -> Iterator[Reader]:
+    """A read-only session on the warehouse of `settings.warehouse_backend`."""
+    if settings.warehouse_backend == "duckdb":
+        with connect(settings) as con:
+            yield Reader(settings, con)
+        return
+    con = postgres_connect(settings)
+    try:
+        con.set_session(readonly=True, autocommit=True)
+        yield Reader(settings, con)
+    finally:
+        con.close()
+
+
+def query(settings: Settings, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+    with reader(settings) as r:
+        return r.rows(sql, params)
+
+
+def query_frame(settings: Settings, sql: str, params: Sequence[Any] = ()) -> pl.DataFrame:
+    with reader(settings) as r:
+        return r.frame(sql, params)
+
+
+# On PostgreSQL dbt reads silver from this table (the dbt source `lake.silver_events`; on DuckDB
+# the source is the Parquet files themselves). Its columns: the event's and event_date (from the
+# partition directory), what the source declares (session_seq is the lake's own).
+SILVER_TABLE = "lake.silver_events"
+SILVER_TABLE_COLUMNS: dict[str, pl.DataType] = {**lake.EVENT_COLUMNS, "event_date": pl.Date()}
+_PG_COLUMN_TYPES = {
+    pl.String(): "text",
+    pl.Int64(): "bigint",
+    pl.Float64(): "double precision",
+    pl.Datetime("us"): "timestamp",
+    pl.Date(): "date",
+}
+
+
+def load_silver(settings: Settings, first: date, end: date) -> int:
+    """Replace the dates [first, end) of the PostgreSQL table lake.silver_events with the lake's
+    silver of those dates, in one transaction: a rerun of a date rewrites it, never appends
+    twice, and dbt never sees a half-loaded date. Returns the rows loaded."""
+    from psycopg2.extras import execute_values
+
+    frame = lake.read_silver(settings, first, end).select(
+        [pl.col(name).cast(dtype) for name, dtype in SILVER_TABLE_COLUMNS.items()]
+    )
+    columns = ", ".join(frame.columns)
+    ddl = ", ".join(f"{name} {_PG_COLUMN_TYPES[dtype]}" for name, dtype in frame.schema.items())
+    con = postgres_connect(settings)
+    try:
+        with con, con.cursor() as cursor:
+            cursor.execute("create schema if not exists lake")
+            cursor.execute(f"create table if not exists {SILVER_TABLE} ({ddl})")
+            cursor.execute(
+                f"delete from {SILVER_TABLE} where event_date >= %s and event_date < %s",
+                [first, end],
+            )
+            execute_values(
+                cursor,
+                f"insert into {SILVER_TABLE} ({columns}) values %s",
+                frame.iter_rows(),
+                page_size=5000,
+            )
+    finally:
+        con.close()
+    return frame.height
 
 
 def prepare_manifest() -> Path:
@@ -76,16 +241,19 @@ def prepare_manifest() -> Path:
 
 def row_counts(settings: Settings, tables: list[str]) -> dict[str, int]:
     """Rows per table (or view) of the warehouse; names not found are left out."""
-    with connect(settings) as con:
+    with reader(settings) as r:
         existing = {
             row[0]
-            for row in con.execute("select table_name from information_schema.tables").fetchall()
+            for row in r.rows(
+                "select table_name from information_schema.tables "
+                "where table_schema = current_schema()"
+            )
         }
         counts = {}
         for name in tables:
             if name in existing:
-                row = con.execute(f'select count(*) from "{name}"').fetchone()
-                counts[name] = int(row[0]) if row else 0
+                row = r.rows(f'select count(*) from "{name}"')
+                counts[name] = int(row[0][0]) if row else 0
         return counts
 
 
@@ -93,10 +261,10 @@ def row_counts_by_date(
     settings: Settings, table: str, first: date, last: date, column: str = "event_date"
 ) -> dict[str, int]:
     """Rows per date of a daily partitioned table for the dates in [first, last]."""
-    with connect(settings) as con:
-        rows = con.execute(
-            f'select cast("{column}" as varchar), count(*) from "{table}" '
-            f'where "{column}" between ? and ? group by 1',
-            [first, last],
-        ).fetchall()
+    rows = query(
+        settings,
+        f'select cast("{column}" as varchar), count(*) from "{table}" '
+        f'where "{column}" between ? and ? group by 1',
+        [first, last],
+    )
     return {day: int(count) for day, count in rows}

@@ -19,6 +19,8 @@ logging.getLogger("dagster").propagate = False
 @dg.definitions
 def defs() -> dg.Definitions:
     loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+    # Which assets exist is decided when the code location loads, so `kubernetes` is read from
+    # the settings here, not from a run-time resource.
     if not get_settings().kubernetes:  # a local stack has no Kubernetes to submit Flink to
         return loaded
     return dg.Definitions.merge(

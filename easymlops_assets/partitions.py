@@ -8,6 +8,8 @@ import dagster as dg
 
 from easymlops.settings import get_settings
 
+# The start date is part of the partitions' definition, read when the code location loads (not a
+# run-time resource): EASYMLOPS_PARTITIONS_START and a reload change it.
 # Today's partition exists (end_offset=1): events stream in all day, and the late-events
 # sensor rebuilds today's partition as they land.
 daily_partitions = dg.DailyPartitionsDefinition(

@@ -19,6 +19,7 @@ from easymlops_assets.defs.automation.schedules import (
     retrain_schedule,
     retraining_window,
 )
+from easymlops_assets.resources import PlatformConfig
 
 RANGE_START_TAG = "dagster/asset_partition_range_start"
 
@@ -51,6 +52,18 @@ def _selection(job_name: str) -> set[str]:
     return {key.to_user_string() for key in job.asset_layer.executable_asset_keys}
 
 
+def evaluate(
+    schedule: dg.ScheduleDefinition, instance: dg.DagsterInstance, when: datetime
+) -> dg.RunRequest | dg.SkipReason | None:
+    """A tick of `schedule` with the platform resource; in a `with` block, which closes the
+    resources again (else the test instance's storage outlives it, for later definition loads)."""
+    resources = {"platform": PlatformConfig()}
+    with dg.build_schedule_context(
+        instance, scheduled_execution_time=when, resources=resources
+    ) as c:
+        return schedule(c)  # type: ignore[return-value]
+
+
 def test_retrain_schedule_requests_the_whole_loop(isolated_home: None) -> None:
     @dg.op
     def noop() -> None:
@@ -62,7 +75,7 @@ def test_retrain_schedule_requests_the_whole_loop(isolated_home: None) -> None:
 
     when = datetime(2026, 12, 7, 3, 0, tzinfo=UTC)
     with dg.instance_for_test() as instance:
-        first = retrain_schedule(dg.build_schedule_context(instance, scheduled_execution_time=when))
+        first = evaluate(retrain_schedule, instance, when)
         assert isinstance(first, dg.RunRequest)
         assert (first.tags[RANGE_START_TAG], first.tags[RANGE_END_TAG]) == ("2026-12-07",) * 2
         # A successful retraining that covered up to 2026-11-30 moves the window's start there.
@@ -70,7 +83,7 @@ def test_retrain_schedule_requests_the_whole_loop(isolated_home: None) -> None:
             instance=instance,
             tags={"dagster/schedule_name": "retrain_schedule", RANGE_END_TAG: "2026-11-30"},
         )
-        later = retrain_schedule(dg.build_schedule_context(instance, scheduled_execution_time=when))
+        later = evaluate(retrain_schedule, instance, when)
     assert isinstance(later, dg.RunRequest)
     assert (later.tags[RANGE_START_TAG], later.tags[RANGE_END_TAG]) == ("2026-11-30", "2026-12-07")
     assert later.run_key == "retrain:2026-12-07"
@@ -143,7 +156,7 @@ def test_failed_blocking_check_alerts_the_webhook(monkeypatch: pytest.MonkeyPatc
                 dagster_run=result.dagster_run,
                 dagster_event=failure,
             ).for_run_failure()
-            alert_on_run_failure(context)
+            alert_on_run_failure(context, platform=PlatformConfig())
     finally:
         server.shutdown()
         get_settings.cache_clear()

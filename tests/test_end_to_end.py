@@ -20,6 +20,7 @@ from easymlops.produce import produce_payloads
 from easymlops.session_features import EVENT_PREFIX
 from easymlops.settings import Settings
 from easymlops.validate import run_validator
+from easymlops_assets.resources import PlatformConfig, platform_resources
 
 pytestmark = [pytest.mark.services, pytest.mark.e2e]
 
@@ -115,7 +116,12 @@ def test_serving_deployment_refuses_a_version_that_failed_the_gate(e2e_settings:
         champion = registry.champion(settings)
         registry.record_gate(version, False, "test: AUC regressed", settings)
         try:
-            run = dg.materialize([serving_deployment], instance=instance, raise_on_error=False)
+            run = dg.materialize(
+                [serving_deployment],
+                instance=instance,
+                resources=platform_resources(),
+                raise_on_error=False,
+            )
         finally:
             registry.record_gate(version, True, "challenger may be promoted", settings)
     assert not run.success
@@ -155,6 +161,7 @@ def test_served_predictions_equal_the_offline_ones_for_carts_of_a_held_out_day(
                 served_predictions_match_training,
             ],
             instance=instance,
+            resources=platform_resources(),
             run_config={"ops": {"online_features": {"config": {"as_of": str(day)}}}},
             raise_on_error=False,
         )
@@ -201,7 +208,12 @@ def test_batch_scores_equal_predict_for_the_same_carts(e2e_settings: Settings) -
     online_store.materialize(settings, as_of=day)
     try:
         with dg.DagsterInstance.get() as instance:
-            run = dg.materialize([cart_scores], instance=instance, partition_key=str(day))
+            run = dg.materialize(
+                [cart_scores],
+                instance=instance,
+                resources=platform_resources(),
+                partition_key=str(day),
+            )
         assert run.success
         with connect(settings) as con:
             scores = con.execute(
@@ -276,9 +288,16 @@ def test_live_performance_drift_and_the_retraining_it_requests(
     assert row is not None and row[0] is not None
     day = row[0]
     with dg.DagsterInstance.get() as instance:
-        landed = dg.materialize([bronze_predictions], instance=instance)
+        landed = dg.materialize(
+            [bronze_predictions], instance=instance, resources=platform_resources()
+        )
         assert landed.success
-        live = dg.materialize([live_performance], instance=instance, partition_key=str(day))
+        live = dg.materialize(
+            [live_performance],
+            instance=instance,
+            resources=platform_resources(),
+            partition_key=str(day),
+        )
         assert _check(live, "live_auc_close_to_offline").passed  # type: ignore[attr-defined]
         table = live.asset_materializations_for_node("live_performance")[0].metadata
         by_version = table["by_day_and_version"].value[str(day)]  # type: ignore[index]
@@ -305,8 +324,15 @@ def test_live_performance_drift_and_the_retraining_it_requests(
                 }
                 client.produce(settings.topic_predictions, json.dumps(record).encode())
         assert client.flush(30) == 0
-        assert dg.materialize([bronze_predictions], instance=instance).success
-        live = dg.materialize([live_performance], instance=instance, partition_key=str(day))
+        assert dg.materialize(
+            [bronze_predictions], instance=instance, resources=platform_resources()
+        ).success
+        live = dg.materialize(
+            [live_performance],
+            instance=instance,
+            resources=platform_resources(),
+            partition_key=str(day),
+        )
         table = live.asset_materializations_for_node("live_performance")[0].metadata
         by_version = table["by_day_and_version"].value[str(day)]  # type: ignore[index]
         assert by_version["9001"]["labelled"] == by_version["9002"]["labelled"] == carts.height
@@ -317,12 +343,22 @@ def test_live_performance_drift_and_the_retraining_it_requests(
         # The check's failure path: a margin no model meets.
         monkeypatch.setenv("EASYMLOPS_LIVE_AUC_MARGIN", "-1")
         get_settings.cache_clear()
-        strict = dg.materialize([live_performance], instance=instance, partition_key=str(day))
+        strict = dg.materialize(
+            [live_performance],
+            instance=instance,
+            resources=platform_resources(),
+            partition_key=str(day),
+        )
         assert not _check(strict, "live_auc_close_to_offline").passed  # type: ignore[attr-defined]
         monkeypatch.delenv("EASYMLOPS_LIVE_AUC_MARGIN")
         get_settings.cache_clear()
 
-        stable = dg.materialize([feature_drift], instance=instance, partition_key=str(day))
+        stable = dg.materialize(
+            [feature_drift],
+            instance=instance,
+            resources=platform_resources(),
+            partition_key=str(day),
+        )
         assert _check(stable, "features_not_drifted").passed  # type: ignore[attr-defined]
 
         shifted_day = day + timedelta(days=1)
@@ -333,8 +369,15 @@ def test_live_performance_drift_and_the_retraining_it_requests(
                 "event_date + 1 as event_date) from cart_scores where event_date = ?",
                 [day],
             )
-        first = drift_retraining_sensor(dg.build_sensor_context(instance=instance))
-        shifted = dg.materialize([feature_drift], instance=instance, partition_key=str(shifted_day))
+        first = drift_retraining_sensor(
+            dg.build_sensor_context(instance=instance), platform=PlatformConfig()
+        )
+        shifted = dg.materialize(
+            [feature_drift],
+            instance=instance,
+            resources=platform_resources(),
+            partition_key=str(shifted_day),
+        )
         failed = _check(shifted, "features_not_drifted")
         assert not failed.passed  # type: ignore[attr-defined]
         assert failed.severity == dg.AssetCheckSeverity.ERROR  # type: ignore[attr-defined]
@@ -343,14 +386,20 @@ def test_live_performance_drift_and_the_retraining_it_requests(
         # One retraining requested; a second failure within the interval requests none.
         assert isinstance(first, dg.SensorResult) and not first.run_requests
         context = dg.build_sensor_context(instance=instance, cursor=first.cursor)
-        requested = drift_retraining_sensor(context)
+        requested = drift_retraining_sensor(context, platform=PlatformConfig())
         assert isinstance(requested, dg.SensorResult)
         (request,) = requested.run_requests or []
         assert request.tags["easymlops/trigger"] == "drift"
         assert "dagster/asset_partition_range_end" in request.tags
-        dg.materialize([feature_drift], instance=instance, partition_key=str(shifted_day))
+        dg.materialize(
+            [feature_drift],
+            instance=instance,
+            resources=platform_resources(),
+            partition_key=str(shifted_day),
+        )
         again = drift_retraining_sensor(
-            dg.build_sensor_context(instance=instance, cursor=requested.cursor)
+            dg.build_sensor_context(instance=instance, cursor=requested.cursor),
+            platform=PlatformConfig(),
         )
         assert isinstance(again, dg.SensorResult) and not again.run_requests
         assert "at most one per" in str(again.skip_reason)

@@ -22,6 +22,7 @@ from easymlops_assets.defs.lakehouse.sensors import (
     bronze_events_sensor,
     bronze_invalid_events_sensor,
 )
+from easymlops_assets.resources import PlatformConfig
 from tests.conftest import Broker
 
 pytestmark = pytest.mark.services
@@ -43,7 +44,7 @@ def point_at(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Settings], N
 
 
 def tick(sensor: dg.SensorDefinition, cursor: str | None) -> dg.SensorResult | dg.SkipReason:
-    result = sensor(dg.build_sensor_context(cursor=cursor))
+    result = sensor(dg.build_sensor_context(cursor=cursor), platform=PlatformConfig())
     assert isinstance(result, dg.SensorResult | dg.SkipReason)
     return result
 
@@ -60,7 +61,10 @@ def requested(result: dg.SensorResult | dg.SkipReason) -> tuple[dg.RunRequest, s
 def land(asset: dg.AssetsDefinition, run_config: Mapping[str, Any] | None = None) -> int:
     """Run the asset in process as the requested run would; the rows it landed."""
     outcome = dg.materialize(
-        [asset], run_config=dict(run_config or {}), instance=dg.DagsterInstance.ephemeral()
+        [asset],
+        run_config=dict(run_config or {}),
+        instance=dg.DagsterInstance.ephemeral(),
+        resources={"platform": PlatformConfig()},
     )
     assert outcome.success
     [materialization] = outcome.asset_materializations_for_node(asset.op.name)

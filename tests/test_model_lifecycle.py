@@ -118,17 +118,19 @@ def test_refused_versions_and_manual_promotion(settings: Settings) -> None:
 
     # The promote_challenger job (the UI's step) makes the challenger champion.
     from easymlops_assets.defs.serving.assets import promote_challenger
+    from easymlops_assets.resources import PlatformConfig
 
-    assert promote_challenger.execute_in_process().success
+    assert promote_challenger.execute_in_process(resources={"platform": PlatformConfig()}).success
     assert champion(settings) == newer
 
 
 def tick(cursor: str | None) -> dg.SensorResult:
     from easymlops_assets.defs.automation.sensors import mlflow_registry_sensor
+    from easymlops_assets.resources import PlatformConfig
 
     with dg.DagsterInstance.ephemeral() as instance:
         context = dg.build_sensor_context(instance=instance, cursor=cursor)
-        result = mlflow_registry_sensor(context)
+        result = mlflow_registry_sensor(context, platform=PlatformConfig())
     assert isinstance(result, dg.SensorResult)
     return result
 

@@ -19,8 +19,9 @@ from datetime import date, datetime, timedelta
 import dagster as dg
 
 from easymlops import lake
-from easymlops.settings import get_settings
+from easymlops.settings import Settings, get_settings
 from easymlops_assets.partitions import daily_partitions, partition_range_tags
+from easymlops_assets.resources import PlatformConfig
 
 log = logging.getLogger(__name__)
 RANGE_END_TAG = "dagster/asset_partition_range_end"
@@ -54,9 +55,9 @@ def _last_range_end(instance: dg.DagsterInstance, schedule_name: str) -> date | 
     return date.fromisoformat(records[0].dagster_run.tags[RANGE_END_TAG])
 
 
-def _bronze_range() -> tuple[date, date] | None:
+def _bronze_range(settings: Settings) -> tuple[date, date] | None:
     try:
-        return lake.bronze_date_range(get_settings())
+        return lake.bronze_date_range(settings)
     except Exception as exc:  # an unreachable lake must not stop the schedule: today still runs
         log.warning("cannot read bronze's dates (%s): the run covers today only", exc)
         return None
@@ -71,6 +72,10 @@ def _today(context: dg.ScheduleEvaluationContext) -> date:
     return (scheduled or datetime.now()).date()
 
 
+# The cron strings are part of the schedules' definitions (the daemon reads them without running
+# code), so they are read when the code location loads, not from a run-time resource: a
+# deployment changes them through EASYMLOPS_RETRAIN_CRON / EASYMLOPS_DAILY_REFRESH_CRON and a
+# reload of the code location.
 @dg.schedule(
     cron_schedule=get_settings().retrain_cron,
     job_name="full_pipeline",
@@ -79,14 +84,21 @@ def _today(context: dg.ScheduleEvaluationContext) -> date:
     description="Weekly retraining: land Kafka, rebuild the partitions since the last "
     "retraining, the training set, tune and train, gate, deploy (EASYMLOPS_RETRAIN_CRON).",
 )
-def retrain_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    return retrain_request(context.instance, _today(context), "retrain")
+def retrain_schedule(
+    context: dg.ScheduleEvaluationContext, platform: PlatformConfig
+) -> dg.RunRequest:
+    return retrain_request(context.instance, platform.settings(), _today(context), "retrain")
 
 
-def retrain_request(instance: dg.DagsterInstance, today: date, key: str) -> dg.RunRequest:
+def retrain_request(
+    instance: dg.DagsterInstance, settings: Settings, today: date, key: str
+) -> dg.RunRequest:
     """A full_pipeline run over `retraining_window` (the schedule's, and the drift sensor's)."""
     first, last = retraining_window(
-        _last_range_end(instance, "retrain_schedule"), _bronze_range(), today, _first_partition()
+        _last_range_end(instance, "retrain_schedule"),
+        _bronze_range(settings),
+        today,
+        _first_partition(),
     )
     return dg.RunRequest(
         run_key=f"{key}:{last.isoformat()}",

@@ -25,7 +25,7 @@ import dagster as dg
 from mlflow.exceptions import MlflowException
 
 from easymlops import alerts, registry
-from easymlops.settings import get_settings
+from easymlops_assets.resources import PlatformConfig
 
 SERVING = dg.AssetKey("serving_deployment")
 MODEL = dg.AssetKey("purchase_model")
@@ -55,8 +55,10 @@ def _observation(move: registry.AliasMove, model_name: str) -> dg.AssetObservati
     description="Records every alias move and new version of the model in MLflow; verifies "
     "serving after a champion move made outside Dagster.",
 )
-def mlflow_registry_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    settings = get_settings()
+def mlflow_registry_sensor(
+    context: dg.SensorEvaluationContext, platform: PlatformConfig
+) -> dg.SensorResult:
+    settings = platform.settings()
     try:
         current = registry.aliases(settings)
         history = registry.alias_history(settings)
@@ -118,14 +120,16 @@ DRIFT_CHECK_KEY = dg.AssetCheckKey(dg.AssetKey("feature_drift"), "features_not_d
     description="Requests a retraining when feature_drift's check fails (PSI past the failure "
     "threshold), at most once per EASYMLOPS_DRIFT_RETRAIN_MIN_HOURS.",
 )
-def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+def drift_retraining_sensor(
+    context: dg.SensorEvaluationContext, platform: PlatformConfig
+) -> dg.SensorResult:
     from dagster._core.storage.asset_check_execution_record import (
         AssetCheckExecutionRecordStatus,
     )
 
     from easymlops_assets.defs.automation.schedules import retrain_request
 
-    settings = get_settings()
+    settings = platform.settings()
     cursor = json.loads(context.cursor) if context.cursor else {"seen": 0, "requested_at": 0.0}
     records = context.instance.event_log_storage.get_asset_check_execution_history(
         DRIFT_CHECK_KEY, limit=50, status={AssetCheckExecutionRecordStatus.FAILED}
@@ -144,7 +148,9 @@ def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorRes
         )
     cursor["requested_at"] = time.time()
     newest = max(new, key=lambda r: r.id)
-    request = retrain_request(context.instance, datetime.now(UTC).date(), f"drift-{newest.id}")
+    request = retrain_request(
+        context.instance, settings, datetime.now(UTC).date(), f"drift-{newest.id}"
+    )
     return dg.SensorResult(
         run_requests=[
             request.with_replaced_attrs(tags={**request.tags, "easymlops/trigger": "drift"})
@@ -171,11 +177,11 @@ def _failed_checks(context: dg.RunFailureSensorContext) -> list[str]:
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Logs every failed run and posts it to EASYMLOPS_ALERT_WEBHOOK_URL when set.",
 )
-def alert_on_run_failure(context: dg.RunFailureSensorContext) -> None:
+def alert_on_run_failure(context: dg.RunFailureSensorContext, platform: PlatformConfig) -> None:
     run = context.dagster_run
     steps = [event.step_key for event in context.get_step_failure_events() if event.step_key]
     alerts.send(
-        get_settings(),
+        platform.settings(),
         f"Dagster run {run.run_id} of {run.job_name} failed",
         {
             "run_id": run.run_id,

@@ -5,7 +5,7 @@ from datetime import date
 import dagster as dg
 
 from easymlops import features, online_store
-from easymlops.settings import get_settings
+from easymlops_assets.resources import Warehouse
 
 
 class OnlineFeaturesConfig(dg.Config):
@@ -16,12 +16,12 @@ class OnlineFeaturesConfig(dg.Config):
 
 
 @dg.asset(deps=["user_features", "product_features"], group_name="features", kinds={"redis"})
-def online_features(config: OnlineFeaturesConfig) -> dg.MaterializeResult:
+def online_features(config: OnlineFeaturesConfig, warehouse: Warehouse) -> dg.MaterializeResult:
     """Each user's and product's feature row valid on the as-of day, by default today (history
     of the days before it, as the training set joins it), as Redis hashes `feat:user:{id}` and
     `feat:product:{id}`, with the feature-set version, as-of day and time in `feat:meta`."""
     as_of = date.fromisoformat(config.as_of) if config.as_of else None
-    result = online_store.materialize(get_settings(), as_of=as_of)
+    result = online_store.materialize(warehouse.settings(), as_of=as_of)
     return dg.MaterializeResult(
         metadata={
             "dagster/row_count": result.users + result.products,
@@ -34,12 +34,12 @@ def online_features(config: OnlineFeaturesConfig) -> dg.MaterializeResult:
 
 
 @dg.asset_check(asset=online_features, blocking=True)
-def online_features_match_warehouse() -> dg.AssetCheckResult:
+def online_features_match_warehouse(warehouse: Warehouse) -> dg.AssetCheckResult:
     """Online/offline consistency: every user and product hash in Redis equals the features the
     training set's point-in-time join gives that entity on the materialization's as-of day (the
     as-of query where the training set has no carts of that day), nulls included: a feature
     the warehouse does not know must be absent online."""
-    settings = get_settings()
+    settings = warehouse.settings()
     as_of = online_store.materialized_as_of(settings)
     if as_of is None:
         return dg.AssetCheckResult(passed=False, description="feat:meta has no as_of in Redis")

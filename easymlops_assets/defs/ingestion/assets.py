@@ -4,6 +4,8 @@ import dagster as dg
 
 from easymlops.settings import get_settings
 
+# Topic names are in the specs' descriptions and metadata: definition-time values, read when the
+# code location loads (not from a run-time resource).
 _settings = get_settings()
 
 events_raw = dg.AssetSpec(

@@ -8,13 +8,14 @@ import polars as pl
 
 from easymlops import lake
 from easymlops.schema import EVENT_TYPES
-from easymlops.settings import get_settings
+from easymlops.settings import Settings
 from easymlops_assets.partitions import (
     daily_partitions,
     per_partition_row_counts,
     single_run,
     window_dates,
 )
+from easymlops_assets.resources import PlatformConfig, Warehouse
 
 
 class LandingConfig(dg.Config):
@@ -26,9 +27,13 @@ class LandingConfig(dg.Config):
 
 
 def _land(
-    context: dg.AssetExecutionContext, config: LandingConfig, topic: str, table: str, kind: str
+    context: dg.AssetExecutionContext,
+    config: LandingConfig,
+    settings: Settings,
+    topic: str,
+    table: str,
+    kind: str,
 ) -> dg.MaterializeResult:
-    settings = get_settings()
     until = (
         None
         if config.until_offsets is None
@@ -64,37 +69,41 @@ def _land(
 
 
 @dg.asset(deps=["events_validated"], group_name="lakehouse", kinds={"delta", "polars"})
-def bronze_events(context: dg.AssetExecutionContext, config: LandingConfig) -> dg.MaterializeResult:
+def bronze_events(
+    context: dg.AssetExecutionContext, config: LandingConfig, platform: PlatformConfig
+) -> dg.MaterializeResult:
     """Validated events landed from Kafka into a Delta table, with their partition and offset.
     Re-running lands only offsets not yet landed (row_count is what this run added)."""
-    settings = get_settings()
-    return _land(context, config, settings.topic_validated, "events", "validated")
+    settings = platform.settings()
+    return _land(context, config, settings, settings.topic_validated, "events", "validated")
 
 
 @dg.asset(deps=["events_invalid"], group_name="lakehouse", kinds={"delta", "polars"})
 def bronze_invalid_events(
-    context: dg.AssetExecutionContext, config: LandingConfig
+    context: dg.AssetExecutionContext, config: LandingConfig, platform: PlatformConfig
 ) -> dg.MaterializeResult:
     """Dead-letter envelopes landed from Kafka, kept for inspection and replay."""
-    settings = get_settings()
-    return _land(context, config, settings.topic_invalid, "invalid_events", "invalid")
+    settings = platform.settings()
+    return _land(context, config, settings, settings.topic_invalid, "invalid_events", "invalid")
 
 
 @dg.asset(deps=["predictions"], group_name="lakehouse", kinds={"delta", "polars"})
 def bronze_predictions(
-    context: dg.AssetExecutionContext, config: LandingConfig
+    context: dg.AssetExecutionContext, config: LandingConfig, platform: PlatformConfig
 ) -> dg.MaterializeResult:
     """Served predictions landed from Kafka, exactly once like events: what live performance and
     drift are computed from. Landed by `bronze_predictions_sensor` (running by default)."""
-    settings = get_settings()
-    return _land(context, config, settings.topic_predictions, "predictions", "predictions")
+    settings = platform.settings()
+    return _land(
+        context, config, settings, settings.topic_predictions, "predictions", "predictions"
+    )
 
 
 @dg.asset_check(asset=bronze_events, blocking=True)
-def bronze_events_offsets_unique() -> dg.AssetCheckResult:
+def bronze_events_offsets_unique(platform: PlatformConfig) -> dg.AssetCheckResult:
     """Exactly-once landing: no Kafka record (topic incarnation, partition, offset) appears
     twice in bronze."""
-    frame = lake.read_bronze(lake.bronze_path(get_settings(), "events"))
+    frame = lake.read_bronze(lake.bronze_path(platform.settings(), "events"))
     record = ("kafka_topic_id", "kafka_partition", "kafka_offset")
     duplicates = frame.height - frame.select(record).n_unique()
     return dg.AssetCheckResult(
@@ -103,9 +112,9 @@ def bronze_events_offsets_unique() -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=bronze_invalid_events, additional_deps=[bronze_events])
-def invalid_ratio_below_threshold() -> dg.AssetCheckResult:
+def invalid_ratio_below_threshold(platform: PlatformConfig) -> dg.AssetCheckResult:
     """Warns when more than 10% of all events landed were rejected: a producer is broken."""
-    settings = get_settings()
+    settings = platform.settings()
     valid = lake.read_bronze(lake.bronze_path(settings, "events")).height
     invalid_path = lake.bronze_path(settings, "invalid_events")
     invalid = (
@@ -132,17 +141,21 @@ def invalid_ratio_below_threshold() -> dg.AssetCheckResult:
     ),
 )
 def silver_events(
-    context: dg.AssetExecutionContext,
+    context: dg.AssetExecutionContext, warehouse: Warehouse
 ) -> Iterator[dg.AssetMaterialization | dg.MaterializeResult]:
     """Typed, deduplicated (by event_id), sessionized events, one Parquet file per event date.
     Each partition is rebuilt from the bronze events of its date and overwritten (idempotent);
-    `dagster/row_count` is the partition's event count."""
-    settings = get_settings()
+    `dagster/row_count` is the partition's event count. With a PostgreSQL warehouse the dates
+    are also loaded into its table lake.silver_events, the dbt source there (replaced per date:
+    idempotent too); DuckDB's dbt reads the Parquet files themselves."""
+    settings = warehouse.settings()
     first, end = window_dates(context)
     result = lake.build_silver(settings, first, end)
+    loaded = warehouse.load_silver(first, end)
     context.log.info(
         f"silver {first}..{end}: {result.rows} events in {len(result.dates)} dates, "
         f"{result.duplicates_removed} duplicates removed"
+        + ("" if loaded is None else f", {loaded} rows loaded into PostgreSQL")
     )
     single = context.partition_keys[0] if len(context.partition_keys) == 1 else None
     yield dg.MaterializeResult(
@@ -152,18 +165,21 @@ def silver_events(
             "rows_by_date": dg.MetadataValue.json(result.rows_by_date),
             "duplicates_removed": result.duplicates_removed,
             "path": str(lake.silver_events_path(settings)),
+            **({} if loaded is None else {"rows_loaded_into_postgres": loaded}),
         }
     )
     yield from per_partition_row_counts(context, context.asset_key, result.rows_by_date)
 
 
 @dg.asset_check(asset=silver_events, blocking=True, partitions_def=daily_partitions)
-def silver_events_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+def silver_events_valid(
+    context: dg.AssetCheckExecutionContext, platform: PlatformConfig
+) -> dg.AssetCheckResult:
     """Guards everything downstream, for the run's dates: the columns and types of the silver
     schema, unique event ids, no nulls where the schema forbids them, known event types,
     non-negative prices. Failing dates are named in `bad_dates`."""
     window = context.partition_time_window
-    frame = lake.read_silver(get_settings(), window.start.date(), window.end.date())
+    frame = lake.read_silver(platform.settings(), window.start.date(), window.end.date())
     wrong_types = {
         column: f"{frame.schema.get(column)} != {dtype}"
         for column, dtype in lake.SILVER_COLUMNS.items()
@@ -202,10 +218,12 @@ def silver_events_valid(context: dg.AssetCheckExecutionContext) -> dg.AssetCheck
 
 
 @dg.asset_check(asset=silver_events, blocking=True, partitions_def=daily_partitions)
-def silver_reconciles_with_bronze(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+def silver_reconciles_with_bronze(
+    context: dg.AssetCheckExecutionContext, platform: PlatformConfig
+) -> dg.AssetCheckResult:
     """Reconciliation per date: each date's silver rows equal the distinct validated events
     landed in bronze for that date (nothing lost or added between the layers)."""
-    settings = get_settings()
+    settings = platform.settings()
     first, end = (
         context.partition_time_window.start.date(),
         context.partition_time_window.end.date(),

@@ -18,13 +18,14 @@ from datetime import date, timedelta
 import dagster as dg
 
 from easymlops.kafka import KafkaUnavailable, end_offsets, topic_id
-from easymlops.settings import Settings, get_settings
+from easymlops.settings import Settings
 from easymlops_assets.defs.lakehouse.assets import (
     bronze_events,
     bronze_invalid_events,
     bronze_predictions,
 )
 from easymlops_assets.partitions import daily_partitions, partition_range_tags
+from easymlops_assets.resources import PlatformConfig
 
 
 def offset_range(offsets: dict[int, int]) -> str:
@@ -36,9 +37,8 @@ def run_key(topic: str, incarnation: str, start: dict[int, int], end: dict[int, 
 
 
 def landing_request(
-    context: dg.SensorEvaluationContext, topic: str, asset: dg.AssetsDefinition
+    context: dg.SensorEvaluationContext, settings: Settings, topic: str, asset: dg.AssetsDefinition
 ) -> dg.SensorResult | dg.SkipReason:
-    settings = get_settings()
     try:
         incarnation = topic_id(settings, topic)
         ends = end_offsets(settings, topic)
@@ -89,8 +89,11 @@ def landing_sensor(
         description=f"Requests a landing run of {asset.key.to_user_string()} for each new range "
         "of offsets of its Kafka topic (reads end offsets only).",
     )
-    def _sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-        return landing_request(context, topic_of(get_settings()), asset)
+    def _sensor(
+        context: dg.SensorEvaluationContext, platform: PlatformConfig
+    ) -> dg.SensorResult | dg.SkipReason:
+        settings = platform.settings()
+        return landing_request(context, settings, topic_of(settings), asset)
 
     return _sensor
 

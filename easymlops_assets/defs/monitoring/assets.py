@@ -8,8 +8,9 @@ from typing import Any
 import dagster as dg
 from mlflow.exceptions import MlflowException
 
-from easymlops.settings import Settings, get_settings
+from easymlops.settings import Settings
 from easymlops_assets.partitions import daily_partitions, single_run, window_dates
+from easymlops_assets.resources import Warehouse
 
 DRIFT_CHECK = "features_not_drifted"
 LIVE_CHECK = "live_auc_close_to_offline"
@@ -27,14 +28,14 @@ def _days(context: dg.AssetExecutionContext) -> list[date]:
     group_name="monitoring",
     kinds={"xgboost", "polars", "duckdb"},
 )
-def cart_scores(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def cart_scores(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
     """Every cart event of the day scored by the champion with serving's own feature code
     (serving/batch.py): equal to what /predict answers for that cart with its event_time and
     event_id. Written to the lake (gold/cart_scores/event_date=D) and the warehouse table
     `cart_scores`, with the feature values used; a backfill of N days is one run."""
     from serving.batch import load_champion, score_day, write_scores
 
-    settings = get_settings()
+    settings = warehouse.settings()
     model = load_champion(settings)
     counts: dict[str, int] = {}
     for day in _days(context):
@@ -69,7 +70,7 @@ def _save_plot(settings: Settings, day: str, figure: Any) -> str:
     kinds={"numpy", "scipy"},
     check_specs=[dg.AssetCheckSpec(DRIFT_CHECK, asset="feature_drift")],
 )
-def feature_drift(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def feature_drift(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
     """Each feature's and the score's distribution over the day's carts (cart_scores: what the
     champion was given) against the reference of the version that scored them (its held-out
     rows and its scores of them, saved when it was trained): PSI, and KS for continuous
@@ -80,7 +81,7 @@ def feature_drift(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     from easymlops.features import MODEL_FEATURES
     from easymlops.warehouse import connect
 
-    settings = get_settings()
+    settings = warehouse.settings()
     columns = (*MODEL_FEATURES, "probability")
     by_day: dict[str, list[drift.Drift]] = {}
     versions: dict[str, str] = {}
@@ -144,14 +145,16 @@ def feature_drift(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
     kinds={"polars"},
     check_specs=[dg.AssetCheckSpec(LIVE_CHECK, asset="live_performance")],
 )
-def live_performance(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def live_performance(
+    context: dg.AssetExecutionContext, warehouse: Warehouse
+) -> dg.MaterializeResult:
     """The day's logged predictions (bronze_predictions, by the day they scored) joined with
     their realized, mature labels: AUC with its interval, logloss, Brier score, PR-AUC and
     calibration per model version (easymlops/live.py). The check warns when a version's live
     AUC is more than EASYMLOPS_LIVE_AUC_MARGIN (0.05) below its offline test AUC."""
     from easymlops import live, registry
 
-    settings = get_settings()
+    settings = warehouse.settings()
     table: dict[str, dict[str, dict[str, Any]]] = {}
     below: list[str] = []
     for day in _days(context):

@@ -5,12 +5,15 @@ import dagster as dg
 import httpx
 
 from easymlops import promotion, registry
-from easymlops.settings import Settings, get_settings
+from easymlops.settings import Settings
 from easymlops_assets.defs.training.assets import latest_model_version
+from easymlops_assets.resources import PlatformConfig, Warehouse
 
 
 @dg.asset(deps=["purchase_model", "online_features"], group_name="serving", kinds={"ray"})
-def serving_deployment(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def serving_deployment(
+    context: dg.AssetExecutionContext, warehouse: Warehouse
+) -> dg.MaterializeResult:
     """Makes the latest version the `challenger` if it passed the promotion gate, then the
     `champion` unless a rollback holds the champion or promotion is manual
     (easymlops.promotion.deploy_gated), and makes sure the Ray Serve app runs on the local Ray
@@ -18,7 +21,7 @@ def serving_deployment(context: dg.AssetExecutionContext) -> dg.MaterializeResul
     gated, is refused."""
     from serving.deploy import deploy  # ray is heavy: imported only when this asset runs
 
-    settings = get_settings()
+    settings = warehouse.settings()
     version = latest_model_version(context.instance)
     # The blocking gate stops this asset in the run that trained the model; this also covers a
     # deployment materialized on its own later, after a gate that failed or never ran.
@@ -65,9 +68,9 @@ def wait_for_version(settings: Settings, version: str, timeout: float = 60.0) ->
 
 
 @dg.op
-def promote_challenger_op(context: dg.OpExecutionContext) -> str:
+def promote_challenger_op(context: dg.OpExecutionContext, platform: PlatformConfig) -> str:
     """Make the `challenger` the `champion` (it passed the gate to become challenger)."""
-    settings = get_settings()
+    settings = platform.settings()
     version = registry.aliases(settings).get(settings.challenger_alias)
     if version is None:
         raise dg.Failure(f"{settings.model_name} has no {settings.challenger_alias} to promote")
@@ -85,9 +88,9 @@ def promote_challenger() -> None:
 
 
 @dg.asset_check(asset=serving_deployment)
-def serving_answers() -> dg.AssetCheckResult:
+def serving_answers(platform: PlatformConfig) -> dg.AssetCheckResult:
     """The deployment is ready and returns a probability for a sample request."""
-    settings = get_settings()
+    settings = platform.settings()
     ready = httpx.get(f"{settings.serve_url}/readyz", timeout=10, headers=settings.serve_headers)
     response = httpx.post(
         f"{settings.serve_url}/predict",
@@ -108,7 +111,7 @@ def serving_answers() -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=serving_deployment)
-def served_predictions_match_training() -> dg.AssetCheckResult:
+def served_predictions_match_training(warehouse: Warehouse) -> dg.AssetCheckResult:
     """Online/offline parity through HTTP: carts of the online store's as-of day, posted to
     /predict with their event_time and event_id, get the training row's features (when serving
     reports them: EASYMLOPS_SERVE_DEBUG_FEATURES) and the registered model's offline prediction
@@ -117,7 +120,7 @@ def served_predictions_match_training() -> dg.AssetCheckResult:
     day to compare)."""
     from easymlops import online_store, parity
 
-    settings = get_settings()
+    settings = warehouse.settings()
     day = online_store.materialized_as_of(settings)
     if day is None:
         return dg.AssetCheckResult(passed=False, description="feat:meta has no as_of in Redis")
@@ -147,10 +150,10 @@ def served_predictions_match_training() -> dg.AssetCheckResult:
 
 
 @dg.asset_check(asset=serving_deployment)
-def serving_follows_champion() -> dg.AssetCheckResult:
+def serving_follows_champion(platform: PlatformConfig) -> dg.AssetCheckResult:
     """Serving answers with the version the champion alias points at (waiting out the replicas'
     10 s poll): after a move by hand (rollback) the MLflow sensor runs this check."""
-    settings = get_settings()
+    settings = platform.settings()
     champion = registry.aliases(settings).get(settings.champion_alias)
     if champion is None:
         return dg.AssetCheckResult(passed=False, description="no champion alias")

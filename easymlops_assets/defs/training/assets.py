@@ -10,7 +10,8 @@ import dagster as dg
 import polars as pl
 
 from easymlops.features import MODEL_FEATURES
-from easymlops.settings import get_settings
+from easymlops.settings import Settings
+from easymlops_assets.resources import Warehouse
 
 # Below this share of the oracle AUC a model leaves a lot of the learnable behaviour unlearnt.
 MIN_ORACLE_RATIO = 0.95
@@ -32,13 +33,14 @@ def _git_commit() -> str:
     return result.stdout.strip() if result.returncode == 0 else "unknown"
 
 
-def _lineage(context: dg.AssetExecutionContext, data_fingerprint: str, dates: list[str]) -> dict:
+def _lineage(
+    context: dg.AssetExecutionContext, settings: Settings, data_fingerprint: str, dates: list[str]
+) -> dict:
     """Tags that lead from a model version back to its exact data and code."""
     from deltalake import DeltaTable
 
     from easymlops import lake
 
-    settings = get_settings()
     bronze = lake.bronze_path(settings, "events")
     delta_version = DeltaTable(bronze).version() if DeltaTable.is_deltatable(bronze) else -1
     training_set = context.instance.get_latest_materialization_event(dg.AssetKey("training_set"))
@@ -57,14 +59,14 @@ def _lineage(context: dg.AssetExecutionContext, data_fingerprint: str, dates: li
 
 
 @dg.asset(deps=["training_set"], group_name="training", kinds={"xgboost", "mlflow", "ray"})
-def purchase_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+def purchase_model(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
     """XGBoost purchase-propensity model: a Ray Tune search (ASHA) on the training days scored
     on the validation days, the best configuration refitted on both and scored once on the
     held-out test days; logged to MLflow (each trial a nested run) and registered as a new
     version of the registered model."""
     from easymlops import registry, training, tuning
 
-    settings = get_settings()
+    settings = warehouse.settings()
     data = training.load_training_data(settings)
     context.log.info(
         f"tuning on {data.train.height} rows ({settings.tune_trials} trials, "
@@ -90,7 +92,10 @@ def purchase_model(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
         },
         metrics=model.metrics,
         settings=settings,
-        tags={**_lineage(context, data.fingerprint(), dates), "test_period_start": data.test_start},
+        tags={
+            **_lineage(context, settings, data.fingerprint(), dates),
+            "test_period_start": data.test_start,
+        },
         artifacts={
             "tuning/search_space.json": search.search_space,
             "tuning/best_config.json": {**search.best_config, "num_boost_round": model.rounds},
@@ -166,14 +171,16 @@ def model_close_to_oracle(context: dg.AssetCheckExecutionContext) -> dg.AssetChe
 
 
 @dg.asset_check(asset=purchase_model, blocking=True)
-def promotion_gate(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+def promotion_gate(
+    context: dg.AssetCheckExecutionContext, warehouse: Warehouse
+) -> dg.AssetCheckResult:
     """Blocks promotion unless the new version, scored on the same held-out rows as the
     price-only baseline and the current champion, measurably beats the baseline, is not
     measurably worse than the champion (paired bootstrap intervals), and is not implausibly
     good (above the oracle AUC plus a margin, or the configured ceiling on real data)."""
     from easymlops import promotion, registry
 
-    settings = get_settings()
+    settings = warehouse.settings()
     version = latest_model_version(context.instance)
     evaluation = promotion.evaluate(settings, version)
     decision = evaluation.decision

@@ -10,13 +10,13 @@ after another step:
 - gold_training_models: what reads the daily models (training_set), unpartitioned.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
+from datetime import date
 from typing import Any
 
 import dagster as dg
 from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
-from easymlops.settings import get_settings
 from easymlops.warehouse import (
     DBT_PROJECT_DIR,
     dbt_vars,
@@ -31,6 +31,7 @@ from easymlops_assets.partitions import (
     per_partition_row_counts,
     single_run,
 )
+from easymlops_assets.resources import Warehouse
 
 dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
 # Under `dagster dev` the project is parsed when the code location loads (as dagster-dbt's
@@ -53,10 +54,16 @@ class WarehouseTranslator(DagsterDbtTranslator):
 
 
 def _dbt_build(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, args: Sequence[str]
+    context: dg.AssetExecutionContext,
+    dbt: DbtCliResource,
+    warehouse: Warehouse,
+    window: tuple[date, date] | None = None,
 ) -> tuple[list[Any], dict[str, str]]:
-    """Run `dbt build` for the step's selection; returns its events and output -> table."""
-    export_dbt_env(get_settings())
+    """Run `dbt build` for the step's selection on the warehouse's target (duckdb or postgres);
+    returns its events and output -> table."""
+    settings = warehouse.settings()
+    export_dbt_env(settings)
+    args = ["--target", warehouse.dbt_target, "--vars", dbt_vars(settings, window)]
     events = list(dbt.cli(["build", *args], context=context).stream())
     names = {
         e.output_name: context.asset_key_for_output(e.output_name).path[-1]
@@ -67,11 +74,11 @@ def _dbt_build(
 
 
 def _with_row_counts(
-    context: dg.AssetExecutionContext, events: list[Any], names: dict[str, str]
+    warehouse: Warehouse, events: list[Any], names: dict[str, str]
 ) -> Iterator[Any]:
     # dbt holds DuckDB's write lock while it runs, so row counts are read after it finishes
     # (dagster-dbt's fetch_row_counts would keep a read-write connection open in this process).
-    counts = row_counts(get_settings(), list(names.values()))
+    counts = row_counts(warehouse.settings(), list(names.values()))
     for event in events:
         if isinstance(event, dg.Output) and names[event.output_name] in counts:
             count = counts[names[event.output_name]]
@@ -93,16 +100,20 @@ def gold_selection(**selection: Any) -> Callable[..., dg.AssetsDefinition]:
 
 
 @gold_selection(exclude=f"{DAILY}+")
-def gold_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
-    events, names = _dbt_build(context, dbt, ["--vars", dbt_vars(get_settings())])
-    yield from _with_row_counts(context, events, names)
+def gold_models(
+    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse
+) -> Iterator[Any]:
+    events, names = _dbt_build(context, dbt, warehouse)
+    yield from _with_row_counts(warehouse, events, names)
 
 
 @gold_selection(select=DAILY, name="gold_daily_models", partitions_def=daily_partitions)
-def gold_daily_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
-    settings = get_settings()
+def gold_daily_models(
+    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse
+) -> Iterator[Any]:
+    settings = warehouse.settings()
     first, last = inclusive_window(context)
-    events, names = _dbt_build(context, dbt, ["--vars", dbt_vars(settings, (first, last))])
+    events, names = _dbt_build(context, dbt, warehouse, (first, last))
     for event in events:
         if not isinstance(event, dg.Output):
             yield event
@@ -120,6 +131,8 @@ def gold_daily_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) ->
 
 
 @gold_selection(select=f"{DAILY}+", exclude=DAILY, name="gold_training_models")
-def gold_training_models(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
-    events, names = _dbt_build(context, dbt, ["--vars", dbt_vars(get_settings())])
-    yield from _with_row_counts(context, events, names)
+def gold_training_models(
+    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse
+) -> Iterator[Any]:
+    events, names = _dbt_build(context, dbt, warehouse)
+    yield from _with_row_counts(warehouse, events, names)

