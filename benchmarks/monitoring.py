@@ -42,6 +42,13 @@ def bench_batch(rounds: int) -> int:
     from serving.batch import load_champion, score_day
 
     settings = get_settings()
+    if settings.warehouse_backend != "duckdb":
+        print(
+            "the monitoring benchmark reads the embedded DuckDB warehouse of `make demo`: unset "
+            f"EASYMLOPS_WAREHOUSE_BACKEND (it is {settings.warehouse_backend!r})",
+            file=sys.stderr,
+        )
+        return 1
     model = load_champion(settings)
     with connect(settings) as con:
         row = con.execute(

@@ -21,14 +21,14 @@ from easymlops.settings import Settings, get_settings
 
 def sample_requests(settings: Settings, n: int) -> list[dict[str, Any]]:
     """Real cart events from the held-out period, as prediction requests."""
-    from easymlops.warehouse import connect
+    from easymlops.warehouse import query
 
-    with connect(settings) as con:
-        rows = con.execute(
-            """select user_id, product_id, user_session, price, event_time, event_id
-            from training_set where split = 'test' order by event_time, event_id limit ?""",
-            [n],
-        ).fetchall()
+    rows = query(
+        settings,
+        """select user_id, product_id, user_session, price, event_time, event_id
+        from training_set where split = 'test' order by event_time, event_id limit ?""",
+        [n],
+    )
     # Each request carries the cart's time and id, as a live cart event would: serving then
     # uses the session's events strictly before it, as the training row did.
     return [
@@ -280,6 +280,14 @@ def run_demo(
     from easymlops import stack
 
     settings = get_settings()
+    if settings.warehouse_backend != "duckdb":
+        # The demo starts the embedded stack and builds its own warehouse: a DuckDB file.
+        console.print(
+            "[red]error:[/red] the demo runs the embedded stack on DuckDB; unset "
+            "EASYMLOPS_WAREHOUSE_BACKEND (it is "
+            f"{settings.warehouse_backend!r}) or run `easymlops pipeline` against your stack"
+        )
+        return 1
     started = time.monotonic()
     timings: dict[str, float] = {}
 

@@ -9,9 +9,8 @@ from datetime import date
 import polars as pl
 from deltalake import DeltaTable
 
-from easymlops import lake, training
+from easymlops import lake, training, warehouse
 from easymlops.settings import Settings
-from easymlops.warehouse import connect
 
 
 @dataclass
@@ -37,12 +36,26 @@ def logged_predictions(settings: Settings, day: date) -> pl.DataFrame:
     )
 
 
+# Ids per query: one `in (?, ...)` list, the same SQL on DuckDB and PostgreSQL (DuckDB's
+# `unnest(?)` of a list parameter has no PostgreSQL equivalent through the shared reader).
+_IDS_PER_QUERY = 1000
+
+
 def mature_labels(settings: Settings, event_ids: list[str]) -> pl.DataFrame:
-    with connect(settings) as con:
-        return con.execute(
-            "select event_id, label from training_set where event_id in (select unnest(?))",
-            [event_ids],
-        ).pl()
+    frames = []
+    with warehouse.reader(settings) as r:
+        for start in range(0, len(event_ids), _IDS_PER_QUERY):
+            chunk = event_ids[start : start + _IDS_PER_QUERY]
+            frames.append(
+                r.frame(
+                    "select event_id, label from training_set "
+                    f"where event_id in ({', '.join('?' * len(chunk))})",
+                    chunk,
+                )
+            )
+    if not frames:
+        return pl.DataFrame(schema={"event_id": pl.String(), "label": pl.Boolean()})
+    return pl.concat(frames)
 
 
 def performance(settings: Settings, day: date) -> list[VersionPerformance]:

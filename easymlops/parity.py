@@ -21,9 +21,9 @@ import numpy as np
 import polars as pl
 import redis
 
+from easymlops import warehouse
 from easymlops.features import MODEL_FEATURES, session_key
 from easymlops.settings import Settings
-from easymlops.warehouse import connect
 
 # Counts must match exactly and floats to rounding (the warehouse's doubles and Redis' repr()
 # of them are the same numbers); a probability to what float32 trees can differ by.
@@ -48,13 +48,13 @@ class ParityReport:
 
 def sample_carts(settings: Settings, day: date, n: int) -> pl.DataFrame:
     """Up to `n` carts of the training set on `day`, spread over the day (every k-th by time)."""
-    with connect(settings) as con:
-        frame = con.execute(
-            "select event_id, event_time, user_id, product_id, user_session, "
-            f"{', '.join(MODEL_FEATURES)} from training_set where event_date = ? "
-            "order by event_time, event_id",
-            [day],
-        ).pl()  # (an empty result too; pl.from_arrow refuses a reader with no batch)
+    frame = warehouse.query_frame(
+        settings,
+        "select event_id, event_time, user_id, product_id, user_session, "
+        f"{', '.join(MODEL_FEATURES)} from training_set where event_date = ? "
+        "order by event_time, event_id",
+        [day],
+    )
     step = max(1, frame.height // n)
     return frame.gather_every(step).head(n)
 

@@ -1,5 +1,6 @@
-"""The warehouse dbt builds gold into and training / the online store read: DuckDB (embedded)
-or PostgreSQL (production), chosen by `Settings.warehouse_backend`; and how dbt is told."""
+"""The warehouse dbt builds gold into and training, the online store and monitoring read (and
+cart scores are written to): DuckDB (embedded) or PostgreSQL (production), chosen by
+`Settings.warehouse_backend`; and how dbt is told."""
 
 from __future__ import annotations
 
@@ -181,6 +182,7 @@ SILVER_TABLE_COLUMNS: dict[str, pl.DataType] = {**lake.EVENT_COLUMNS, "event_dat
 _PG_COLUMN_TYPES = {
     pl.String(): "text",
     pl.Int64(): "bigint",
+    pl.Int32(): "integer",
     pl.Float64(): "double precision",
     pl.Datetime("us"): "timestamp",
     pl.Date(): "date",
@@ -216,6 +218,48 @@ def load_silver(settings: Settings, first: date, end: date) -> int:
     finally:
         con.close()
     return frame.height
+
+
+def replace_date(settings: Settings, table: str, day: date, frame: pl.DataFrame) -> None:
+    """Replace the rows of `day` (column event_date) of the warehouse table `table` with `frame`,
+    in one transaction on either backend: a rerun of a date rewrites it, never appends twice. The
+    table takes its columns from the frame; a frame of another shape (a new feature set)
+    replaces the table."""
+    if settings.warehouse_backend == "duckdb":
+        with connect(settings, read_only=False) as con:
+            con.register("day_rows", frame.to_arrow())
+            con.execute(f"create table if not exists {table} as select * from day_rows limit 0")
+            same = [c[0] for c in con.execute(f"describe {table}").fetchall()] == frame.columns
+            if not same:
+                con.execute(f"create or replace table {table} as select * from day_rows limit 0")
+            con.execute(f"delete from {table} where event_date = ?", [day])
+            con.execute(f"insert into {table} select * from day_rows")
+        return
+    from psycopg2.extras import execute_values
+
+    ddl = ", ".join(f"{name} {_PG_COLUMN_TYPES[dtype]}" for name, dtype in frame.schema.items())
+    con = postgres_connect(settings)
+    try:
+        with con, con.cursor() as cursor:
+            cursor.execute(f"create table if not exists {table} ({ddl})")
+            cursor.execute(
+                "select column_name from information_schema.columns "
+                "where table_schema = current_schema() and table_name = %s "
+                "order by ordinal_position",
+                [table],
+            )
+            if [row[0] for row in cursor.fetchall()] != frame.columns:
+                cursor.execute(f"drop table {table}")
+                cursor.execute(f"create table {table} ({ddl})")
+            cursor.execute(f"delete from {table} where event_date = %s", [day])
+            execute_values(
+                cursor,
+                f"insert into {table} ({', '.join(frame.columns)}) values %s",
+                frame.iter_rows(),
+                page_size=5000,
+            )
+    finally:
+        con.close()
 
 
 def prepare_manifest() -> Path:

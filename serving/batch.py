@@ -15,10 +15,9 @@ from datetime import UTC, date, datetime, timedelta
 
 import polars as pl
 
-from easymlops import features, lake, online_store, registry
+from easymlops import features, lake, online_store, registry, warehouse
 from easymlops.session_features import field_of
 from easymlops.settings import Settings
-from easymlops.warehouse import connect
 from serving.features import assemble_row, feature_values, session_features, to_matrix
 from serving.model import LoadedModel
 
@@ -112,20 +111,11 @@ def scores_path(settings: Settings, day: date) -> str:
 
 def write_scores(settings: Settings, day: date, scores: pl.DataFrame) -> None:
     """Replace the day's scores in the lake (one Parquet file per date) and in the warehouse
-    table `cart_scores` (a rerun of a date rewrites it, never appends twice)."""
+    table `cart_scores`, on either backend (a rerun of a date rewrites it, never appends twice)."""
     path = scores_path(settings, day)
     if not path.startswith("s3://"):
         from pathlib import Path
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
     scores.write_parquet(path)
-    with connect(settings, read_only=False) as con:
-        con.register("day_scores", scores.to_arrow())
-        # The table takes its columns from the frame (SCORE_COLUMNS); a new feature set
-        # replaces a table of another shape.
-        con.execute("create table if not exists cart_scores as select * from day_scores limit 0")
-        same = [c[0] for c in con.execute("describe cart_scores").fetchall()] == scores.columns
-        if not same:
-            con.execute("create or replace table cart_scores as select * from day_scores limit 0")
-        con.execute("delete from cart_scores where event_date = ?", [day])
-        con.execute("insert into cart_scores select * from day_scores")
+    warehouse.replace_date(settings, "cart_scores", day, scores)

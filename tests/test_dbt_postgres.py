@@ -15,14 +15,17 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg2
-import psycopg2.extras
 import pytest
 from conftest import free_port
-from test_dbt import EVENTS, dbt_env, query, run_dbt, write_silver
+from test_dbt import D1, D3, EVENTS, dbt_env, query, run_dbt, write_silver
+
+from easymlops import warehouse
+from easymlops.settings import Settings
 
 with warnings.catch_warnings():
     # The package's import resolves a runtime dir (for its get_server lock, unused here) and
@@ -36,28 +39,6 @@ with warnings.catch_warnings():
     )
 
 pytestmark = pytest.mark.services
-
-# The silver columns as the lake holds them (event_date comes from the partition directory).
-SILVER_DDL = """
-create schema lake;
-create table lake.silver_events (
-    event_id text not null,
-    event_time timestamp not null,
-    event_type text not null,
-    product_id bigint,
-    category_id bigint,
-    category_code text,
-    brand text,
-    price double precision,
-    user_id bigint,
-    user_session text,
-    event_date date not null
-)
-"""
-SILVER_COLUMNS = (
-    "event_id, event_time, event_type, product_id, category_id, category_code, brand, price, "
-    "user_id, user_session, event_date"
-)
 
 # model -> the columns that identify a row (to put both warehouses' rows in the same order)
 MODELS = {
@@ -143,23 +124,18 @@ def postgres() -> Iterator[Postgres]:
 
 
 def load_silver(server: Postgres, lake: Path) -> int:
-    """The silver lake into the table lake.silver_events, as the Parquet files hold it (the
-    replayed duplicate included: deduplicating is the staging model's job)."""
-    import duckdb
-
-    with duckdb.connect() as con:
-        rows = con.execute(
-            f"select {SILVER_COLUMNS} from read_parquet(?, hive_partitioning = true, "
-            "hive_types = {'event_date': DATE})",
-            [str(lake / "silver" / "events" / "*" / "*.parquet")],
-        ).fetchall()
-    with server.connect() as con, con.cursor() as cursor:
-        cursor.execute(SILVER_DDL)
-        psycopg2.extras.execute_values(
-            cursor, f"insert into lake.silver_events ({SILVER_COLUMNS}) values %s", rows
-        )
-    con.close()
-    return len(rows)
+    """The silver lake into the table lake.silver_events by the platform's own loader
+    (`warehouse.load_silver`, what the silver asset runs on PostgreSQL), as the Parquet files
+    hold it (the replayed duplicate included: deduplicating is the staging model's job)."""
+    settings = Settings(
+        lake_uri=str(lake),
+        warehouse_backend="postgres",
+        pg_host=server.host,
+        pg_port=server.port,
+        pg_user=server.user,
+        pg_dbname=server.dbname,
+    )
+    return warehouse.load_silver(settings, D1, D3 + timedelta(days=1))
 
 
 @dataclass

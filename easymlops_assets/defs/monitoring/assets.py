@@ -26,7 +26,7 @@ def _days(context: dg.AssetExecutionContext) -> list[date]:
     partitions_def=daily_partitions,
     backfill_policy=single_run,
     group_name="monitoring",
-    kinds={"xgboost", "polars", "duckdb"},
+    kinds={"xgboost", "polars"},
 )
 def cart_scores(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg.MaterializeResult:
     """Every cart event of the day scored by the champion with serving's own feature code
@@ -79,15 +79,15 @@ def feature_drift(context: dg.AssetExecutionContext, warehouse: Warehouse) -> dg
     (0.25), naming the features; a failure requests retraining (drift_retraining_sensor)."""
     from easymlops import drift
     from easymlops.features import MODEL_FEATURES
-    from easymlops.warehouse import connect
+    from easymlops.warehouse import reader
 
     settings = warehouse.settings()
     columns = (*MODEL_FEATURES, "probability")
     by_day: dict[str, list[drift.Drift]] = {}
     versions: dict[str, str] = {}
-    with connect(settings) as con:
+    with reader(settings) as r:
         for day in _days(context):
-            current = con.execute("select * from cart_scores where event_date = ?", [day]).pl()
+            current = r.frame("select * from cart_scores where event_date = ?", [day])
             if current.height == 0:
                 continue
             # The reference of the version that scored the day (the newest, if several did).
