@@ -8,9 +8,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 from confluent_kafka import KafkaError, Message
+from opentelemetry.trace import Span
 
+from easymlops import telemetry
 from easymlops.kafka import producer
 from easymlops.settings import Settings
+
+# Records per producer span: one trace per chunk, not one for a run that may last hours.
+TRACE_CHUNK = 1000
 
 
 @dataclass
@@ -54,11 +59,19 @@ def produce_payloads(
             if len(stats.failures) < 10:
                 stats.failures.append(str(err))
 
+    tracer = telemetry.tracer("easymlops.produce")
+    span: Span | None = None
+    headers: list[tuple[str, str | bytes | None]] = []
     started = time.monotonic()
     for payload in payloads:
+        if stats.sent % TRACE_CHUNK == 0:  # each record carries its chunk's span as parent
+            if span is not None:
+                span.end()
+            span = tracer.start_span("produce", attributes={"messaging.destination.name": target})
+            headers = [(telemetry.TRACEPARENT, telemetry.traceparent(span).encode())]
         while True:
             try:
-                client.produce(target, value=payload, on_delivery=on_delivery)
+                client.produce(target, value=payload, headers=headers, on_delivery=on_delivery)
                 break
             except BufferError:
                 client.poll(0.1)  # local queue full: let deliveries drain
@@ -71,6 +84,8 @@ def produce_payloads(
             ahead = stats.sent / rate - (time.monotonic() - started)
             if ahead > 0:
                 time.sleep(ahead)
+    if span is not None:
+        span.end()
     remaining = client.flush(flush_timeout)
     if progress and stats.sent % 1000:
         progress(stats.sent % 1000)

@@ -1,13 +1,21 @@
-"""OpenTelemetry metrics for long-running parts (validator, ...): OTLP over HTTP when
-`OTEL_EXPORTER_OTLP_ENDPOINT` is set (the collector in infra/ forwards to Prometheus), the
-console when `EASYMLOPS_OTEL_CONSOLE=1`, otherwise recorded but not exported."""
+"""OpenTelemetry for the pipeline's processes (producer, validator, ...).
+
+Metrics: OTLP over HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the collector in infra/
+forwards to Prometheus), the console when `EASYMLOPS_OTEL_CONSOLE=1`, otherwise recorded but not
+exported.
+
+Traces: an event's trace starts where it is produced; the producer puts the W3C `traceparent`
+of its span in each record's Kafka headers, and the validator continues that trace with a span
+per batch and upstream trace. Exported over OTLP/HTTP when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+set; otherwise spans are made and dropped. Serving has its own provider (serving/tracing.py)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
 
-from opentelemetry import metrics
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -15,6 +23,14 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+#: The W3C trace-context header, as a Kafka record header name too.
+TRACEPARENT = "traceparent"
+PROPAGATOR = TraceContextTextMapPropagator()
+_tracer_provider: TracerProvider | None = None
 
 _configured = False
 
@@ -44,3 +60,39 @@ def configure_metrics(
 
 def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(name)
+
+
+def tracer_provider() -> TracerProvider:
+    """The process's provider for pipeline traces. Ours rather than OTel's global one, which can
+    be set only once per process: tests swap it with `use_tracer_provider`."""
+    global _tracer_provider
+    if _tracer_provider is None:
+        provider = TracerProvider(resource=Resource.create({"service.name": "easymlops"}))
+        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+        _tracer_provider = provider
+    return _tracer_provider
+
+
+def use_tracer_provider(provider: TracerProvider | None) -> None:
+    """Make `provider` the pipeline's (None: back to the one built from the environment)."""
+    global _tracer_provider
+    _tracer_provider = provider
+
+
+def tracer(name: str) -> trace.Tracer:
+    return tracer_provider().get_tracer(name)
+
+
+def traceparent(span: trace.Span) -> str:
+    """The W3C header naming `span`."""
+    ctx = span.get_span_context()
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def continued_from(header: bytes | str) -> Context:
+    """The context a `traceparent` header value names (empty when it is malformed)."""
+    value = header.decode("ascii", "replace") if isinstance(header, bytes) else header
+    return PROPAGATOR.extract({TRACEPARENT: value})

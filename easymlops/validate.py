@@ -28,7 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import redis
 from confluent_kafka import (
@@ -236,6 +236,7 @@ class Validator:
         self.should_stop = should_stop
         self.stats = ValidationStats()
         self.metrics = _Metrics.get()
+        self.tracer = telemetry.tracer("easymlops.validate")
         self.transactional_id = f"{GROUP_ID}-{settings.topic_raw}"
         self.sessions = (
             SessionFeatureWriter(
@@ -382,6 +383,7 @@ class Validator:
         events: list[Event] = []
         valid = 0
         errors: Counter[str] = Counter()
+        traces: Counter[bytes] = Counter()  # records per upstream traceparent
         for message in messages:
             error = message.error()
             if error is not None:
@@ -393,6 +395,11 @@ class Validator:
                 raise KafkaException(error)
             topic, partition, offset = coordinates(message)
             sources.append(b"%d:%d" % (partition, offset))
+            # A consumed record's headers are a list of (name, value) pairs (the stub also
+            # allows the dict a producer may be given).
+            for name, value in cast(list[tuple[str, bytes | None]], message.headers() or []):
+                if name == telemetry.TRACEPARENT and value is not None:
+                    traces[value] += 1
             record = route(
                 message.value(),
                 key=message.key(),
@@ -414,11 +421,30 @@ class Validator:
                     events = []
         if not routed:
             return
+        self._continue_traces(traces, batch_started)
         if events:
             redis_done.append(self._apply_sessions(events))
         batch = _Batch(routed, sources, next_offsets, redis_done, valid, errors, batch_started)
         self._finish_commit()  # one transaction at a time: the previous batch's goes first
         self.committing = self.commit_thread.submit(self._commit_batch, batch)
+
+    def _continue_traces(self, traces: Counter[bytes], started: float) -> None:
+        """One span per upstream trace in the batch (a producer's chunk: few per batch), child
+        of the producer's span, covering this batch's validation."""
+        if not traces:
+            return
+        start_ns = time.time_ns() - int((time.monotonic() - started) * 1e9)
+        for header, count in traces.items():
+            span = self.tracer.start_span(
+                "validate",
+                context=telemetry.continued_from(header),
+                start_time=start_ns,
+                attributes={
+                    "messaging.source.name": self.settings.topic_raw,
+                    "messaging.batch.message_count": count,
+                },
+            )
+            span.end()
 
     def _commit_batch(self, batch: _Batch) -> None:
         """In the commit thread: commit the batch (retrying through outages), then count it."""
