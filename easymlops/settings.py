@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     # Replicas of the serving deployment and CPUs reserved per replica (2 cores: see
     # benchmarks/README.md for the measured choice).
     serve_replicas: int = Field(default=1, ge=1)
-    # Serve's HAProxy ingress (easymlops.stack._serve_ingress_env) on the embedded Ray head;
+    # Serve's HAProxy ingress (easymlops.services.ray.serve_ingress_env) on the embedded Ray head;
     # off = Serve's Python proxy actor. Read when the head starts.
     serve_haproxy: bool = True
     serve_num_cpus: float = Field(default=0.5, gt=0)
