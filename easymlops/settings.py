@@ -10,6 +10,14 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+# The password of the stack's own PostgreSQL (production-local profile) when
+# EASYMLOPS_PG_PASSWORD is unset: that server listens on loopback only. Set the variable for
+# any other server.
+LOCAL_ONLY_PG_PASSWORD = "local-only-not-a-secret"
+# A PostgreSQL schema name as the warehouse puts it in search_path and SQL: plain identifiers
+# only, so a configured value can never carry SQL or server options.
+_PG_IDENTIFIER = r"^[a-z_][a-z0-9_]*$"
+
 
 class Settings(BaseSettings):
     """Configuration of the whole platform; compose and k8s set the same EASYMLOPS_* names."""
@@ -18,10 +26,11 @@ class Settings(BaseSettings):
 
     # Where the embedded stack keeps pids, logs and data (git-ignored).
     home: Path = Field(default=Path(".easymlops"))
-    # The address clients use to reach the stack's servers (Serve, NGINX, Flink's REST API)...
+    # The address clients use to reach the stack's servers...
     host: str = "127.0.0.1"
-    # ...and the address those servers bind to, when it differs: "0.0.0.0" in a container,
-    # whose published ports decide who can connect (docker-compose.yml). Empty = host.
+    # ...and the address Serve's HTTP proxy and NGINX bind to, when it differs: "0.0.0.0" in a
+    # container, whose published ports decide who can connect (docker-compose.yml). Empty =
+    # host. The embedded stack's own services always bind host (loopback).
     bind_host: str = ""
 
     # Ports of the embedded stack; chosen away from the services' usual defaults so that a
@@ -90,7 +99,7 @@ class Settings(BaseSettings):
     pg_user: str = "easymlops"
     pg_password: SecretStr = SecretStr("")
     pg_dbname: str = "easymlops"
-    pg_schema: str = "public"
+    pg_schema: str = Field(default="public", pattern=_PG_IDENTIFIER)
 
     mlflow_experiment: str = "easymlops-purchase"
     model_name: str = "purchase_propensity"
@@ -201,6 +210,23 @@ class Settings(BaseSettings):
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def pg_password_resolved(self) -> str:
+        return self.pg_password.get_secret_value() or LOCAL_ONLY_PG_PASSWORD
+
+    @property
+    def pg_env(self) -> dict[str, str]:
+        """The EASYMLOPS_PG_* variables dbt's postgres target and dagster.yaml read, the
+        password resolved: for the processes those files configure."""
+        return {
+            "EASYMLOPS_PG_HOST": self.pg_host,
+            "EASYMLOPS_PG_PORT": str(self.pg_port),
+            "EASYMLOPS_PG_USER": self.pg_user,
+            "EASYMLOPS_PG_PASSWORD": self.pg_password_resolved,
+            "EASYMLOPS_PG_DBNAME": self.pg_dbname,
+            "EASYMLOPS_PG_SCHEMA": self.pg_schema,
+        }
 
     @property
     def listen_host(self) -> str:

@@ -62,17 +62,29 @@ def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(name)
 
 
+def new_tracer_provider(service_name: str, otlp_endpoint: str = "") -> TracerProvider:
+    """A provider of our own (not OTel's process-global one, which can be set only once):
+    spans exported over OTLP/HTTP to `otlp_endpoint` (the collector's base URL), else to
+    OTEL_EXPORTER_OTLP_ENDPOINT when set, else made and dropped."""
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}))
+    if otlp_endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        # An explicit endpoint is the whole URL; the variable is a base the exporter extends.
+        exporter = (
+            OTLPSpanExporter(endpoint=otlp_endpoint.rstrip("/") + "/v1/traces")
+            if otlp_endpoint
+            else OTLPSpanExporter()
+        )
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
 def tracer_provider() -> TracerProvider:
-    """The process's provider for pipeline traces. Ours rather than OTel's global one, which can
-    be set only once per process: tests swap it with `use_tracer_provider`."""
+    """The process's provider for pipeline traces; tests swap it with `use_tracer_provider`."""
     global _tracer_provider
     if _tracer_provider is None:
-        provider = TracerProvider(resource=Resource.create({"service.name": "easymlops"}))
-        if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-        _tracer_provider = provider
+        _tracer_provider = new_tracer_provider("easymlops")
     return _tracer_provider
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import date
@@ -33,14 +34,7 @@ def dbt_env(settings: Settings) -> dict[str, str]:
     if settings.warehouse_backend == "postgres":
         # What profiles.yml's postgres target reads: the resource's values, not only the
         # process environment's (a run may override them).
-        env |= {
-            "EASYMLOPS_PG_HOST": settings.pg_host,
-            "EASYMLOPS_PG_PORT": str(settings.pg_port),
-            "EASYMLOPS_PG_USER": settings.pg_user,
-            "EASYMLOPS_PG_PASSWORD": settings.pg_password.get_secret_value(),
-            "EASYMLOPS_PG_DBNAME": settings.pg_dbname,
-            "EASYMLOPS_PG_SCHEMA": settings.pg_schema,
-        }
+        env |= settings.pg_env
     return env | (s3.duckdb_dbt_env() if s3.is_s3(settings.lake) else {})
 
 
@@ -84,7 +78,7 @@ def postgres_connect(settings: Settings) -> Any:
         host=settings.pg_host,
         port=settings.pg_port,
         user=settings.pg_user,
-        password=settings.pg_password.get_secret_value() or None,
+        password=settings.pg_password_resolved,
         dbname=settings.pg_dbname,
         options=f"-c search_path={settings.pg_schema}",
     )
@@ -220,11 +214,23 @@ def load_silver(settings: Settings, first: date, end: date) -> int:
     return frame.height
 
 
+def _identifier(name: str) -> str:
+    """`name` for SQL text, refused unless a plain lower-case identifier: names come from the
+    code, and PostgreSQL folds unquoted ones to lower case (a mixed-case column would never
+    match information_schema, and the table would be recreated on every write)."""
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise ValueError(f"not a plain lower-case SQL identifier: {name!r}")
+    return name
+
+
 def replace_date(settings: Settings, table: str, day: date, frame: pl.DataFrame) -> None:
     """Replace the rows of `day` (column event_date) of the warehouse table `table` with `frame`,
     in one transaction on either backend: a rerun of a date rewrites it, never appends twice. The
     table takes its columns from the frame; a frame of another shape (a new feature set)
     replaces the table."""
+    table = _identifier(table)
+    for column in frame.columns:
+        _identifier(column)
     if settings.warehouse_backend == "duckdb":
         with connect(settings, read_only=False) as con:
             con.register("day_rows", frame.to_arrow())
@@ -296,7 +302,7 @@ def row_counts(settings: Settings, tables: list[str]) -> dict[str, int]:
         counts = {}
         for name in tables:
             if name in existing:
-                row = r.rows(f'select count(*) from "{name}"')
+                row = r.rows(f"select count(*) from {_identifier(name)}")
                 counts[name] = int(row[0][0]) if row else 0
         return counts
 
@@ -305,10 +311,11 @@ def row_counts_by_date(
     settings: Settings, table: str, first: date, last: date, column: str = "event_date"
 ) -> dict[str, int]:
     """Rows per date of a daily partitioned table for the dates in [first, last]."""
+    table, column = _identifier(table), _identifier(column)
     rows = query(
         settings,
-        f'select cast("{column}" as varchar), count(*) from "{table}" '
-        f'where "{column}" between ? and ? group by 1',
+        f"select cast({column} as varchar), count(*) from {table} "
+        f"where {column} between ? and ? group by 1",
         [first, last],
     )
     return {day: int(count) for day, count in rows}

@@ -19,26 +19,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from opentelemetry import trace
 from opentelemetry.propagators.textmap import Getter
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from easymlops.telemetry import PROPAGATOR, new_tracer_provider, traceparent
+
+__all__ = ["ASGI_HEADERS", "PROPAGATOR", "SERVICE_NAME", "traceparent", "tracer_provider"]
 
 SERVICE_NAME = "easymlops-serving"
-PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def tracer_provider(otlp_endpoint: str = "") -> TracerProvider:
-    """A provider of our own (not the process-global one, which tests and Ray may set)."""
-    provider = TracerProvider(resource=Resource.create({"service.name": SERVICE_NAME}))
-    if otlp_endpoint:
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        endpoint = otlp_endpoint.rstrip("/") + "/v1/traces"
-        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    return provider
+    """Serving's provider; the endpoint comes from ServingConfig, since a replica does not
+    inherit the deploying process's environment."""
+    return new_tracer_provider(SERVICE_NAME, otlp_endpoint)
 
 
 class _AsgiHeaders(Getter[Mapping[str, str]]):
@@ -51,9 +45,3 @@ class _AsgiHeaders(Getter[Mapping[str, str]]):
 
 
 ASGI_HEADERS = _AsgiHeaders()
-
-
-def traceparent(span: trace.Span) -> str:
-    """The W3C header naming `span` (what a response returns so callers can find the trace)."""
-    ctx = span.get_span_context()
-    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"

@@ -21,8 +21,10 @@ DASHBOARDS = sorted((ROOT / "infra/grafana/dashboards").glob("*.json"))
 ALERTS = ROOT / "infra/prometheus/alerts.yml"
 # Series Prometheus itself adds to every scrape target.
 BUILTIN = {"up"}
-# What the OTel collector's Prometheus exporter appends (infra/otel/collector.yaml).
-OTEL_UNIT_SUFFIX = {"s": "_seconds", "By": "_bytes"}
+# What the OTel collector's Prometheus exporter appends for a unit (infra/otel/collector.yaml);
+# {annotations} add nothing, "X/Y" becomes _X_per_Y.
+OTEL_UNITS = {"s": "seconds", "ms": "milliseconds", "By": "bytes", "1": "ratio", "%": "percent"}
+OTEL_PER_UNITS = {"s": "second", "m": "minute", "h": "hour", "d": "day"}
 OTEL_INSTRUMENT = re.compile(
     r"create_(counter|histogram|observable_gauge|up_down_counter)\(\s*"
     r'"(?P<name>[a-z0-9_.]+)"(?P<rest>[^)]*)\)',
@@ -42,14 +44,24 @@ def prometheus_client_names() -> set[str]:
     return names
 
 
+def unit_suffix(unit: str) -> str:
+    def word(part: str, names: dict[str, str]) -> str:
+        part = re.sub(r"\{[^}]*\}", "", part)
+        return names.get(part, part)
+
+    numerator, _, denominator = unit.partition("/")
+    words = [word(numerator, OTEL_UNITS)]
+    if denominator:
+        words += ["per", word(denominator, OTEL_PER_UNITS)]
+    return "".join(f"_{w}" for w in words if w)
+
+
 def otel_names() -> set[str]:
     names = set()
     for source in (ROOT / "easymlops").glob("*.py"):
         for match in OTEL_INSTRUMENT.finditer(source.read_text()):
             unit = re.search(r'unit="([^"]*)"', match["rest"])
-            base = match["name"].replace(".", "_") + OTEL_UNIT_SUFFIX.get(
-                unit[1] if unit else "", ""
-            )
+            base = match["name"].replace(".", "_") + unit_suffix(unit[1] if unit else "")
             kind = match[1]
             if kind == "counter":
                 names.add(base + "_total")
@@ -105,6 +117,14 @@ def test_every_series_asked_for_is_exported_by_the_platform() -> None:
     for where, expression in expressions:
         unknown = metric_names(expression) - exported
         assert not unknown, f"{where} asks for {sorted(unknown)}, which nothing exports"
+
+
+def test_units_become_the_suffixes_the_collector_gives() -> None:
+    assert unit_suffix("s") == "_seconds"
+    assert unit_suffix("{event}") == ""
+    assert unit_suffix("{event}/s") == "_per_second"
+    assert "easymlops_validator_throughput_per_second" in otel_names()
+    assert "easymlops_validator_throughput" not in otel_names()
 
 
 def test_the_name_check_finds_a_misspelt_metric() -> None:

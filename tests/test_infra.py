@@ -250,10 +250,10 @@ def test_every_backend_the_platform_configures_is_in_the_image() -> None:
         distribution = module.split(".")[0].replace("_", "-")
         assert distribution in deps, f"{module}: {distribution} is not a main dependency"
     mlflow_env = services()["mlflow"]["environment"]
-    if mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2"):
-        assert "psycopg2-binary" in deps
-    if mlflow_env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://"):
-        assert "boto3" in deps
+    assert mlflow_env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert "psycopg2-binary" in deps
+    assert mlflow_env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert "boto3" in deps
 
 
 def test_no_secret_is_written_in_deployment_files() -> None:
@@ -334,7 +334,7 @@ def test_volumes_keep_the_state_that_must_survive_a_restart() -> None:
     declared = set(compose()["volumes"])
     for name, path in [
         ("kafka", "/var/lib/kafka/data"),
-        ("postgres", "/var/lib/postgresql/data"),
+        ("postgres", "/var/lib/postgresql"),
         ("minio", "/data"),
         ("redis", "/data"),
         ("flink-jobmanager", "/flink-data"),
@@ -343,6 +343,38 @@ def test_volumes_keep_the_state_that_must_survive_a_restart() -> None:
         mounts = [str(v) for v in services()[name].get("volumes", [])]
         named = [m.split(":")[0] for m in mounts if m.split(":")[1] == path]
         assert named and named[0] in declared, (name, path, mounts)
+
+
+def test_our_images_own_the_folders_their_named_volumes_mount_on() -> None:
+    # A new named volume takes the owner of the image folder it is mounted on; a folder the
+    # image lacks becomes root's, and our non-root processes could not write there.
+    declared = set(compose()["volumes"])
+    for name, dockerfile in built_images().items():
+        text = re.sub(r"\\\n", " ", dockerfile.read_text())
+        created = {
+            path
+            for line in text.splitlines()
+            if "mkdir -p" in line
+            for path in re.findall(r"\s(/[\w./-]+)", line.split("mkdir -p", 1)[1].split("&&")[0])
+        }
+        for mount in services()[name].get("volumes", []):
+            source, target = str(mount).split(":")[:2]
+            if source in declared:
+                assert target in created, f"{name}: {dockerfile.name} does not create {target}"
+
+
+def test_postgres_creates_the_database_of_each_consumer() -> None:
+    created = services()["postgres"]["environment"]["EASYMLOPS_DATABASES"].split()
+    env = compose()["x-platform-env"]
+    mlflow_uri = services()["mlflow"]["environment"]["MLFLOW_BACKEND_STORE_URI"]
+    wanted = {
+        env["EASYMLOPS_DAGSTER_PG_DB"],
+        env["EASYMLOPS_PG_DBNAME"],
+        mlflow_uri.rsplit("/", 1)[1],
+    }
+    assert wanted == set(created), (wanted, created)
+    assert len(created) == len(set(created))  # Dagster and MLflow must not share a `runs` table
+    assert "EASYMLOPS_DATABASES" in POSTGRES_INIT.read_text()
 
 
 # ---- configuration the containers render or read ----------------------------------------------
@@ -367,7 +399,7 @@ def test_nginx_config_for_compose_listens_in_its_container_and_proxies_to_serve(
     text = output.read_text()
     assert "listen 0.0.0.0:8080" in text
     assert "server ray-head:8000" in text
-    assert 'access_log "/dev/stdout"' in text or "/dev/stdout" in text
+    assert 'access_log "/dev/stdout" easymlops_json;' in text
     # The same renderer without EASYMLOPS_BIND_HOST refuses to listen beyond loopback.
     env.pop("EASYMLOPS_BIND_HOST")
     refused = subprocess.run(

@@ -10,7 +10,7 @@ EASYMLOPS_* settings (what `easymlops up` was started with) plus the stack's own
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -93,7 +93,7 @@ def _write_home(settings: Settings) -> None:
     and the workspace that points the webserver and the daemon at the code server."""
     folder = home(settings)
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(TEMPLATE, folder / "dagster.yaml")
+    _replace(folder / "dagster.yaml", TEMPLATE.read_text())
     workspace = {
         "load_from": [
             {
@@ -106,7 +106,15 @@ def _write_home(settings: Settings) -> None:
         ]
     }
     # JSON is YAML; no yaml writer needed.
-    (folder / "workspace.yaml").write_text(json.dumps(workspace, indent=2) + "\n")
+    _replace(folder / "workspace.yaml", json.dumps(workspace, indent=2) + "\n")
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: the three processes' prepare steps rewrite these files
+    while another may be starting and reading them."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 # ---- the code server -------------------------------------------------------------------------

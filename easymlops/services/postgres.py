@@ -20,14 +20,13 @@ from easymlops.services.supervisor import FatalHealth, Launch, Spec, StackError,
 from easymlops.settings import Settings
 
 PASSWORD_VAR = "EASYMLOPS_PG_PASSWORD"
-# Used only when EASYMLOPS_PG_PASSWORD is unset: the server listens on loopback only.
-LOCAL_ONLY_PASSWORD = "local-only-not-a-secret"
 #: Who runs PostgreSQL when we are root (CI is): it refuses to run as root.
 RUN_AS_WHEN_ROOT = "nobody"
 
 
 def password(settings: Settings) -> str:
-    return settings.pg_password.get_secret_value() or LOCAL_ONLY_PASSWORD
+    """EASYMLOPS_PG_PASSWORD, or the local-only default (easymlops.settings)."""
+    return settings.pg_password_resolved
 
 
 def pgdata(settings: Settings) -> Path:
@@ -49,12 +48,7 @@ def dsn(settings: Settings, dbname: str) -> dict[str, Any]:
 def client_env(settings: Settings) -> dict[str, str]:
     """The EASYMLOPS_PG_* variables dagster.yaml and dbt's postgres target read, the password
     resolved (the local-only default included)."""
-    return {
-        "EASYMLOPS_PG_HOST": settings.pg_host,
-        "EASYMLOPS_PG_PORT": str(settings.pg_port),
-        "EASYMLOPS_PG_USER": settings.pg_user,
-        PASSWORD_VAR: password(settings),
-    }
+    return settings.pg_env
 
 
 def create_database(settings: Settings, name: str) -> bool:
