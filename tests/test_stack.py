@@ -162,6 +162,17 @@ def test_redis_data_survives_down_and_up(own: Settings) -> None:
         client.close()
 
 
+def test_a_service_of_another_profile_is_not_adopted(own: Settings) -> None:
+    # Kafka is Tansu in one profile and Apache Kafka in the other: `up` with another profile
+    # must not report the running one as its own.
+    (redis_pid,) = [s.pid for s in stack.up(own, services=["redis"])]
+    production = own.model_copy(update={"profile": "production-local"})
+    with pytest.raises(stack.StackError, match="already running for the embedded profile, not"):
+        stack.up(production, services=["redis"])
+    assert [s.pid for s in stack.status(own, services=["redis"])] == [redis_pid]
+    assert stack.down(own) == ["redis"]
+
+
 def test_a_crashed_service_is_reported_and_restarted(own: Settings) -> None:
     [before] = stack.up(own, services=["redis"])
     assert before.pid is not None

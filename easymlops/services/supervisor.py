@@ -548,6 +548,14 @@ def _plan(spec: Spec, settings: Settings, say: Progress) -> _Plan:
     record = read_record(settings, spec.name)
     if record is not None:
         if leader_alive(record):
+            # The same name may be another server in another profile (Tansu or Apache Kafka,
+            # MLflow on SQLite or on PostgreSQL): never adopt one started for another profile.
+            started_for = record.extra.get("profile", settings.profile)
+            if started_for != settings.profile:
+                raise StackError(
+                    f"{spec.name}: already running for the {started_for} profile, not "
+                    f"{settings.profile}; run `easymlops down` first"
+                )
             if record.port != spec.port(settings):
                 raise StackError(
                     f"{spec.name}: already running on port {record.port} (pid {record.pid}) but "
@@ -638,7 +646,7 @@ def _start(spec: Spec, settings: Settings, launch: Launch) -> Record:
         argv=launch.argv,
         log=str(log),
         started_at=time.time(),
-        extra=launch.extra,
+        extra={**launch.extra, "profile": settings.profile},
     )
     write_record(settings, record)
     return record
