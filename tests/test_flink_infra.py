@@ -66,8 +66,9 @@ def test_every_copied_path_exists() -> None:
 
 def test_readme_documents_the_real_job_and_settings() -> None:
     text = README.read_text()
-    assert "-pym flink_jobs.validation_job" in text
-    assert re.search(r"flink_jobs\.validation_job[^\n]*\n?\s*kafka\b", text)
+    # The submission docker-compose.yml's flink-job runs, with the job's own arguments.
+    assert "--python /opt/easymlops/flink_jobs/validation_job.py" in text
+    assert re.search(r"flink_jobs/validation_job\.py[^\n]*\n?\s*kafka\b", text)
     assert (ROOT / "flink_jobs" / "validation_job.py").exists()
     fields = {f"EASYMLOPS_{name.upper()}" for name in Settings.model_fields}
     documented = set(re.findall(r"EASYMLOPS_[A-Z_]+", text))
