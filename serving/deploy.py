@@ -146,6 +146,7 @@ REPLICA_MODULES: tuple[str, ...] = (
     "easymlops.schema",
     "easymlops.session_features",
     "easymlops.settings",
+    "easymlops.telemetry",
     "serving.app",
     "serving.features",
     "serving.metrics",
