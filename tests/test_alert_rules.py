@@ -26,7 +26,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_rules_parse() -> None:
     done = promtool("check", "rules", "alerts.yml", cwd=RULES_DIR)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 6 rules found" in done.stdout
+    assert "SUCCESS: 12 rules found" in done.stdout
 
 
 def test_every_alert_fires_on_planted_series_and_is_silent_on_healthy_ones() -> None:
@@ -51,6 +51,15 @@ def test_every_alert_fires_on_planted_series_and_is_silent_on_healthy_ones() -> 
         ("ServingErrorRateHigh", ('status=~"5.."', 'status=~"4.."')),
         ("ServingP99High", ("> 0.05", "> 0.5")),
         ("NoChampionServed", ("unless", "and")),
+        # easymlops/platform_metrics.py's series
+        ("ConsumerLagHigh", ("> 50000", "> 500000")),
+        ("ConsumerStalled", ("== 0", ">= 0")),
+        ("LandingStale", ("> 1800", "> 18000")),
+        ("LandingStale", ("and on (topic)", "or on (topic)")),
+        ("FeatureDriftHigh", ('level="fail"', 'level="warn"')),
+        ("LiveAucLow", (">= 100", ">= 0")),
+        ("LiveAucLow", ("- on ()", "+ on ()")),
+        ("PlatformMetricsSourceFailing", ("== 1", "== 0")),
     ],
 )
 def test_the_rule_tests_catch_a_broken_rule(
