@@ -1,6 +1,7 @@
 """Grafana dashboards and Prometheus alert rules ask only for metrics the platform exports, in
 PromQL that Prometheus accepts: checked offline, against the metric declarations in the code
-(serving/metrics.py's registry, the validator's OpenTelemetry instruments) and with promtool."""
+(serving/metrics.py's registry, the validator's OpenTelemetry instruments, the platform metrics
+exporter's METRICS) and with promtool."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
+from easymlops import platform_metrics
 from serving.metrics import ServingMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,16 @@ def prometheus_client_names() -> set[str]:
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
         names |= {base + s for s in suffixes.get(kind, [""])}
     return names
+
+
+def platform_metric_names() -> set[str]:
+    """Gauges of easymlops/platform_metrics.py (tests/test_platform_metrics.py checks that a
+    scrape answers each of them)."""
+    return set(platform_metrics.METRICS)
+
+
+def exported_names() -> set[str]:
+    return prometheus_client_names() | otel_names() | platform_metric_names() | BUILTIN
 
 
 def unit_suffix(unit: str) -> str:
@@ -96,9 +108,16 @@ def metric_names(expression: str) -> set[str]:
     return {w for w in words if w not in keywords and not re.fullmatch(r"\d+[smhdw]", w)}
 
 
-def test_the_dashboards_cover_the_stream_and_serving() -> None:
+def test_the_dashboards_cover_the_stream_serving_lake_and_model() -> None:
     titles = {json.loads(p.read_text())["title"] for p in DASHBOARDS}
-    assert {"EasyMLOps: stream validation", "EasyMLOps: serving"} <= titles
+    assert {
+        "EasyMLOps: stream validation",
+        "EasyMLOps: serving",
+        "EasyMLOps: lake",
+        "EasyMLOps: model",
+    } <= titles
+    uids = [json.loads(p.read_text())["uid"] for p in DASHBOARDS]
+    assert len(uids) == len(set(uids)), uids
     provisioning = yaml.safe_load(
         (ROOT / "infra/grafana/provisioning/datasources/prometheus.yml").read_text()
     )
@@ -109,9 +128,10 @@ def test_the_dashboards_cover_the_stream_and_serving() -> None:
 
 
 def test_every_series_asked_for_is_exported_by_the_platform() -> None:
-    exported = prometheus_client_names() | otel_names() | BUILTIN
+    exported = exported_names()
     assert "easymlops_validator_events_total" in exported
     assert "easymlops_serving_request_latency_seconds_bucket" in exported
+    assert "easymlops_kafka_consumer_lag" in exported
     expressions = [*dashboard_expressions(), *alert_expressions()]
     assert len(expressions) > 10
     for where, expression in expressions:
@@ -127,8 +147,28 @@ def test_units_become_the_suffixes_the_collector_gives() -> None:
     assert "easymlops_validator_throughput" not in otel_names()
 
 
+def test_the_platform_metrics_are_all_on_a_dashboard() -> None:
+    # Every gauge the exporter answers is shown somewhere (the exporter's own read timestamps
+    # aside), and the lag is on the stream dashboard, as issue 14 asks.
+    shown = {name for _, e in dashboard_expressions() for name in metric_names(e)}
+    missing = platform_metric_names() - shown - {"easymlops_platform_scrape_timestamp_seconds"}
+    assert not missing, missing
+    stream = json.loads((ROOT / "infra/grafana/dashboards/stream.json").read_text())
+    assert any(
+        "easymlops_kafka_consumer_lag" in t["expr"] for p in stream["panels"] for t in p["targets"]
+    )
+
+
+def test_platform_metric_names_follow_the_unit_convention() -> None:
+    # Seconds end in _seconds, like the OTel names the collector gives; counts have no suffix.
+    for spec in platform_metrics.METRICS.values():
+        assert spec.name.startswith("easymlops_"), spec.name
+        mentions_seconds = "seconds" in spec.help.lower() or "unix time" in spec.help.lower()
+        assert spec.name.endswith("_seconds") == mentions_seconds, spec.name
+
+
 def test_the_name_check_finds_a_misspelt_metric() -> None:
-    exported = prometheus_client_names() | otel_names() | BUILTIN
+    exported = exported_names()
     typo = 'sum(rate(easymlops_serving_request_total{status=~"5.."}[5m]))'
     assert metric_names(typo) - exported == {"easymlops_serving_request_total"}
 
