@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
-.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema promtool
+.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema promtool k8s-schemas
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -44,7 +44,7 @@ format: install
 	$(RUN) ruff format .
 	$(RUN) ruff check --fix .
 
-test: manifest lint flink-venv nginx jars kcat compose-schema promtool ## lint, then every test tier on real services on loopback
+test: manifest lint flink-venv nginx jars kcat compose-schema promtool k8s-schemas ## lint, then every test tier on real services on loopback
 	$(RUN) dg check defs
 	$(RUN) pytest -q -ra
 
@@ -114,6 +114,53 @@ $(COMPOSE_SCHEMA):
 	  .tools/compose-go.zip "github.com/compose-spec/compose-go/v2@$(COMPOSE_GO_VERSION)/schema/compose-spec.json" > $@.tmp
 	mv $@.tmp $@
 	rm .tools/compose-go.zip
+
+# The JSON schemas infra/k8s/'s custom resources are validated against (tests/
+# test_k8s_manifests.py), derived from each operator's own CRDs into .tools/k8s-schemas/: KubeRay's
+# from its Go module zip (config/crd/bases), the Flink operator's from the CRDs its api jar
+# carries, Strimzi's written by Strimzi's crd-generator from its api model, with the arguments of
+# Strimzi's own build (the jars: infra/maven/k8s-crds/pom.xml). Every download is checked against
+# the sha256 below (move versions and sums together). Built-in kinds need nothing here: the
+# kubernetes-validate dev dependency bundles Kubernetes' schemas.
+KUBERAY_VERSION := v1.5.0
+KUBERAY_SHA256 := 59792cf6d32ecb6512403a4a470c2d2100ba81ab7583dcf4db4a3f0d6df5fab9
+FLINK_OPERATOR_VERSION := 1.10.0
+FLINK_OPERATOR_SHA256 := b1f44814e17514fa8395c61b329a3ee9087123a5bda5b21fe1a495d5182c30b6
+STRIMZI_VERSION := 0.45.0
+STRIMZI_API_SHA256 := 7112a02ebf29d38b2eb2ad8da90353d2a3922aea2fe2bddc2abe4e5956fdfe9a
+STRIMZI_CRDGEN_SHA256 := f03aab1b83d29bbd340ce484a4bb651faac7685c685865a30351a636da6008ea
+K8S_CRDS := .tools/k8s-crds
+K8S_SCHEMAS_STAMP := .tools/k8s-schemas/.derived
+CRD_JARS := infra/maven/k8s-crds/target
+k8s-schemas: $(K8S_SCHEMAS_STAMP) ## operator CRD schemas for the infra/k8s/ tests, into .tools/k8s-schemas
+
+$(K8S_SCHEMAS_STAMP): infra/maven/k8s-crds/pom.xml
+	@infra/debian/install.sh java openjdk-17-jre-headless mvn maven
+	rm -rf $(K8S_CRDS) .tools/k8s-schemas $(CRD_JARS)
+	mkdir -p $(K8S_CRDS)
+	curl -fsSL --retry 3 -o .tools/kuberay.zip \
+	  "$(GOPROXY_URL)/github.com/ray-project/kuberay/ray-operator/@v/$(KUBERAY_VERSION).zip"
+	echo "$(KUBERAY_SHA256)  .tools/kuberay.zip" | sha256sum -c --quiet -
+	$(PYTHON) -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
+	  .tools/kuberay.zip "github.com/ray-project/kuberay/ray-operator@$(KUBERAY_VERSION)/config/crd/bases/ray.io_rayservices.yaml" \
+	  > $(K8S_CRDS)/ray.io_rayservices.yaml
+	rm .tools/kuberay.zip
+	mvn -q -B -Dstyle.color=never -f infra/maven/k8s-crds/pom.xml package
+	echo "$(FLINK_OPERATOR_SHA256)  $(CRD_JARS)/flink-operator/flink-kubernetes-operator-api-$(FLINK_OPERATOR_VERSION).jar" | sha256sum -c --quiet -
+	echo "$(STRIMZI_API_SHA256)  $(CRD_JARS)/strimzi/api-$(STRIMZI_VERSION).jar" | sha256sum -c --quiet -
+	echo "$(STRIMZI_CRDGEN_SHA256)  $(CRD_JARS)/strimzi/crd-generator-$(STRIMZI_VERSION).jar" | sha256sum -c --quiet -
+	$(PYTHON) -c 'import sys, zipfile; sys.stdout.buffer.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]))' \
+	  $(CRD_JARS)/flink-operator/flink-kubernetes-operator-api-$(FLINK_OPERATOR_VERSION).jar \
+	  META-INF/fabric8/flinkdeployments.flink.apache.org-v1.yml > $(K8S_CRDS)/flinkdeployments.flink.apache.org.yml
+	java -cp '$(CRD_JARS)/strimzi/*' io.strimzi.crdgenerator.CrdGenerator \
+	  --label app:strimzi --label strimzi.io/crd-install:true --target-kube 1.16+ \
+	  --crd-api-version v1 --api-versions v1beta2 --storage-version v1beta2 --yaml \
+	  io.strimzi.api.kafka.model.kafka.Kafka=$(K8S_CRDS)/040-Crd-kafka.yaml \
+	  io.strimzi.api.kafka.model.topic.KafkaTopic=$(K8S_CRDS)/043-Crd-kafkatopic.yaml \
+	  io.strimzi.api.kafka.model.nodepool.KafkaNodePool=$(K8S_CRDS)/045-Crd-kafkanodepool.yaml
+	$(RUN) python -m easymlops.k8s_manifests schemas $(K8S_CRDS) .tools/k8s-schemas.tmp
+	mv .tools/k8s-schemas.tmp .tools/k8s-schemas
+	touch $@
 
 # JVM artifacts from Maven Central, declared once in infra/maven/pom.xml: the Apache Kafka broker
 # (EASYMLOPS_BROKER=kafka) and the Flink Kafka connector. Java 17 and Maven from Debian if missing.
