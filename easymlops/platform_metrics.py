@@ -390,15 +390,21 @@ class Exporter(Collector):
             self._read_registry(out)
 
     def _read_registry(self, out: Families) -> None:
+        from mlflow.exceptions import MlflowException
+
         from easymlops import registry
 
         with self._lock:
             versions = sorted(self._versions)
         for version in versions:
             if version not in self._offline_auc:
-                self._offline_auc[version] = registry.version_metrics(version, self.settings).get(
-                    "test_auc"
-                )
+                try:
+                    metrics = registry.version_metrics(version, self.settings)
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+                    metrics = {}  # deleted from the registry since: no offline AUC to compare
+                self._offline_auc[version] = metrics.get("test_auc")
             auc = self._offline_auc[version]
             if auc is not None:
                 out.add("easymlops_model_offline_auc", auc, model_version=version)

@@ -356,3 +356,34 @@ def test_the_cli_checks_its_arguments() -> None:
         platform_metrics.main(["--consumer", "no-topic"])
     with pytest.raises(ValueError, match="unknown sources"):
         platform_metrics.Exporter(Settings(), sources=["kafka", "nope"])
+
+
+def test_offline_auc_of_the_versions_drift_saw_comes_from_the_registry(
+    tmp_path: Path, exporter_on: Start
+) -> None:
+    """MLflow's own stores on SQLite (no server): the version's training run logged test_auc."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = Settings(home=tmp_path / "home", mlflow_tracking_uri=uri)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("platform-metrics")
+    run = client.create_run(experiment)
+    client.log_metric(run.info.run_id, "test_auc", 0.71)
+    client.create_registered_model(settings.model_name)
+    version = client.create_model_version(
+        settings.model_name, str(tmp_path / "model"), run.info.run_id
+    )
+    plant_warehouse(settings, version=str(version.version))
+
+    exporter = platform_metrics.Exporter(
+        settings, sources=["drift", "registry"], interval=0.5, model_interval=0.5
+    )
+    port, samples = exporter_on(exporter)
+    deadline = time.monotonic() + 60
+    while value(samples, "easymlops_model_offline_auc", model_version=version.version) is None:
+        assert time.monotonic() < deadline, samples
+        time.sleep(0.3)
+        samples = scrape(port)
+    assert value(samples, "easymlops_model_offline_auc", model_version=version.version) == 0.71
+    assert value(samples, "easymlops_platform_scrape_error", source="registry") == 0
