@@ -56,6 +56,7 @@ def test_every_alert_fires_on_planted_series_and_is_silent_on_healthy_ones() -> 
         ("ConsumerStalled", ("== 0", ">= 0")),
         ("LandingStale", ("> 1800", "> 18000")),
         ("LandingStale", ("and on (topic)", "or on (topic)")),
+        ("LandingStale", ('source="lake"', 'source="landing"')),
         ("FeatureDriftHigh", ('level="fail"', 'level="warn"')),
         ("LiveAucLow", (">= 100", ">= 0")),
         ("LiveAucLow", ("- on ()", "+ on ()")),
