@@ -387,3 +387,50 @@ def test_offline_auc_of_the_versions_drift_saw_comes_from_the_registry(
         samples = scrape(port)
     assert value(samples, "easymlops_model_offline_auc", model_version=version.version) == 0.71
     assert value(samples, "easymlops_platform_scrape_error", source="registry") == 0
+
+
+def test_the_command_compose_runs_serves_metrics(tmp_path: Path) -> None:
+    """`python -m easymlops.platform_metrics --port N` as a process of its own, settings from
+    the environment, stopped with SIGTERM as `docker stop` does."""
+    import os
+    import subprocess
+    import sys
+
+    settings = Settings(home=tmp_path / "home")
+    rows = plant_silver(settings)
+    port = free_port()
+    env = {**os.environ, "EASYMLOPS_HOME": str(settings.home)}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "easymlops.platform_metrics",
+            "--port",
+            str(port),
+            "--source",
+            "lake",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                samples = scrape(port)
+            except httpx.TransportError:
+                samples = {}
+            if value(samples, "easymlops_platform_scrape_error", source="lake") is not None:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert value(samples, "easymlops_platform_scrape_error", source="lake") == 0
+        assert value(samples, "easymlops_lake_rows", layer="silver", table="events") == rows
+        assert value(samples, "easymlops_platform_scrape_error", source="kafka") is None
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"platform metrics on http://127.0.0.1:{port}/metrics (sources: lake)" in output
