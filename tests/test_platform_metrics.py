@@ -1,7 +1,8 @@
-"""The platform metrics exporter (easymlops/platform_metrics.py) against real parts: a Tansu broker
-with records produced and a group's offsets committed, Delta tables written with the landing's
-own application transactions, a DuckDB warehouse with cart_scores and training_set, a drift
-reference written by easymlops.drift; scraped over HTTP as Prometheus would."""
+"""The platform metrics exporter (easymlops/platform_metrics.py) against real parts: a broker
+(Tansu, then Apache Kafka) with records produced and a group's offsets committed, Delta tables
+written with the landing's own application transactions, a DuckDB warehouse with cart_scores and
+training_set, a drift reference written by easymlops.drift, MLflow's stores; scraped over HTTP as
+Prometheus would."""
 
 from __future__ import annotations
 
@@ -173,18 +174,25 @@ def plant_silver(settings: Settings) -> int:
 # ---- tests --------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
-    """The embedded broker alone (with the platform's topics, 3 partitions each)."""
+@pytest.fixture(scope="module", params=["tansu", "kafka"])
+def running_broker(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """A broker alone, each in turn: the embedded Tansu and Apache Kafka (KRaft, from the jars
+    of `make jars`), with the platform's topics of 3 partitions each."""
     from easymlops import stack
+    from easymlops.kafka import ensure_topics
 
     settings = Settings(
-        home=tmp_path_factory.mktemp("platform-metrics-home"),
+        home=tmp_path_factory.mktemp(f"platform-metrics-{request.param}"),
+        broker=request.param,
         kafka_port=free_port(),
+        kafka_controller_port=free_port(),
         topic_partitions=PARTITIONS,
     )
     stack.up(settings, services=["kafka"])
     try:
+        ensure_topics(settings)
         yield settings
     finally:
         stack.down(settings)
@@ -192,14 +200,14 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
 
 @pytest.mark.services
 def test_lag_freshness_rows_drift_and_live_auc_as_prometheus_scrapes_them(
-    tansu: Settings, exporter_on: Start
+    running_broker: Settings, exporter_on: Start
 ) -> None:
     from confluent_kafka import Consumer, TopicPartition
 
     from easymlops.kafka import producer, topic_id
     from easymlops.validate import GROUP_ID
 
-    settings = tansu
+    settings = running_broker
     # 10 records per partition of the raw topic, 5 per partition of the validated one.
     client = producer(settings)
     for p in range(PARTITIONS):
