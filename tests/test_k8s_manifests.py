@@ -551,3 +551,82 @@ def test_code_server_runs_what_compose_runs() -> None:
     module_args = command[command.index("-m") : command.index("-m") + 2]
     [code] = _values()["dagster-user-deployments"]["deployments"]
     assert code["codeServerArgs"] == module_args
+
+
+def render_instance(values: dict[str, Any]) -> dict[str, Any]:
+    """The dagster.yaml Dagster's chart renders from these values (templates/configmap-instance
+    .yaml and helpers/instance/*.tpl, for the keys the values set), release name `dagster`."""
+    pg = values["postgresql"]
+    storage_config = {
+        "postgres_db": {
+            "username": pg["postgresqlUsername"],
+            "password": {"env": "DAGSTER_PG_PASSWORD"},
+            "hostname": pg["postgresqlHost"],
+            "db_name": pg["postgresqlDatabase"],
+            "port": pg["service"]["port"],
+            "params": {},
+        }
+    }
+    launcher = launcher_config_from_values(values)
+    launcher.update(
+        service_account_name=values["serviceAccount"]["name"],
+        dagster_home=values["global"]["dagsterHome"],
+        instance_config_map="dagster-instance",
+        postgres_password_secret=values["global"]["postgresqlSecretName"],
+    )
+    queued = values["dagsterDaemon"]["runCoordinator"]["config"]["queuedRunCoordinator"]
+    monitoring = values["dagsterDaemon"]["runMonitoring"]
+    return {
+        "schedule_storage": {
+            "module": "dagster_postgres.schedule_storage",
+            "class": "PostgresScheduleStorage",
+            "config": storage_config,
+        },
+        "run_storage": {
+            "module": "dagster_postgres.run_storage",
+            "class": "PostgresRunStorage",
+            "config": storage_config,
+        },
+        "event_log_storage": {
+            "module": "dagster_postgres.event_log",
+            "class": "PostgresEventLogStorage",
+            "config": storage_config,
+        },
+        "run_launcher": {"module": "dagster_k8s", "class": "K8sRunLauncher", "config": launcher},
+        "run_coordinator": {
+            "module": "dagster._core.run_coordinator",
+            "class": "QueuedRunCoordinator",
+            "config": {
+                "max_concurrent_runs": queued["maxConcurrentRuns"],
+                "tag_concurrency_limits": queued["tagConcurrencyLimits"],
+            },
+        },
+        "run_monitoring": {
+            "enabled": monitoring["enabled"],
+            "start_timeout_seconds": monitoring["startTimeoutSeconds"],
+        },
+        "telemetry": {"enabled": values["telemetry"]["enabled"]},
+    }
+
+
+def test_values_render_an_instance_dagster_accepts(tmp_path: Path) -> None:
+    from dagster._core.instance.config import dagster_instance_config
+
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(render_instance(_values())))
+    config, custom_class = dagster_instance_config(str(tmp_path))
+    assert custom_class is None
+    assert config["run_launcher"]["class"] == "K8sRunLauncher"
+    assert config["run_storage"]["config"]["postgres_db"]["password"] == {
+        "env": "DAGSTER_PG_PASSWORD"
+    }
+
+
+def test_instance_validation_rejects_a_planted_fault(tmp_path: Path) -> None:
+    from dagster._core.errors import DagsterInvalidConfigError
+    from dagster._core.instance.config import dagster_instance_config
+
+    rendered = render_instance(_values())
+    rendered["run_monitoring"]["start_timeout_secs"] = 300
+    (tmp_path / "dagster.yaml").write_text(yaml.safe_dump(rendered))
+    with pytest.raises(DagsterInvalidConfigError):
+        dagster_instance_config(str(tmp_path))
