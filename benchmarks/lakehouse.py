@@ -36,6 +36,7 @@ LANDED = datetime(2024, 3, 8)
 DAYS = 7
 REPLAY_SHARE = 0.01
 HOLDOUT_DAYS = 1
+SESSION_TIMEOUT_SECONDS = 1800  # label maturity (training_set), passed to dbt as a var too
 GOLD = ("fct_cart_events", "user_features", "product_features", "training_set")
 PATHS = {"project": ("project-silver", "project-gold"), "pandas": ("pandas-silver", "pandas-gold")}
 
@@ -171,7 +172,9 @@ def dbt_command(layout: Layout) -> tuple[list[str], dict[str, str]]:
         "--select",
         "+training_set",
         "--vars",
-        json.dumps({"holdout_days": HOLDOUT_DAYS}),
+        json.dumps(
+            {"holdout_days": HOLDOUT_DAYS, "session_timeout_seconds": SESSION_TIMEOUT_SECONDS}
+        ),
         "--project-dir",
         str(PROJECT_DIR),
         "--profiles-dir",
@@ -274,6 +277,11 @@ def pandas_gold(layout: Layout) -> int:
     del ordered, by_product, by_session, session_start, first_view, later_purchases
     carts.to_parquet(out / "fct_cart_events.parquet", index=False)
 
+    # Label maturity (training_set): a cart counts once its session has been idle for the
+    # timeout before the data closes (the newest event).
+    session_end = events.groupby("user_session")["event_time"].max()
+    closed_at = events["event_time"].max()
+
     # user_features: cumulative per user over days <= A, valid from A + 1.
     # Dates stay in the unit Parquet gave them (us): merge_asof needs equal key dtypes.
     date_type = events["event_date"].dtype
@@ -350,7 +358,10 @@ def pandas_gold(layout: Layout) -> int:
     products.to_parquet(out / "product_features.parquet", index=False)
     del events, daily, history
 
-    # training_set: features as of the event's day (greatest valid_from <= event_date).
+    # training_set: mature carts, features as of the event's day (greatest valid_from <=
+    # event_date); the holdout is the last days of the mature carts.
+    timeout = pd.Timedelta(seconds=SESSION_TIMEOUT_SECONDS)
+    carts = carts[carts["user_session"].map(session_end) + timeout <= closed_at]
     last_date = carts["event_date"].max()
     carts = carts.assign(
         split=np.where(
