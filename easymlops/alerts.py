@@ -9,8 +9,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
 from easymlops.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -23,6 +21,8 @@ def send(settings: Settings, title: str, details: Mapping[str, Any]) -> bool:
     log.error("ALERT %s", text)
     if not settings.alert_webhook_url:
         return False
+    import httpx  # only when a webhook is configured (the Dagster definitions import this module)
+
     try:
         response = httpx.post(
             settings.alert_webhook_url,

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-from scipy.stats import rankdata
 
 CONFIDENCE = 0.95
 
@@ -43,6 +42,8 @@ def _auc_rows(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """AUC of each row of `scores` (shape (k, n)) against the matching row of `labels`, by the
     rank-sum formula with average ranks for ties (= sklearn's roc_auc_score). NaN for a row
     with a single class."""
+    from scipy.stats import rankdata  # scipy.stats: ~1 s, only when a gate runs
+
     ranks = rankdata(scores, axis=1)
     positives = labels.sum(axis=1)
     negatives = labels.shape[1] - positives

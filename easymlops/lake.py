@@ -3,75 +3,120 @@ sessionized Parquet partitioned by event date, read by dbt)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
-
-import polars as pl
-import pyarrow.fs as pafs
-from confluent_kafka import Consumer, TopicPartition
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError
+from typing import TYPE_CHECKING, Any
 
 from easymlops import s3
-from easymlops.kafka import coordinates, end_offsets, partitions, topic_id
-from easymlops.settings import Settings
 
-# Typed columns of a validated event in the lake (event_time is naive UTC: DuckDB and dbt read
-# it as TIMESTAMP without a zone conversion).
-EVENT_COLUMNS: dict[str, pl.DataType] = {
-    "event_id": pl.String(),
-    "event_time": pl.Datetime("us"),
-    "event_type": pl.String(),
-    "product_id": pl.Int64(),
-    "category_id": pl.Int64(),
-    "category_code": pl.String(),
-    "brand": pl.String(),
-    "price": pl.Float64(),
-    "user_id": pl.Int64(),
-    "user_session": pl.String(),
-}
-KAFKA_COLUMNS: dict[str, pl.DataType] = {
-    "kafka_topic_id": pl.String(),
-    "kafka_partition": pl.Int32(),
-    "kafka_offset": pl.Int64(),
-    "landed_at": pl.Datetime("us"),
-}
-# The fields of schema.DeadLetter, in its order (a test holds them equal: decoding drops any key
-# missing here). Envelopes written before a field existed decode with nulls in it.
-DEAD_LETTER_COLUMNS: dict[str, pl.DataType] = {
-    "payload": pl.String(),
-    "payload_encoding": pl.String(),
-    "payload_bytes": pl.Int64(),
-    "payload_truncated": pl.Boolean(),
-    "error_type": pl.String(),
-    "error_message": pl.String(),
-    "error_field": pl.String(),
-    "source_topic": pl.String(),
-    "source_partition": pl.Int64(),
-    "source_offset": pl.Int64(),
-    "received_at": pl.String(),
-}
+# polars, pyarrow, deltalake and confluent-kafka are imported by the functions that use them:
+# the Dagster definitions import this module, and only the step processes need them. The
+# column dicts below (and `DeltaTable`, `DECODERS`) are built on first access (`__getattr__`).
+if TYPE_CHECKING:
+    import polars as pl
+    from deltalake import DeltaTable
 
-# A logged prediction (serving/prediction_log.py); `features` is the JSON object of the feature
-# values used, `cart_event_time` the request's event_time (null: scored at arrival, `scored_at`).
-PREDICTION_COLUMNS: dict[str, pl.DataType] = {
-    "request_id": pl.String(),
-    "predicted_at": pl.Datetime("us"),
-    "model_name": pl.String(),
-    "model_version": pl.String(),
-    "event_id": pl.String(),
-    "cart_event_time": pl.Datetime("us"),
-    "scored_at": pl.Datetime("us"),
-    "user_id": pl.Int64(),
-    "product_id": pl.Int64(),
-    "user_session": pl.String(),
-    "features": pl.String(),
-    "probability": pl.Float64(),
-}
+    from easymlops.settings import Settings
+
+    EVENT_COLUMNS: dict[str, pl.DataType]
+    KAFKA_COLUMNS: dict[str, pl.DataType]
+    DEAD_LETTER_COLUMNS: dict[str, pl.DataType]
+    PREDICTION_COLUMNS: dict[str, pl.DataType]
+    SILVER_COLUMNS: dict[str, pl.DataType]
+    DECODERS: dict[str, Callable[[list[bytes]], pl.DataFrame]]
+
+
+@functools.cache
+def _columns() -> dict[str, dict[str, pl.DataType]]:
+    """The column dicts by their public names (built once, on first use)."""
+    import polars as pl
+
+    columns: dict[str, dict[str, pl.DataType]] = {}
+    # Typed columns of a validated event in the lake (event_time is naive UTC: DuckDB and dbt
+    # read it as TIMESTAMP without a zone conversion).
+    columns["EVENT_COLUMNS"] = {
+        "event_id": pl.String(),
+        "event_time": pl.Datetime("us"),
+        "event_type": pl.String(),
+        "product_id": pl.Int64(),
+        "category_id": pl.Int64(),
+        "category_code": pl.String(),
+        "brand": pl.String(),
+        "price": pl.Float64(),
+        "user_id": pl.Int64(),
+        "user_session": pl.String(),
+    }
+    columns["KAFKA_COLUMNS"] = {
+        "kafka_topic_id": pl.String(),
+        "kafka_partition": pl.Int32(),
+        "kafka_offset": pl.Int64(),
+        "landed_at": pl.Datetime("us"),
+    }
+    # The fields of schema.DeadLetter, in its order (a test holds them equal: decoding drops any
+    # key missing here). Envelopes written before a field existed decode with nulls in it.
+    columns["DEAD_LETTER_COLUMNS"] = {
+        "payload": pl.String(),
+        "payload_encoding": pl.String(),
+        "payload_bytes": pl.Int64(),
+        "payload_truncated": pl.Boolean(),
+        "error_type": pl.String(),
+        "error_message": pl.String(),
+        "error_field": pl.String(),
+        "source_topic": pl.String(),
+        "source_partition": pl.Int64(),
+        "source_offset": pl.Int64(),
+        "received_at": pl.String(),
+    }
+
+    # A logged prediction (serving/prediction_log.py); `features` is the JSON object of the
+    # feature values used, `cart_event_time` the request's event_time (null: scored at arrival,
+    # `scored_at`).
+    columns["PREDICTION_COLUMNS"] = {
+        "request_id": pl.String(),
+        "predicted_at": pl.Datetime("us"),
+        "model_name": pl.String(),
+        "model_version": pl.String(),
+        "event_id": pl.String(),
+        "cart_event_time": pl.Datetime("us"),
+        "scored_at": pl.Datetime("us"),
+        "user_id": pl.Int64(),
+        "product_id": pl.Int64(),
+        "user_session": pl.String(),
+        "features": pl.String(),
+        "probability": pl.Float64(),
+    }
+    columns["SILVER_COLUMNS"] = {
+        **columns["EVENT_COLUMNS"],
+        "session_seq": pl.Int32(),
+        "event_date": pl.Date(),
+    }
+    return columns
+
+
+def _decoders() -> dict[str, Callable[[list[bytes]], pl.DataFrame]]:
+    return {
+        "validated": _decode_validated,
+        "invalid": _decode_dead_letters,
+        "predictions": _decode_predictions,
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """The module's polars-typed constants and `DeltaTable`, built or imported on first use."""
+    if name == "DeltaTable":
+        from deltalake import DeltaTable
+
+        return DeltaTable
+    if name == "DECODERS":
+        return _decoders()
+    if name.endswith("_COLUMNS") and name in _columns():
+        return _columns()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # The lake root is a local directory or s3://bucket/prefix. Delta tables and Parquet files are
@@ -118,6 +163,8 @@ def landed_offsets(
 ) -> dict[int, int]:
     """Next offset to land per partition, read from the Delta log's application transactions
     (`app_id`), which are committed atomically with the data. `table`: a path or a snapshot."""
+    from deltalake import DeltaTable
+
     if isinstance(table, str):
         if not DeltaTable.is_deltatable(table):
             return dict.fromkeys(parts, 0)
@@ -140,18 +187,23 @@ def next_offset(reached: int, position: int, end: int) -> int:
 
 
 def _decode_validated(values: list[bytes]) -> pl.DataFrame:
-    frame = pl.read_ndjson(b"\n".join(values), schema={k: pl.String() for k in EVENT_COLUMNS})
+    import polars as pl
+
+    columns = _columns()["EVENT_COLUMNS"]
+    frame = pl.read_ndjson(b"\n".join(values), schema={k: pl.String() for k in columns})
     return frame.with_columns(
         pl.col("event_time")
         .str.to_datetime("%Y-%m-%dT%H:%M:%S%.fZ", time_unit="us")
         .alias("event_time"),
-        *(pl.col(c).cast(t) for c, t in EVENT_COLUMNS.items() if c not in ("event_time",)),
+        *(pl.col(c).cast(t) for c, t in columns.items() if c not in ("event_time",)),
     )
 
 
 def _decode_dead_letters(values: list[bytes]) -> pl.DataFrame:
+    import polars as pl
+
     rows = [json.loads(v) for v in values]
-    return pl.DataFrame(rows, schema=DEAD_LETTER_COLUMNS)
+    return pl.DataFrame(rows, schema=_columns()["DEAD_LETTER_COLUMNS"])
 
 
 def _naive_utc(value: str | None) -> datetime | None:
@@ -161,26 +213,21 @@ def _naive_utc(value: str | None) -> datetime | None:
 
 
 def _decode_predictions(values: list[bytes]) -> pl.DataFrame:
+    import polars as pl
+
     rows = []
     for value in values:
         record = json.loads(value)
         rows.append(
             {
-                **{name: record.get(name) for name in PREDICTION_COLUMNS},
+                **{name: record.get(name) for name in _columns()["PREDICTION_COLUMNS"]},
                 "predicted_at": _naive_utc(record.get("predicted_at")),
                 "cart_event_time": _naive_utc(record.get("event_time")),
                 "scored_at": _naive_utc(record.get("scored_at")),
                 "features": json.dumps(record.get("features") or {}, sort_keys=True),
             }
         )
-    return pl.DataFrame(rows, schema=PREDICTION_COLUMNS)
-
-
-DECODERS: dict[str, Callable[[list[bytes]], pl.DataFrame]] = {
-    "validated": _decode_validated,
-    "invalid": _decode_dead_letters,
-    "predictions": _decode_predictions,
-}
+    return pl.DataFrame(rows, schema=_columns()["PREDICTION_COLUMNS"])
 
 
 def land_topic(
@@ -207,7 +254,14 @@ def land_topic(
     Raises TopicBehindLake when the topic ends before offsets already landed (it was emptied or
     recreated): the table then belongs to another incarnation of the topic.
     """
-    decode = DECODERS[kind]
+    import polars as pl
+    from confluent_kafka import Consumer, TopicPartition
+    from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+    from deltalake.exceptions import CommitFailedError
+
+    from easymlops.kafka import coordinates, end_offsets, partitions, topic_id
+
+    decode = _decoders()[kind]
     parts = partitions(settings, topic)
     incarnation = topic_id(settings, topic)
     # The snapshot the start offsets come from is also the one the commit is checked against:
@@ -328,39 +382,51 @@ def land_topic(
 
 def _empty_schema(kind: str) -> dict[str, pl.DataType]:
     return dict(
-        {"validated": EVENT_COLUMNS, "invalid": DEAD_LETTER_COLUMNS}.get(kind, PREDICTION_COLUMNS)
+        {
+            "validated": _columns()["EVENT_COLUMNS"],
+            "invalid": _columns()["DEAD_LETTER_COLUMNS"],
+        }.get(kind, _columns()["PREDICTION_COLUMNS"])
     )
 
 
 def read_bronze(table_path: str) -> pl.DataFrame:
+    import polars as pl
+    from deltalake import DeltaTable
+
     if not DeltaTable.is_deltatable(table_path):
-        return pl.DataFrame(schema={**EVENT_COLUMNS, **KAFKA_COLUMNS})
+        return pl.DataFrame(schema={**_columns()["EVENT_COLUMNS"], **_columns()["KAFKA_COLUMNS"]})
     return pl.read_delta(table_path)
 
 
-@dataclass
-class SilverResult:
-    rows: int
-    duplicates_removed: int
-    dates: list[str]
-    rows_by_date: dict[str, int] = field(default_factory=dict)
+def _scan_bronze_window(table_path: str, start: date | None, end: date | None) -> pl.LazyFrame:
+    """A lazy scan of the bronze rows whose event_time falls on a date in [start, end): the
+    bounds prune the Delta files by their statistics and the Parquet row groups by theirs, so
+    only files holding events of those dates are read."""
+    import polars as pl
 
-
-def read_bronze_window(table_path: str, start: date | None, end: date | None) -> pl.DataFrame:
-    """Bronze rows whose event_time falls on a date in [start, end) (all rows without bounds).
-    The filter is pushed down to the Parquet statistics of the Delta files."""
-    if not DeltaTable.is_deltatable(table_path):
-        return read_bronze(table_path)
     scan = pl.scan_delta(table_path)
     if start is not None:
         scan = scan.filter(pl.col("event_time") >= datetime.combine(start, dt_time()))
     if end is not None:
         scan = scan.filter(pl.col("event_time") < datetime.combine(end, dt_time()))
-    return scan.collect()
+    return scan
+
+
+def read_bronze_window(table_path: str, start: date | None, end: date | None) -> pl.DataFrame:
+    """Bronze rows whose event_time falls on a date in [start, end) (all rows without bounds).
+    The filter is pushed down to the Parquet statistics of the Delta files."""
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(table_path):
+        return read_bronze(table_path)
+    return _scan_bronze_window(table_path, start, end).collect()
 
 
 def bronze_date_range(settings: Settings) -> tuple[date, date] | None:
     """First and last event date in bronze, or None when it holds no event."""
+    import polars as pl
+    from deltalake import DeltaTable
+
     path = bronze_path(settings, "events")
     if not DeltaTable.is_deltatable(path):
         return None
@@ -376,6 +442,63 @@ def bronze_date_range(settings: Settings) -> tuple[date, date] | None:
     return None if first is None else (first, last)
 
 
+def bronze_rows_by_date(table_path: str, start: date | None, end: date | None) -> dict[date, int]:
+    """Bronze rows (copies included) per event date in [start, end), from the event_time column
+    alone, in a streaming aggregation: the dates silver has to build, one at a time."""
+    import polars as pl
+    from deltalake import DeltaTable
+
+    if not DeltaTable.is_deltatable(table_path):
+        return {}
+    counts = (
+        _scan_bronze_window(table_path, start, end)
+        .group_by(pl.col("event_time").dt.date().alias("event_date"))
+        .len()
+        .collect(engine="streaming")
+    )
+    return dict(sorted(counts.iter_rows()))
+
+
+@dataclass
+class SilverResult:
+    rows: int
+    duplicates_removed: int
+    dates: list[str]
+    rows_by_date: dict[str, int] = field(default_factory=dict)
+
+
+# What silver reads of bronze: the event and the columns that order its copies.
+_LANDING_ORDER = ("landed_at", "kafka_partition", "kafka_offset")
+
+
+def build_silver_date(table_path: str, day: date) -> pl.DataFrame:
+    """The silver rows of one event date: bronze's rows of that date only (the Delta files and
+    row groups of other dates are skipped), deduplicated by event_id (first landed wins), in
+    session order with `session_seq`, the position of the event among its session's events of
+    that date."""
+    import polars as pl
+
+    events = list(_columns()["EVENT_COLUMNS"])
+    # The streaming engine reads the date's rows in batches (~3x faster than the in-memory
+    # engine's scan of the same files here, and it holds only what passes the filter).
+    bronze = (
+        _scan_bronze_window(table_path, day, day + timedelta(days=1))
+        .select(*events, *_LANDING_ORDER)
+        .collect(engine="streaming")
+    )
+    return (
+        bronze.lazy()
+        .sort(*_LANDING_ORDER)
+        .filter(pl.col("event_id").is_first_distinct())
+        .select(events)
+        .sort("user_session", "event_time", "event_id")
+        .with_columns(
+            pl.int_range(pl.len()).over("user_session").cast(pl.Int32).alias("session_seq"),
+        )
+        .collect()
+    )
+
+
 def build_silver(
     settings: Settings, start: date | None = None, end: date | None = None
 ) -> SilverResult:
@@ -385,30 +508,22 @@ def build_silver(
     midnight starts again at 0, so a partition never depends on another), one Parquet file per
     event date.
 
+    One date at a time (`build_silver_date`): copies of an event share its event_time, so
+    deduplicating inside a date is deduplicating globally, and memory holds one date's events,
+    never the table's.
+
     Overwrites: a reader never sees a partial partition (see below); a date of the window with
     no event left in bronze is removed.
     Rebuilding a window twice gives the same files (idempotent).
     """
-    bronze = read_bronze_window(bronze_path(settings, "events"), start, end)
-    # Copies of an event share its event_time, so deduplicating inside a date window is
-    # deduplicating globally.
-    deduped = bronze.sort("landed_at", "kafka_partition", "kafka_offset").unique(
-        subset="event_id", keep="first", maintain_order=True
-    )
-    silver = (
-        deduped.select(list(EVENT_COLUMNS))
-        .with_columns(pl.col("event_time").dt.date().alias("event_date"))
-        .sort("user_session", "event_time", "event_id")
-        .with_columns(
-            pl.int_range(pl.len())
-            .over("user_session", "event_date")
-            .cast(pl.Int32)
-            .alias("session_seq"),
-        )
-    )
+    import pyarrow.fs as pafs
+
+    table_path = bronze_path(settings, "events")
     fs, root = s3.filesystem(silver_events_path(settings))
+    bronze_rows = bronze_rows_by_date(table_path, start, end)
     rows_by_date: dict[str, int] = {}
-    for (event_date,), part in silver.partition_by("event_date", as_dict=True).items():
+    for event_date in bronze_rows:
+        part = build_silver_date(table_path, event_date)
         day = str(event_date)
         directory = f"{root}/event_date={day}"
         final = f"{directory}/part-0.parquet"
@@ -420,10 +535,11 @@ def build_silver(
             fs.create_dir(directory, recursive=True)
             target = f"{directory}/.part-0.parquet.tmp"
         with fs.open_output_stream(target) as out:
-            part.drop("event_date").write_parquet(out)
+            part.write_parquet(out)
         if target != final:
             fs.move(target, final)
         rows_by_date[day] = part.height
+        del part
     # Dates of the window no longer in bronze (e.g. after a lake reset) must not linger.
     for stale in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         day = stale.base_name.removeprefix("event_date=")
@@ -433,9 +549,10 @@ def build_silver(
             and _in_window(day, start, end)
         ):
             fs.delete_dir(stale.path)
+    silver_rows = sum(rows_by_date.values())
     return SilverResult(
-        rows=silver.height,
-        duplicates_removed=bronze.height - deduped.height,
+        rows=silver_rows,
+        duplicates_removed=sum(bronze_rows.values()) - silver_rows,
         dates=sorted(rows_by_date),
         rows_by_date=dict(sorted(rows_by_date.items())),
     )
@@ -449,18 +566,14 @@ def _in_window(day: str, start: date | None, end: date | None) -> bool:
     return (start is None or value >= start) and (end is None or value < end)
 
 
-SILVER_COLUMNS: dict[str, pl.DataType] = {
-    **EVENT_COLUMNS,
-    "session_seq": pl.Int32(),
-    "event_date": pl.Date(),
-}
-
-
 def read_silver(
     settings: Settings, start: date | None = None, end: date | None = None
 ) -> pl.DataFrame:
     """Silver events of the dates in [start, end) (every date without bounds); only the
     partitions of those dates are read."""
+    import polars as pl
+    import pyarrow.fs as pafs
+
     uri = silver_events_path(settings)
     fs, root = s3.filesystem(uri)
     files = sorted(
@@ -472,5 +585,5 @@ def read_silver(
         and _in_window(info.path.split("/")[-2].removeprefix("event_date="), start, end)
     )
     if not files:
-        return pl.DataFrame(schema=SILVER_COLUMNS)
+        return pl.DataFrame(schema=_columns()["SILVER_COLUMNS"])
     return pl.read_parquet(files, hive_partitioning=True)

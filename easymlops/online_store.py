@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-
-import redis
-from redis.typing import EncodableT, FieldT
+from typing import TYPE_CHECKING
 
 from easymlops import features, warehouse
 from easymlops.settings import Settings
+
+# redis is imported by the functions that connect: the Dagster definitions import this module.
+if TYPE_CHECKING:
+    import redis
+    from redis.typing import EncodableT, FieldT
 
 # The row per entity valid on day `as_of` (today): the one with the greatest valid_from <= as_of.
 # Exactly what the training set joins for an event on that day, so history is only ever from
@@ -58,6 +61,8 @@ def materialize(
 ) -> OnlineMaterialization:
     """Write every user's and product's features valid on `as_of` (default: today, UTC);
     returns counts for metadata."""
+    import redis
+
     client = redis.Redis.from_url(settings.redis)
     day = as_of or datetime.now(UTC).date()
     users = rows_as_of(settings, "user_features", "user_id", features.USER_FEATURES, day)
@@ -103,12 +108,16 @@ def materialize(
 
 def materialized_as_of(settings: Settings) -> date | None:
     """The `as_of` day of the last materialization (from `feat:meta`), if any."""
+    import redis
+
     client = redis.Redis.from_url(settings.redis, decode_responses=True)
     value = client.hget(features.META_KEY, "as_of")
     return date.fromisoformat(str(value)) if value else None
 
 
 def read_entity(settings: Settings, key: str) -> dict[str, float]:
+    import redis
+
     client = redis.Redis.from_url(settings.redis, decode_responses=True)
     return {str(k): float(v) for k, v in client.hgetall(key).items()}
 
@@ -136,6 +145,8 @@ def compare_with_warehouse(settings: Settings, as_of: date) -> tuple[str, int, i
                 sql = AS_OF_SQL.format(key=key, columns=", ".join(names), table=table)
                 rows = [r[:-1] for r in con.rows(sql, [as_of, as_of])]
             expected.append((kind, names, rows))
+    import redis
+
     client = redis.Redis.from_url(settings.redis, decode_responses=True)
     mismatches: list[str] = []
     counts = []

@@ -22,21 +22,20 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-
-import mlflow
-import mlflow.xgboost
-import xgboost
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.entities.model_registry import RegisteredModel as RegisteredModelEntity
-from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
-from mlflow.types import ColSpec, Schema
+from typing import TYPE_CHECKING, Any
 
 from easymlops.features import FEATURE_SET_VERSION, MODEL_FEATURES
 from easymlops.settings import Settings
+
+# mlflow (3 s) and xgboost with scikit-learn (2 s) are imported inside the functions that use
+# them: the Dagster code location imports this module, and every step process loads the code
+# location before it runs (tests/test_definitions.py keeps them out of sys.modules).
+if TYPE_CHECKING:
+    import xgboost
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import ModelVersion
+    from mlflow.entities.model_registry import RegisteredModel as RegisteredModelEntity
+    from mlflow.models import ModelSignature
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +69,15 @@ class RegisteredModel:
 
 def client(settings: Settings) -> MlflowClient:
     """A client bound to the settings' server, independent of the process-wide MLflow URI."""
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=settings.mlflow_uri, registry_uri=settings.mlflow_uri)
 
 
 def _signature() -> ModelSignature:
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
     # Declared rather than inferred so that the input schema is exactly MODEL_FEATURES (in order)
     # and logging needs no sample data.
     return ModelSignature(
@@ -110,6 +114,10 @@ def log_and_register(
     bad = {k: v for k, v in metrics.items() if not math.isfinite(float(v))}
     if bad:
         raise ValueError(f"metrics must be finite numbers, got {bad}")
+
+    import mlflow
+    import mlflow.xgboost
+    import xgboost
 
     mlflow.set_tracking_uri(settings.mlflow_uri)
     mlflow.set_registry_uri(settings.mlflow_uri)
@@ -246,6 +254,9 @@ class AliasMove:
 
 def _registered(settings: Settings) -> RegisteredModelEntity | None:
     """The registered model, or None before its first version."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
     try:
         return client(settings).get_registered_model(settings.model_name)
     except MlflowException as exc:
@@ -464,6 +475,10 @@ def load_booster(model_uri: str, settings: Settings) -> xgboost.Booster:
     """Download `model_uri` (`models:/name/version`, `models:/name@alias`, `runs:/...`) from the
     settings' server and load it as a raw Booster (not a pyfunc: serving needs DMatrix
     feature-name checks and nothing of the pyfunc wrapper)."""
+    import mlflow.artifacts
+    import mlflow.xgboost
+    import xgboost
+
     with tempfile.TemporaryDirectory(prefix="easymlops-model-") as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=download_uri(model_uri, settings),

@@ -9,9 +9,13 @@ import importlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import duckdb
-import pyarrow.fs as pafs
+# duckdb and pyarrow are imported by the functions that use them: the Dagster definitions import
+# this module (through the lake), and each step process loads them.
+if TYPE_CHECKING:
+    import duckdb
+    import pyarrow.fs as pafs
 
 # httpfs reads s3:// paths; aws reads the S3 keys from the environment.
 DUCKDB_EXTENSIONS = ("httpfs", "aws")
@@ -23,6 +27,8 @@ def is_s3(uri: str) -> bool:
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem of a lake URI or local path, and the path inside it."""
+    import pyarrow.fs as pafs
+
     if is_s3(uri):
         fs, path = pafs.FileSystem.from_uri(uri)
         return fs, path
@@ -37,6 +43,8 @@ def extension_path(name: str) -> str | None:
         module = importlib.import_module(f"duckdb_extension_{name}")
     except ImportError:
         return None
+    import duckdb
+
     path = (
         Path(module.__file__ or "").parent
         / "extensions"

@@ -5,8 +5,11 @@ After an intended change, regenerate the snapshot with
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +109,86 @@ def test_promotion_gate_and_data_guards_are_blocking(definitions: dg.Definitions
     assert specs[("purchase_model", "promotion_gate")] is True
     assert specs[("silver_events", "silver_events_valid")] is True
     assert specs[("bronze_events", "bronze_events_offsets_unique")] is True
+
+
+# Libraries the code location must not import when it loads: every run, and with the spawn
+# executor every step, loads it in a fresh interpreter (issue 15; `make bench-dagster`).
+HEAVY = ("mlflow", "ray", "xgboost", "sklearn", "scipy", "dagster_k8s", "kubernetes", "dagster_aws")
+LOADED_MODULES = (
+    "import sys, json\n"
+    "{load}\n"
+    "print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))\n"
+)
+
+
+def top_level_modules_after(load: str) -> set[str]:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", LOADED_MODULES.format(load=load)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return set(json.loads(proc.stdout.splitlines()[-1]))
+
+
+def test_loading_the_code_location_imports_no_heavy_library() -> None:
+    prepare_manifest()
+    loaded = top_level_modules_after("import easymlops_assets.definitions as d; d.defs()")
+    assert "dagster_dbt" in loaded  # the probe sees what the definitions import
+    assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_the_cli_imports_neither_dagster_nor_the_data_libraries() -> None:
+    # `easymlops --help` should answer in well under a second: typer, rich, pydantic only.
+    loaded = top_level_modules_after("import easymlops.cli")
+    assert loaded.isdisjoint({*HEAVY, "dagster", "polars", "duckdb", "pyarrow", "deltalake"}), (
+        sorted(loaded & {*HEAVY, "dagster", "polars", "duckdb", "pyarrow", "deltalake"})
+    )
+
+
+def test_the_defs_folder_loads_what_dagsters_own_loader_loads(
+    definitions: dg.Definitions,
+) -> None:
+    from easymlops_assets.definitions import DEFS_FOLDER
+
+    reference = dg.load_from_defs_folder(path_within_project=DEFS_FOLDER).get_repository_def()
+    ours = definitions.get_repository_def()
+    assert ours.asset_graph.get_all_asset_keys() == reference.asset_graph.get_all_asset_keys()
+    assert ours.asset_graph.asset_check_keys == reference.asset_graph.asset_check_keys
+    assert {j.name for j in ours.get_all_jobs()} == {j.name for j in reference.get_all_jobs()}
+    assert {s.name for s in ours.schedule_defs} == {s.name for s in reference.schedule_defs}
+    assert {s.name for s in ours.sensor_defs} == {s.name for s in reference.sensor_defs}
+    assert set(ours.get_top_level_resources()) == set(reference.get_top_level_resources())
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [("forkserver", "multiprocess"), ("spawn", "multiprocess"), ("in_process", "in_process")],
+)
+def test_the_executor_follows_the_setting(
+    kind: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from easymlops.settings import get_settings
+    from easymlops_assets.definitions import defs
+
+    monkeypatch.setenv("EASYMLOPS_DAGSTER_EXECUTOR", kind)
+    get_settings.cache_clear()
+    try:
+        job = defs().resolve_job_def("lakehouse_refresh")
+    finally:
+        get_settings.cache_clear()
+    assert job.executor_def.name == expected
+
+
+def test_the_dbt_version_without_a_subprocess_is_the_one_dbt_reports() -> None:
+    from dagster_dbt import DbtCliResource
+
+    from easymlops_assets.defs.warehouse.assets import dbt_project
+    from easymlops_assets.defs.warehouse.resources import DBT_EXECUTABLE, WarehouseDbt
+
+    # The override replaces something dagster-dbt still has (else it would silently do nothing).
+    assert isinstance(vars(DbtCliResource).get("_cli_version"), functools.cached_property)
+    ours = WarehouseDbt(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)._cli_version
+    probed = DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)._cli_version
+    assert ours == probed

@@ -22,7 +22,6 @@ import time
 from datetime import UTC, datetime
 
 import dagster as dg
-from mlflow.exceptions import MlflowException
 
 from easymlops import alerts, registry
 from easymlops_assets.resources import PlatformConfig
@@ -58,6 +57,8 @@ def _observation(move: registry.AliasMove, model_name: str) -> dg.AssetObservati
 def mlflow_registry_sensor(
     context: dg.SensorEvaluationContext, platform: PlatformConfig
 ) -> dg.SensorResult:
+    from mlflow.exceptions import MlflowException  # imported by registry's calls anyway
+
     settings = platform.settings()
     try:
         current = registry.aliases(settings)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
-from mlflow.exceptions import MlflowException
 
 from easymlops.settings import Settings
 from easymlops_assets.partitions import daily_partitions, single_run, window_dates
@@ -152,6 +151,8 @@ def live_performance(
     their realized, mature labels: AUC with its interval, logloss, Brier score, PR-AUC and
     calibration per model version (easymlops/live.py). The check warns when a version's live
     AUC is more than EASYMLOPS_LIVE_AUC_MARGIN (0.05) below its offline test AUC."""
+    from mlflow.exceptions import MlflowException
+
     from easymlops import live, registry
 
     settings = warehouse.settings()

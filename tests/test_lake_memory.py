@@ -1,0 +1,139 @@
+"""Silver in bounded memory: build_silver works one event date at a time, each date built from
+that date's bronze rows only, with the same result as building the whole table at once; and
+importing the lake loads none of its heavy libraries (the Dagster definitions import it)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+from deltalake import write_deltalake
+
+from easymlops import lake
+from easymlops.settings import Settings
+
+DAYS = [date(2024, 3, 1), date(2024, 3, 2), date(2024, 3, 3)]
+
+
+def event(n: int, day: date, session: str, minute: int) -> dict[str, object]:
+    return {
+        "event_id": f"e{n}",
+        "event_time": datetime.combine(day, datetime.min.time()) + timedelta(minutes=minute),
+        "event_type": "view",
+        "product_id": n,
+        "category_id": 1,
+        "category_code": None,
+        "brand": None,
+        "price": float(n),
+        "user_id": 7,
+        "user_session": session,
+    }
+
+
+def land(table: str, rows: list[dict[str, object]], landing: int) -> None:
+    """One landing (one Delta append), with the Kafka columns as land_topic writes them."""
+    frame = pl.DataFrame(rows, schema=lake.EVENT_COLUMNS).with_columns(
+        pl.lit("topic-id").alias("kafka_topic_id"),
+        pl.lit(0, dtype=pl.Int32).alias("kafka_partition"),
+        (pl.int_range(pl.len(), dtype=pl.Int64) + landing * 1000).alias("kafka_offset"),
+        pl.lit(datetime(2024, 3, 10) + timedelta(seconds=landing)).alias("landed_at"),
+    )
+    write_deltalake(table, frame.to_arrow(), mode="append")
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    settings = Settings(home=tmp_path, lake_uri=str(tmp_path / "lake"))
+    table = lake.bronze_path(settings, "events")
+    # One landing per date, then a landing replaying an event of the second date with another
+    # price: the first landed copy wins.
+    for i, day in enumerate(DAYS):
+        land(table, [event(10 * i + k, day, f"s{k % 2}", 60 - k) for k in range(4)], i)
+    replay = {**event(10, DAYS[1], "s0", 60), "price": -1.0}
+    land(table, [replay], len(DAYS))
+    return settings
+
+
+def test_silver_is_built_one_date_at_a_time(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[tuple[date, set[date]]] = []
+    build_date = lake.build_silver_date
+
+    def spy(table_path: str, day: date) -> pl.DataFrame:
+        part = build_date(table_path, day)
+        built.append((day, set(part["event_time"].dt.date())))
+        return part
+
+    monkeypatch.setattr(lake, "build_silver_date", spy)
+    result = lake.build_silver(settings)
+    # Each date once, and each date's frame holds that date's events only: memory holds one
+    # date's events, never the table's.
+    assert built == [(day, {day}) for day in DAYS]
+    assert result.rows == 12
+    assert result.duplicates_removed == 1
+    assert result.rows_by_date == {str(day): 4 for day in DAYS}
+
+
+def test_a_date_of_silver_is_deduplicated_and_sessionized_from_its_own_rows(
+    settings: Settings,
+) -> None:
+    table = lake.bronze_path(settings, "events")
+    part = lake.build_silver_date(table, DAYS[1])
+    assert part.columns == [*lake.EVENT_COLUMNS, "session_seq"]
+    assert sorted(part["event_id"]) == ["e10", "e11", "e12", "e13"]
+    assert part.filter(pl.col("event_id") == "e10")["price"].to_list() == [10.0]  # first landed
+    # Session order (user_session, event_time), session_seq counting from 0 in each session.
+    assert part.select("user_session", "session_seq").rows() == [
+        ("s0", 0),
+        ("s0", 1),
+        ("s1", 0),
+        ("s1", 1),
+    ]
+    assert part["event_time"].is_sorted() is False  # sorted by session first, not by time
+    assert lake.build_silver_date(table, date(2024, 3, 9)).height == 0
+
+
+def test_silver_by_date_equals_silver_of_the_whole_table(settings: Settings) -> None:
+    lake.build_silver(settings)
+    silver = lake.read_silver(settings).sort("event_id")
+    whole = (
+        lake.read_bronze(lake.bronze_path(settings, "events"))
+        .sort("landed_at", "kafka_partition", "kafka_offset")
+        .unique(subset="event_id", keep="first", maintain_order=True)
+        .select(list(lake.EVENT_COLUMNS))
+        .sort("user_session", "event_time", "event_id")
+        .with_columns(
+            pl.int_range(pl.len())
+            .over("user_session", pl.col("event_time").dt.date())
+            .cast(pl.Int32)
+            .alias("session_seq"),
+            pl.col("event_time").dt.date().alias("event_date"),
+        )
+        .sort("event_id")
+    )
+    assert silver.select(whole.columns).equals(whole)
+    # A window rebuilds its dates only, and leaves the others alone.
+    result = lake.build_silver(settings, DAYS[1], DAYS[2])
+    assert result.dates == [str(DAYS[1])]
+    assert lake.read_silver(settings).height == 12
+
+
+def test_importing_the_lake_loads_no_heavy_library() -> None:
+    code = (
+        "import sys, easymlops.lake as lake; "
+        "print(sorted(m for m in ('polars', 'pyarrow', 'deltalake', 'confluent_kafka') "
+        "if m in sys.modules)); "
+        "print(list(lake.EVENT_COLUMNS)[:2], lake.DeltaTable.__name__, sorted(lake.DECODERS))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert out == [
+        "[]",
+        "['event_id', 'event_time'] DeltaTable ['invalid', 'predictions', 'validated']",
+    ]
