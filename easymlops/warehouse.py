@@ -22,14 +22,20 @@ from easymlops.settings import Settings
 DBT_PROJECT_DIR = Path(__file__).resolve().parent.parent / "dbt_project"
 
 
-def dbt_env(settings: Settings) -> dict[str, str]:
+def dbt_env(settings: Settings, window: tuple[date, date] | None = None) -> dict[str, str]:
     """Environment for dbt: absolute paths, so dbt's working directory does not matter; for a
     lake on S3 also the DuckDB extensions and S3 secret that profiles.yml gives dbt-duckdb (S3
-    endpoint and keys: the AWS_* variables of the environment)."""
+    endpoint and keys: the AWS_* variables of the environment). `window` (first, last date,
+    inclusive) restricts the daily partitioned models (tag:daily) to those dates; without one
+    the variables are set empty, so a window never outlives its run in a process that runs
+    several (macros/daily_window.sql)."""
     settings.warehouse.parent.mkdir(parents=True, exist_ok=True)
+    first, last = (window[0].isoformat(), window[1].isoformat()) if window else ("", "")
     env = {
         "EASYMLOPS_WAREHOUSE_PATH": str(settings.warehouse.resolve()),
         "EASYMLOPS_LAKE_ROOT": settings.lake,
+        "EASYMLOPS_DBT_MIN_DATE": first,
+        "EASYMLOPS_DBT_MAX_DATE": last,
     }
     if settings.warehouse_backend == "postgres":
         # What profiles.yml's postgres target reads: the resource's values, not only the
@@ -43,21 +49,19 @@ def dbt_target(settings: Settings) -> str:
     return settings.warehouse_backend
 
 
-def dbt_vars(settings: Settings, window: tuple[date, date] | None = None) -> str:
-    """--vars of a dbt run; `window` (first, last date, inclusive) restricts the daily
-    partitioned models (tag:daily) to those dates."""
+def dbt_vars(settings: Settings) -> str:
+    """--vars of every dbt run of these settings, and of the parse (`prepare_manifest`): the same
+    for all runs, which partial parsing needs (the dates of a run go in `dbt_env`)."""
     values: dict[str, object] = {
         "lake_root": settings.lake,
         "holdout_days": settings.holdout_days,
         "session_timeout_seconds": settings.session_timeout_seconds,
     }
-    if window is not None:
-        values.update(min_date=window[0].isoformat(), max_date=window[1].isoformat())
     return json.dumps(values)
 
 
-def export_dbt_env(settings: Settings) -> None:
-    os.environ.update(dbt_env(settings))
+def export_dbt_env(settings: Settings, window: tuple[date, date] | None = None) -> None:
+    os.environ.update(dbt_env(settings, window))
 
 
 def connect(settings: Settings, *, read_only: bool = True) -> duckdb.DuckDBPyConnection:
@@ -268,12 +272,20 @@ def replace_date(settings: Settings, table: str, day: date, frame: pl.DataFrame)
         con.close()
 
 
-def prepare_manifest() -> Path:
+def prepare_manifest(settings: Settings | None = None) -> Path:
     """Run `dbt parse` so `target/manifest.json` exists (Dagster builds the dbt assets from it).
 
-    Called by `make`, the CLI and tests before the definitions load, never at import time."""
+    Parsed with the target, --vars and environment a Dagster run of these settings gives dbt, so
+    that its `partial_parse.msgpack` (which dagster-dbt copies into each run's target path) is
+    valid for those runs: dbt parses the whole project again (~5 s of CPU) when the vars, the
+    profile or the target differ from the parse's. Called by `make`, the CLI and tests before
+    the definitions load, never at import time."""
     from dbt.cli.main import dbtRunner
 
+    from easymlops.settings import get_settings
+
+    settings = settings or get_settings()
+    export_dbt_env(settings)
     result = dbtRunner().invoke(
         [
             "parse",
@@ -281,6 +293,10 @@ def prepare_manifest() -> Path:
             str(DBT_PROJECT_DIR),
             "--profiles-dir",
             str(DBT_PROJECT_DIR),
+            "--target",
+            dbt_target(settings),
+            "--vars",
+            dbt_vars(settings),
             "--quiet",
         ]
     )

@@ -13,8 +13,9 @@
 -- Only narrow columns go through the windows: varchar payload (brand, category_code) made
 -- this model ~2x slower at 10M events, so it is not carried here.
 --
--- Daily partitions (Dagster: gold_daily_models): with --vars min_date / max_date (inclusive
--- ISO dates) the run replaces the cart events of those dates and leaves the other dates alone;
+-- Daily partitions (Dagster: gold_daily_models): with EASYMLOPS_DBT_MIN_DATE / _MAX_DATE
+-- (inclusive ISO dates, macros/daily_window.sql) the run replaces the cart events of those
+-- dates and leaves the other dates alone;
 -- without them it rebuilds every date. A date's rows read every event of the sessions active
 -- that date, whatever their date, so a session running past midnight (session features) or a
 -- purchase on the next day (label) gives the same row as a one-shot build.

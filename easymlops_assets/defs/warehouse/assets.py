@@ -6,7 +6,8 @@ after another step:
 - gold_models: everything upstream of the daily models (unpartitioned: staging, sessions,
   dims, user/product feature history, whose rows' validity ends depend on later days);
 - gold_daily_models: the models tagged `daily` (fct_cart_events), partitioned by event date;
-  a run gets its dates as --vars min_date/max_date and a backfill of N dates is one run;
+  a run gets its dates as EASYMLOPS_DBT_MIN_DATE/_MAX_DATE (environment, not --vars: see
+  macros/daily_window.sql) and a backfill of N dates is one run;
 - gold_training_models: what reads the daily models (training_set), unpartitioned.
 """
 
@@ -62,8 +63,8 @@ def _dbt_build(
     """Run `dbt build` for the step's selection on the warehouse's target (duckdb or postgres);
     returns its events and output -> table."""
     settings = warehouse.settings()
-    export_dbt_env(settings)
-    args = ["--target", warehouse.dbt_target, "--vars", dbt_vars(settings, window)]
+    export_dbt_env(settings, window)
+    args = ["--target", warehouse.dbt_target, "--vars", dbt_vars(settings)]
     events = list(dbt.cli(["build", *args], context=context).stream())
     names = {
         e.output_name: context.asset_key_for_output(e.output_name).path[-1]
