@@ -285,21 +285,17 @@ def prepare_manifest(settings: Settings | None = None) -> Path:
     from easymlops.settings import get_settings
 
     settings = settings or get_settings()
-    export_dbt_env(settings)
-    result = dbtRunner().invoke(
-        [
-            "parse",
-            "--project-dir",
-            str(DBT_PROJECT_DIR),
-            "--profiles-dir",
-            str(DBT_PROJECT_DIR),
-            "--target",
-            dbt_target(settings),
-            "--vars",
-            dbt_vars(settings),
-            "--quiet",
-        ]
-    )
+    args = ["parse", "--project-dir", str(DBT_PROJECT_DIR), "--profiles-dir", str(DBT_PROJECT_DIR)]
+    args += ["--target", dbt_target(settings), "--vars", dbt_vars(settings), "--quiet"]
+    # dbt reads its environment from os.environ; the caller's is restored afterwards, so these
+    # values never shadow the settings of a later `get_settings()` in the same process.
+    saved = dict(os.environ)
+    os.environ.update(dbt_env(settings))
+    try:
+        result = dbtRunner().invoke(args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     if not result.success:
         raise RuntimeError(f"dbt parse failed: {result.exception}")
     return DBT_PROJECT_DIR / "target" / "manifest.json"

@@ -605,7 +605,9 @@ def test_a_dagster_run_of_one_date_reuses_the_parse_of_prepare_manifest(tmp_path
     from easymlops.warehouse import dbt_env, dbt_target, dbt_vars, prepare_manifest
 
     settings = Settings(home=tmp_path / "home")
+    before = dict(os.environ)
     prepare_manifest(settings)
+    assert dict(os.environ) == before  # the dbt environment must not outlive the parse
     workdir = tmp_path / "work"
     (workdir / "target").mkdir(parents=True)
     shutil.copy(PROJECT_DIR / "target" / "partial_parse.msgpack", workdir / "target")
