@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune
+.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune bench-dagster
 .PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema promtool k8s-schemas
 
 help: ## list targets
@@ -22,8 +22,12 @@ uv:
 		$(PYTHON) -m pip install --quiet --disable-pip-version-check uv 2>/dev/null || \
 		$(PYTHON) -m pip install --quiet --disable-pip-version-check --user --break-system-packages uv
 
+# --compile-bytecode: the .pyc files are written once here. Python writes them on first import
+# otherwise, except where PYTHONDONTWRITEBYTECODE is set (CI images, some shells): there every
+# process (each Dagster run, dbt, Ray worker) compiled its imports again, ~4 s of CPU per
+# code-location load. Later syncs only check them (~3 s).
 install: uv ## create .venv from uv.lock (Python 3.11)
-	$(UV) sync --frozen
+	$(UV) sync --frozen --compile-bytecode
 
 manifest: install ## dbt parse (Dagster builds the dbt assets from its manifest) + Dagster instance
 	$(RUN) easymlops prepare
@@ -204,6 +208,9 @@ bench-monitoring: install ## batch scoring and prediction logging vs their floor
 
 bench-tune: install ## Ray Tune search (concurrent trials, ASHA) vs the same trials run sequentially
 	$(RUN) python benchmarks/tune.py
+
+bench-dagster: manifest ## code-location load, a no-op run and a one-date backfill of 1,000 events, per executor (needs `make up`)
+	$(RUN) python benchmarks/dagster_runs.py
 
 # PyFlink's own virtualenv (apache-flink pins old pandas/pyarrow/beam; see flink_jobs/README.md).
 FLINK_VENV := .flink-venv
