@@ -257,7 +257,7 @@ SERVICES = (
         profiles=PROFILES,
         needs=("postgres", "s3"),
         prepare=_prepare_code_server,
-        start_timeout=300.0,  # loading the definitions imports dbt, MLflow, XGBoost: ~40 s
+        start_timeout=300.0,  # generous: a cold, busy machine has taken 40 s to load them
         stop_grace=20.0,
     ),
     # A launch from the UI only queues the run (QueuedRunCoordinator): the webserver launches
