@@ -200,8 +200,8 @@ bench-validation: install flink-venv jars ## validator events/s vs a transaction
 	$(RUN) python benchmarks/validation.py
 	$(RUN) python benchmarks/validation.py --broker kafka --no-flink
 
-bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events)
-	$(RUN) python benchmarks/lakehouse.py
+bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events; EVENTS=40000000)
+	$(RUN) python benchmarks/lakehouse.py $(if $(EVENTS),--events $(EVENTS))
 
 bench-monitoring: install ## batch scoring and prediction logging vs their floors (needs `make demo`)
 	$(RUN) python benchmarks/monitoring.py
