@@ -31,5 +31,12 @@ class WarehouseDbt(DbtCliResource):
 @dg.definitions
 def resources() -> dg.Definitions:
     return dg.Definitions(
-        resources={"dbt": WarehouseDbt(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)}
+        resources={
+            # DbtCliResource's own __init__ (inherited) takes a DbtProject; mypy's pydantic
+            # plugin types the subclass's from the field (str) instead.
+            "dbt": WarehouseDbt(
+                project_dir=dbt_project,  # type: ignore[arg-type]
+                dbt_executable=DBT_EXECUTABLE,
+            )
+        }
     )
