@@ -71,7 +71,8 @@ def load_time(env: dict[str, str]) -> tuple[float, float]:
 
 
 def prepare_bronze(env: dict[str, str], events: int, day: date) -> int:
-    """Produce `events` validated events of `day` to a new topic and land them in bronze."""
+    """Produce `events` validated events of `day` to a new topic, land them in bronze, and parse
+    the dbt project for these settings."""
     os.environ.update(env)
     from confluent_kafka import KafkaException
 
@@ -98,6 +99,11 @@ def prepare_bronze(env: dict[str, str], events: int, day: date) -> int:
     landed = lake.land_topic(
         settings, settings.topic_validated, lake.bronze_path(settings, "events"), "validated"
     )
+    # As `make backfill` does (its `manifest` prerequisite): the dbt parse the runs reuse is made
+    # with their settings, here this benchmark's lake and warehouse.
+    from easymlops.warehouse import prepare_manifest
+
+    prepare_manifest(settings)
     return landed.rows
 
 
