@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from easymlops import s3
 
@@ -305,6 +305,8 @@ def land_topic(
     meta_partition: list[int] = []
     meta_offset: list[int] = []
     reached: dict[int, int] = {p: starts[p] for p in todo}
+    traces: dict[bytes, int] = {}  # records per upstream traceparent (the validator's spans)
+    started_ns = time.time_ns()
     try:
         consumer.assign([TopicPartition(topic, p, starts[p]) for p in todo])
         last_message = time.monotonic()
@@ -330,6 +332,11 @@ def land_topic(
                 meta_partition.append(part)
                 meta_offset.append(offset)
                 reached[part] = offset + 1
+                # A consumed record's headers are (name, value) pairs (the stub also allows the
+                # dict a producer may be given).
+                for name, header in cast(list[tuple[str, bytes | None]], message.headers() or []):
+                    if name == "traceparent" and header is not None:
+                        traces[header] = traces.get(header, 0) + 1
             if progress:
                 progress(len(values))
     finally:
@@ -377,7 +384,33 @@ def land_topic(
         )
     result.end_offsets = {**starts, **new_offsets}
     result.delta_version = DeltaTable(table_path).version()
+    _continue_traces(traces, started_ns, topic, table_path, result.delta_version)
     return result
+
+
+def _continue_traces(
+    traces: dict[bytes, int], started_ns: int, topic: str, table_path: str, version: int
+) -> None:
+    """One span per upstream trace among the landed records, child of the validator's span
+    whose traceparent they carry, from the landing's start to its commit."""
+    if not traces:
+        return
+    from easymlops import telemetry
+
+    tracer = telemetry.tracer("easymlops.lake")
+    for header, count in traces.items():
+        span = tracer.start_span(
+            "land",
+            context=telemetry.continued_from(header),
+            start_time=started_ns,
+            attributes={
+                "messaging.source.name": topic,
+                "messaging.batch.message_count": count,
+                "easymlops.lake.table": table_path,
+                "easymlops.lake.delta_version": version,
+            },
+        )
+        span.end()
 
 
 def _empty_schema(kind: str) -> dict[str, pl.DataType]:

@@ -216,6 +216,8 @@ class _Batch:
     valid: int
     errors: Counter[str]
     started: float
+    # per routed record, the traceparent of this validator's span of its trace (None: no trace)
+    traceparents: list[bytes | None]
 
 
 class Validator:
@@ -384,6 +386,7 @@ class Validator:
         valid = 0
         errors: Counter[str] = Counter()
         traces: Counter[bytes] = Counter()  # records per upstream traceparent
+        upstream: list[bytes | None] = []  # each routed record's upstream traceparent
         for message in messages:
             error = message.error()
             if error is not None:
@@ -397,9 +400,12 @@ class Validator:
             sources.append(b"%d:%d" % (partition, offset))
             # A consumed record's headers are a list of (name, value) pairs (the stub also
             # allows the dict a producer may be given).
+            parent = None
             for name, value in cast(list[tuple[str, bytes | None]], message.headers() or []):
                 if name == telemetry.TRACEPARENT and value is not None:
                     traces[value] += 1
+                    parent = value
+            upstream.append(parent)
             record = route(
                 message.value(),
                 key=message.key(),
@@ -421,18 +427,24 @@ class Validator:
                     events = []
         if not routed:
             return
-        self._continue_traces(traces, batch_started)
+        continued = self._continue_traces(traces, batch_started)
+        traceparents = [continued.get(u) if u else None for u in upstream]
         if events:
             redis_done.append(self._apply_sessions(events))
-        batch = _Batch(routed, sources, next_offsets, redis_done, valid, errors, batch_started)
+        batch = _Batch(
+            routed, sources, next_offsets, redis_done, valid, errors, batch_started, traceparents
+        )
         self._finish_commit()  # one transaction at a time: the previous batch's goes first
         self.committing = self.commit_thread.submit(self._commit_batch, batch)
 
-    def _continue_traces(self, traces: Counter[bytes], started: float) -> None:
+    def _continue_traces(self, traces: Counter[bytes], started: float) -> dict[bytes, bytes]:
         """One span per upstream trace in the batch (a producer's chunk: few per batch), child
-        of the producer's span, covering this batch's validation."""
+        of the producer's span, covering this batch's validation. Returns, per upstream
+        traceparent, the traceparent of its span, which the batch's output records carry on
+        (the lake landing continues from it)."""
         if not traces:
-            return
+            return {}
+        continued: dict[bytes, bytes] = {}
         start_ns = time.time_ns() - int((time.monotonic() - started) * 1e9)
         for header, count in traces.items():
             span = self.tracer.start_span(
@@ -445,12 +457,20 @@ class Validator:
                 },
             )
             span.end()
+            continued[header] = telemetry.traceparent(span).encode()
+        return continued
 
     def _commit_batch(self, batch: _Batch) -> None:
         """In the commit thread: commit the batch (retrying through outages), then count it."""
         skipped = self._retrying(
             "Kafka",
-            lambda: self._commit(batch.routed, batch.sources, batch.next_offsets, batch.redis_done),
+            lambda: self._commit(
+                batch.routed,
+                batch.sources,
+                batch.next_offsets,
+                batch.redis_done,
+                batch.traceparents,
+            ),
         )
         # Counted only after the commit, so the stats never include an aborted batch.
         self.stats.consumed += len(batch.routed)
@@ -494,6 +514,7 @@ class Validator:
         sources: Sequence[bytes],
         next_offsets: dict[int, int],
         redis_done: Sequence[Future[int]] = (),
+        traceparents: Sequence[bytes | None] = (),
     ) -> int:
         """Produce the batch and commit its offsets in one transaction; return how many of its
         records were not produced because an aborted transaction left them visible."""
@@ -507,12 +528,14 @@ class Validator:
         valid_topic, invalid_topic = self.settings.topic_validated, self.settings.topic_invalid
         try:
             sink.begin_transaction()
-            for record, source in zip(routed, sources, strict=True):
+            for i, (record, source) in enumerate(zip(routed, sources, strict=True)):
                 if leaked and source in leaked:
                     skipped += 1
                     continue
                 topic = valid_topic if record.destination == "valid" else invalid_topic
                 headers: list[tuple[str, str | bytes | None]] = [(SOURCE_HEADER, source)]
+                if traceparents and traceparents[i] is not None:
+                    headers.append((telemetry.TRACEPARENT, traceparents[i]))
                 try:
                     produce(topic, record.value, record.key, headers=headers)
                 except BufferError:  # local queue full: let deliveries drain

@@ -1,11 +1,13 @@
 """A trace follows an event across processes: `easymlops produce` starts it and puts the W3C
-`traceparent` in each record's Kafka headers; the validator continues it, on the real broker.
-Spans are read from an in-memory exporter."""
+`traceparent` in each record's Kafka headers; the validator continues it and puts its own span's
+traceparent on the records it writes; the lake landing continues it from those, on the real
+broker. Spans are read from an in-memory exporter."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
@@ -14,7 +16,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from typer.testing import CliRunner
 
-from easymlops import telemetry
+from easymlops import lake, telemetry
 from easymlops.cli import app
 from easymlops.kafka import ensure_topics, partitions
 from easymlops.settings import Settings, get_settings
@@ -42,8 +44,11 @@ def named(spans: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
     return [span for span in spans.get_finished_spans() if span.name == name]
 
 
-def test_a_trace_started_by_produce_is_continued_by_the_validator(
-    stack: Settings, spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+def test_a_trace_started_by_produce_is_continued_by_the_validator_and_the_landing(
+    stack: Settings,
+    spans: InMemorySpanExporter,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     name = f"test.trace.{uuid.uuid4().hex[:8]}"
     settings = stack.model_copy(
@@ -108,3 +113,23 @@ def test_a_trace_started_by_produce_is_continued_by_the_validator(
         counted[span.context.trace_id] = counted.get(span.context.trace_id, 0) + count
     assert sorted(counted.values()) == [500, 1000, 1000]
     assert set(counted) == {span.context.trace_id for span in produced}
+
+    # The landing continues each trace from the validator's span its records carry.
+    landed = lake.land_topic(
+        settings, settings.topic_validated, str(tmp_path / "bronze"), "validated"
+    )
+    assert landed.rows == stats.valid
+    landing = named(spans, "land")
+    validator_spans = {span.context.span_id: span for span in validated}
+    for span in landing:
+        assert span.parent is not None and span.parent.is_remote
+        parent = validator_spans[span.parent.span_id]  # a validator span, not the producer's
+        assert span.context.trace_id == parent.context.trace_id
+    landed_per_trace: dict[int, int] = {}
+    for span in landing:
+        assert span.attributes is not None
+        count = int(str(span.attributes["messaging.batch.message_count"]))
+        trace_id = span.context.trace_id
+        landed_per_trace[trace_id] = landed_per_trace.get(trace_id, 0) + count
+    assert sum(landed_per_trace.values()) == stats.valid  # every landed record was traced
+    assert set(landed_per_trace) == {span.context.trace_id for span in produced}
