@@ -303,10 +303,9 @@ def events_after(
 
 
 def launch_full_pipeline(production: Production, first: str, last: str) -> dict[str, Any]:
-    """launchRun as the launchpad sends it: the job in the `easymlops` location, the dates as
-    the partition-range tags, and the in-process executor chosen in the run config (each step
-    of the default multiprocess executor would import the code location again, ~25 s each on
-    2 cores)."""
+    """launchRun as the launchpad sends it: the job in the `easymlops` location and the dates as
+    the partition-range tags; no run config, so the platform's executor runs the steps (in the
+    run's process on one machine: EASYMLOPS_DAGSTER_EXECUTOR's default)."""
     repositories = gql(production, REPOSITORIES)["repositoriesOrError"]
     (repository,) = [
         r for r in repositories["nodes"] if r["location"]["name"] == dagster.CODE_LOCATION
@@ -318,7 +317,6 @@ def launch_full_pipeline(production: Production, first: str, last: str) -> dict[
             "repositoryName": repository["name"],
             "jobName": JOB,
         },
-        "runConfigData": {"execution": {"config": {"in_process": {}}}},
         "executionMetadata": {
             "tags": [
                 {"key": "dagster/asset_partition_range_start", "value": first},
