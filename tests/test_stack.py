@@ -487,3 +487,40 @@ def test_a_start_retry_recovers_from_an_exit_during_startup(
     [status] = stack.up(own, services=["redis"], progress=messages.append)
     assert status.state == "running" and launches == ["crash", "real"]
     assert any("exited during startup; starting it again" in m for m in messages), messages
+
+
+def test_down_stops_every_wave_when_one_service_fails_to_stop(tmp_path: Path) -> None:
+    """A failure while stopping one service (here its after_stop hook) is reported, naming the
+    service, after everything else is stopped: the wave it needs (started first, stopped last)
+    must not be left running."""
+    settings = Settings(home=tmp_path / "home")
+
+    def fail(_settings: Settings, _record: supervisor.Record) -> None:
+        raise OSError("cleanup refused")
+
+    def sleeper(name: str, rank: int, **extra: object) -> supervisor.Spec:
+        return supervisor.Spec(
+            name=name,
+            rank=rank,
+            url=lambda _s: f"test://{name}",
+            health=lambda _s: None,
+            launch=lambda _s: supervisor.Launch(
+                [sys.executable, "-c", "import time; time.sleep(300)"]
+            ),
+            **extra,  # type: ignore[arg-type]
+        )
+
+    base = sleeper("base-sleeper", 1)
+    top = sleeper("top-sleeper", 2, needs=("base-sleeper",), after_stop=fail)
+    supervisor.up(settings, [base, top])
+    records = {s.name: supervisor.read_record(settings, s.name) for s in (base, top)}
+    pids = {name: record.pid for name, record in records.items() if record is not None}
+    assert set(pids) == {"base-sleeper", "top-sleeper"}
+
+    with pytest.raises(supervisor.StackError, match="top-sleeper: cleanup refused") as raised:
+        supervisor.down(settings, [base, top])
+    assert "base-sleeper" in str(raised.value)  # named among the stopped
+    for pid in pids.values():
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert supervisor.read_record(settings, "base-sleeper") is None

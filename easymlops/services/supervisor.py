@@ -868,6 +868,9 @@ def down(
     if not run_dir(settings).is_dir():
         return []
     stopped: set[str] = set()
+    # A service that fails to stop does not keep the next waves running: every wave is brought
+    # down, then the failures are raised together.
+    failures: list[str] = []
     with _locked(settings, say):
         recorded = [s for s in specs if not s.observed() and read_record(settings, s.name)]
         for wave in reversed(waves(recorded)):
@@ -875,7 +878,15 @@ def down(
                 max_workers=len(wave), thread_name_prefix="easymlops-down"
             ) as pool:
                 futures = {s.name: pool.submit(_bring_down, s, settings, say) for s in wave}
-                stopped.update(name for name, future in futures.items() if future.result())
+                for name, future in futures.items():
+                    try:
+                        if future.result():
+                            stopped.add(name)
+                    except Exception as exc:  # reported below, with its name
+                        failures.append(f"{name}: {exc}")
+    if failures:
+        done = ", ".join(spec.name for spec in specs if spec.name in stopped) or "nothing"
+        raise StackError(f"stopping failed for {'; '.join(failures)} (stopped: {done})")
     return [spec.name for spec in specs if spec.name in stopped]
 
 
