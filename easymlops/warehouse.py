@@ -289,13 +289,19 @@ def prepare_manifest(settings: Settings | None = None) -> Path:
     args += ["--target", dbt_target(settings), "--vars", dbt_vars(settings), "--quiet"]
     # dbt reads its environment from os.environ; the caller's is restored afterwards, so these
     # values never shadow the settings of a later `get_settings()` in the same process.
-    saved = dict(os.environ)
-    os.environ.update(dbt_env(settings))
+    env = dbt_env(settings)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     try:
         result = dbtRunner().invoke(args)
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        # Only the keys set above: clearing the whole environment, even briefly, would show
+        # other threads of this process (a code server's) an empty one.
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     if not result.success:
         raise RuntimeError(f"dbt parse failed: {result.exception}")
     return DBT_PROJECT_DIR / "target" / "manifest.json"

@@ -54,9 +54,14 @@ def executor(kind: str) -> dg.ExecutorDefinition:
 
 
 def _defs_modules() -> list[str]:
-    package = DEFS_FOLDER.relative_to(DEFS_FOLDER.parent.parent).parts
     return sorted(
-        ".".join((*package, *path.relative_to(DEFS_FOLDER).with_suffix("").parts))
+        ".".join(
+            (
+                __package__ or "",
+                DEFS_FOLDER.name,
+                *path.relative_to(DEFS_FOLDER).with_suffix("").parts,
+            )
+        )
         for path in DEFS_FOLDER.rglob("*.py")
         if path.name != "__init__.py"
     )
