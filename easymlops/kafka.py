@@ -123,6 +123,41 @@ def consumer(settings: Settings, group_id: str, **overrides: Any) -> Consumer:
     return Consumer(config)
 
 
+# librdkafka does not always flag these retriable on an OffsetFetch, though they are.
+_COORDINATOR_NOT_READY = frozenset(
+    {
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+    }
+)
+
+
+def committed_offsets(
+    client: Consumer, wanted: list[TopicPartition], timeout: float = 30.0
+) -> list[TopicPartition]:
+    """The group's committed offsets of `wanted`, retrying the errors a broker gives while its
+    group coordinator is still being elected or loading `__consumer_offsets` (NOT_COORDINATOR,
+    COORDINATOR_LOAD_IN_PROGRESS...): Apache Kafka answers so for a few seconds after it
+    starts, and librdkafka passes them on rather than retrying."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return client.committed(wanted, timeout=max(deadline - time.monotonic(), 1.0))
+        except KafkaException as exc:
+            error = exc.args[0]
+            if not (
+                isinstance(error, KafkaError)
+                and (error.retriable() or error.code() in _COORDINATOR_NOT_READY)
+            ):
+                raise
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(
+                    f"the group coordinator did not answer within {timeout:g} s ({error.str()})"
+                ) from None
+            time.sleep(0.2)
+
+
 class KafkaUnavailable(RuntimeError):
     """The broker does not answer, or a topic the platform needs is missing."""
 

@@ -200,8 +200,8 @@ def read_group_lag(
         ends = ends_by_topic[topic]
         probe = kafka.consumer(settings, group)  # committed() only: it never joins the group
         try:
-            committed = probe.committed(
-                [TopicPartition(topic, p) for p in sorted(ends)], timeout=timeout
+            committed = kafka.committed_offsets(
+                probe, [TopicPartition(topic, p) for p in sorted(ends)], timeout=timeout
             )
         finally:
             probe.close()

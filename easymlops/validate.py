@@ -44,6 +44,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from easymlops import telemetry
 from easymlops.kafka import (
     KafkaUnavailable,
+    committed_offsets,
     consumer,
     coordinates,
     end_offsets,
@@ -283,7 +284,7 @@ class Validator:
         # on Tansu. A second runner with the same transactional id fences the first.
         topic = self.settings.topic_raw
         wanted = [TopicPartition(topic, p) for p in partitions(self.settings, topic)]
-        committed = self.source.committed(wanted, timeout=30)
+        committed = committed_offsets(self.source, wanted, timeout=30)
         self.source.assign(
             [
                 TopicPartition(
