@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune bench-dagster
+.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune bench-dagster bench bench-readme
 .PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema promtool k8s-schemas
 
 help: ## list targets
@@ -211,6 +211,14 @@ bench-tune: install ## Ray Tune search (concurrent trials, ASHA) vs the same tri
 
 bench-dagster: manifest ## code-location load, a no-op run and a one-date backfill of 1,000 events, per executor (needs `make up`)
 	$(RUN) python benchmarks/dagster_runs.py
+
+# Quick mode, each benchmark in its own process. Serving, monitoring and dagster_runs measure the
+# demo's stack and model: run `make demo` first, or they are recorded as skipped.
+bench: manifest wrk ## every benchmark in quick mode -> benchmarks/results/<UTC date>.json (after `make demo`)
+	$(RUN) python benchmarks/run_all.py
+
+bench-readme: install ## README.md's generated "Measured" table from the newest benchmarks/results file
+	$(RUN) python benchmarks/report.py readme
 
 # PyFlink's own virtualenv (apache-flink pins old pandas/pyarrow/beam; see flink_jobs/README.md).
 FLINK_VENV := .flink-venv

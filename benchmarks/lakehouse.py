@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
+from benchmarks import report
+
 ROOT = Path(__file__).resolve().parent.parent
 PROJECT_DIR = ROOT / "dbt_project"
 DBT = Path(sys.executable).parent / "dbt"
@@ -38,6 +40,10 @@ REPLAY_SHARE = 0.01
 HOLDOUT_DAYS = 1
 SESSION_TIMEOUT_SECONDS = 1800  # label maturity (training_set), passed to dbt as a var too
 GOLD = ("fct_cart_events", "user_features", "product_features", "training_set")
+# Goals (issue 15) at the default size: rows/s at least 4x pandas', at most half its peak memory.
+GOAL_EVENTS = 10_000_000
+GOAL_RATE = 4.0
+GOAL_MEMORY = 0.5
 PATHS = {"project": ("project-silver", "project-gold"), "pandas": ("pandas-silver", "pandas-gold")}
 
 
@@ -521,13 +527,15 @@ def child(stage: str, layout: Layout) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--events", type=int, default=GOAL_EVENTS)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--chunk", type=int, default=500_000, help="events per bronze landing")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved; the best is kept")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--base", help=argparse.SUPPRESS)
+    report.add_arguments(parser)
     args = parser.parse_args()
+    report.apply_quick(parser, args, events=500_000)
     if args.stage:
         return child(args.stage, Layout(Path(args.base)))
 
@@ -581,6 +589,36 @@ def main() -> int:
     say(
         f"ratio project / pandas: rows/s {rate['project'] / rate['pandas']:.2f}, "
         f"peak memory {peak['project'] / peak['pandas']:.2f}"
+    )
+    goal_size = f"set for {GOAL_EVENTS:,} events"
+    report.write(
+        args.json,
+        "lakehouse",
+        [
+            report.Figure(
+                f"bronze -> silver -> gold, project ({args.events:,} events)",
+                rate["project"],
+                "rows/s",
+                report.Baseline("pandas, same transforms", rate["pandas"]),
+                goal=report.Goal("ratio", ">=", GOAL_RATE, goal_size),
+            ),
+            report.Figure(
+                f"peak memory, project ({args.events:,} events)",
+                peak["project"],
+                "MB",
+                report.Baseline("pandas, same transforms", peak["pandas"]),
+                goal=report.Goal("ratio", "<=", GOAL_MEMORY, goal_size),
+            ),
+        ],
+        quick=args.quick,
+        details={
+            "bronze_rows": bronze_rows,
+            "rounds": args.rounds,
+            "stages": {
+                path: {s.name: {"seconds": s.seconds, "peak_mb": s.peak_mb} for s in stages}
+                for path, stages in best.items()
+            },
+        },
     )
     return 0
 

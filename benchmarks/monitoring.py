@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from benchmarks import report
 from easymlops import training
 from easymlops.features import MODEL_FEATURES
 from easymlops.settings import get_settings
@@ -38,7 +39,7 @@ def best_of(rounds: int, run: object) -> float:
     return min(times)
 
 
-def bench_batch(rounds: int) -> int:
+def bench_batch(rounds: int, figures: list[report.Figure]) -> int:
     from serving.batch import load_champion, score_day
 
     settings = get_settings()
@@ -82,10 +83,20 @@ def bench_batch(rounds: int) -> int:
     print(f"  vectorized baseline     {offline.height / base:>10,.0f} carts/s ({base:.3f} s)")
     ratio = (scores.height / batch) / (offline.height / base)
     print(f"  ratio serving code / vectorized throughput: {ratio:.3f}")
+    figures.append(
+        report.Figure(
+            "batch scoring, serving's per-cart feature code",
+            scores.height / batch,
+            "carts/s",
+            report.Baseline(
+                "the same booster on training_set's rows, vectorized", offline.height / base
+            ),
+        )
+    )
     return 0
 
 
-def bench_prediction_log(records: int) -> int:
+def bench_prediction_log(records: int, figures: list[report.Figure]) -> int:
     from easymlops.kafka import end_offsets
     from serving.prediction_log import PredictionLog
 
@@ -120,6 +131,14 @@ def bench_prediction_log(records: int) -> int:
             f"({seconds / records * 1e6:.1f} us each)"
         )
     print(f"  ratio send / encode-only throughput: {encode / send:.3f}")
+    figures.append(
+        report.Figure(
+            f"prediction log send ({delivered:,} of {records:,} on the topic)",
+            records / send,
+            "records/s",
+            report.Baseline("JSON encoding alone", records / encode),
+        )
+    )
     return 0 if delivered == records and left == 0 else 1
 
 
@@ -130,8 +149,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--records", type=int, default=100_000)
+    report.add_arguments(parser)
     args = parser.parse_args()
-    return bench_batch(args.rounds) or bench_prediction_log(args.records)
+    report.apply_quick(parser, args, rounds=2, records=20_000)
+    figures: list[report.Figure] = []
+    code = bench_batch(args.rounds, figures) or bench_prediction_log(args.records, figures)
+    if code == 0:
+        report.write(args.json, "monitoring", figures, quick=args.quick)
+    return code
 
 
 if __name__ == "__main__":

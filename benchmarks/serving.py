@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if sys.path[0] == str(ROOT / "benchmarks"):
     sys.path[0] = str(ROOT)
 
+from benchmarks import report  # noqa: E402
 from easymlops import nginx  # noqa: E402
 from easymlops.demo import sample_requests  # noqa: E402
 from easymlops.settings import Settings, get_settings  # noqa: E402
@@ -237,7 +238,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--soak", type=float, default=0.0, help="soak for this many seconds")
     parser.add_argument("--variants", action="store_true", help="Serve configurations vs the app")
+    report.add_arguments(parser)  # --json: the default mode's figures only
     args = parser.parse_args()
+    report.apply_quick(parser, args, seconds=4.0, rounds=2)
     if shutil.which("wrk") is None:
         print("wrk is not installed: run `make wrk`", file=sys.stderr)
         return 1
@@ -298,16 +301,18 @@ def main() -> int:
             process.terminate()
             process.wait(30)
         os.unlink(bodies_file)
-    return report(
+    figures = print_report(
         {k: median_load(v) for k, v in results.items()},
         {k: median_load(v) for k, v in floors.items()},
         parts,
     )
+    report.write(args.json, "serving", figures, quick=args.quick)
+    return 0
 
 
-def report(
+def print_report(
     results: dict[tuple[str, int], Load], floors: dict[str, Load], parts: dict[str, float]
-) -> int:
+) -> list[report.Figure]:
     print(f"\n{'':<14}{'p50 ms':>9}{'p99 ms':>9}{'req/s':>9}{'errors':>8}")
     for c in CONNECTIONS:
         for name in ("serve", "bare", "nginx"):
@@ -323,19 +328,50 @@ def report(
             )
     for name, floor in floors.items():
         print(f"GET /healthz {name}: p50 {floor.p50_ms:.2f} ms, p99 {floor.p99_ms:.2f} ms")
-    seq_p99 = results[("serve", 1)].p99_ms / results[("bare", 1)].p99_ms
-    peak = max(results[("serve", c)].rps for c in CONNECTIONS) / max(
-        results[("bare", c)].rps for c in CONNECTIONS
-    )
+    serve_peak = max(results[("serve", c)].rps for c in CONNECTIONS)
     errors = sum(r.errors for r in results.values())
-    goals = [
-        (f"sequential p99 serve/bare {seq_p99:.2f}x <= 1.5x", seq_p99 <= 1.5),
-        (f"peak throughput serve/bare {peak:.2f}x >= 0.7x", peak >= 0.7),
-        (f"errors {errors} == 0", errors == 0),
+    bare_peak = max(results[("bare", c)].rps for c in CONNECTIONS)
+    figures = [
+        report.Figure(
+            "sequential /predict p99 through Ray Serve (c=1)",
+            results[("serve", 1)].p99_ms,
+            "ms",
+            report.Baseline("bare uvicorn, same app", results[("bare", 1)].p99_ms),
+            goal=report.Goal("ratio", "<=", 1.5),
+        ),
+        report.Figure(
+            "sequential /predict p50 through Ray Serve (c=1)",
+            results[("serve", 1)].p50_ms,
+            "ms",
+            report.Baseline("bare uvicorn, same app", results[("bare", 1)].p50_ms),
+        ),
+        report.Figure(
+            f"peak /predict throughput through Ray Serve (c={'/'.join(map(str, CONNECTIONS))})",
+            serve_peak,
+            "req/s",
+            report.Baseline("bare uvicorn, same app", bare_peak),
+            goal=report.Goal("ratio", ">=", 0.7),
+        ),
+        report.Figure(
+            "errors, all targets and rounds", errors, "", goal=report.Goal("value", "<=", 0)
+        ),
+        report.Figure(
+            "sequential /predict p50 with NGINX in front of Serve",
+            results[("nginx", 1)].p50_ms,
+            "ms",
+            report.Baseline("Ray Serve directly", results[("serve", 1)].p50_ms),
+        ),
     ]
     print()
-    for text, ok in goals:
-        print(f"goal {'met' if ok else 'MISSED'}: {text}")
+    for figure in figures:
+        if figure.goal is not None:
+            measured = f"{figure.value:g}" + (
+                "" if figure.ratio is None else f", ratio {figure.ratio:.2f}x"
+            )
+            print(
+                f"goal {'met' if figure.goal_met else 'MISSED'}: {figure.name}: "
+                f"{figure.goal.text(figure.unit)} ({measured})"
+            )
     seq_serve, seq_bare = results[("serve", 1)].p50_ms, results[("bare", 1)].p50_ms
     in_process = sum(parts.values())
     print("\nWhere one sequential /predict's time goes (p50, ms):")
@@ -349,7 +385,7 @@ def report(
         f"  {'NGINX in front adds':<42}{seq_nginx.p50_ms - seq_serve:>7.2f}"
         f"  (p99 +{seq_nginx.p99_ms - results[('serve', 1)].p99_ms:.2f})"
     )
-    return 0
+    return figures
 
 
 @dataclass(frozen=True)

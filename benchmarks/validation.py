@@ -37,6 +37,7 @@ from typing import Literal
 import redis
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
+from benchmarks import report
 from easymlops import flink_cluster, stack
 from easymlops.generator import GenerationStats, generate_payloads
 from easymlops.kafka import consumer, ensure_topics, partitions, producer
@@ -451,12 +452,21 @@ def run_all(settings: Settings, args: argparse.Namespace, work: Path) -> int:
         f"{n:,} events ({n_invalid:,} invalid), batch size {batch:,}, 1 broker + 1 Redis, "
         f"median of {args.rounds} round(s)"
     )
+    figures: list[report.Figure] = []
     say(f"{'':<32}{'events/s':>10}  every round")
     for name, results in runs.items():
         rounds = ", ".join(f"{r.rate:,.0f}" for r in results)
         say(f"{name:<32}{median[name]:>10,.0f}  {rounds}")
     if flink is not None:
         say(f"{'flink bounded (job time)':<32}{flink.rate:>10,.0f}  {flink_note}")
+        figures.append(
+            report.Figure(
+                "flink bounded job (one run, job time)",
+                flink.rate,
+                "events/s",
+                report.Baseline(f"{BASELINE} (median)", median[BASELINE]),
+            )
+        )
     else:
         say(f"{'flink bounded':<32}{'-':>10}  {flink_note}")
     for name in (FLINK_KAFKA, *RUNNERS):
@@ -468,10 +478,30 @@ def run_all(settings: Settings, args: argparse.Namespace, work: Path) -> int:
             goal = f"goal median >= {GOAL}: {'met' if ratio >= GOAL else 'NOT met'}"
         else:
             goal = "same broker, same topic" if name == FLINK_KAFKA else "for reference"
+        figures.append(
+            report.Figure(
+                f"{name} ({args.broker}, median)",
+                median[name],
+                "events/s",
+                report.Baseline(f"{BASELINE} (median)", median[BASELINE]),
+                ratio=ratio,
+                ratio_note=(
+                    f"median of {len(paired)} paired rounds, {min(paired):.2f}-{max(paired):.2f}"
+                ),
+                goal=report.Goal("ratio", ">=", GOAL) if name == RUNNERS[0] else None,
+            )
+        )
         say(
             f"ratio {name} / passthrough: median {ratio:.2f}, rounds {min(paired):.2f}-"
             f"{max(paired):.2f} ({goal})"
         )
+    report.write(
+        args.json,
+        "validation",
+        figures,
+        quick=args.quick,
+        details={"events": n, "invalid": n_invalid, "rounds": args.rounds, "broker": args.broker},
+    )
     return 0
 
 
@@ -491,7 +521,9 @@ def main() -> int:
         help="kafka: Apache Kafka (make jars), plus the Flink job in Kafka mode on a private "
         "Flink cluster in each round",
     )
+    report.add_arguments(parser)
     args = parser.parse_args()
+    report.apply_quick(parser, args, events=20_000, rounds=2, no_flink=True)
 
     # SIGTERM unwinds like Ctrl-C, so the `finally` below stops the private stack either way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
