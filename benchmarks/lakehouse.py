@@ -485,6 +485,21 @@ class Stage:
     note: str = ""
 
 
+# Linux carries a process's peak RSS across fork and exec into the new program's ru_maxrss, so a
+# stage started from this process (whose peak grew while it generated bronze or compared the
+# outputs) would report at least that peak. A small launcher starts the stage instead and reports
+# the stage's own wall time and ru_maxrss (KiB on Linux).
+LAUNCHER = """\
+import os, subprocess, sys, time
+started = time.monotonic()
+process = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(process.pid, 0)
+with open(sys.argv[1], "w") as out:
+    out.write(f"{time.monotonic() - started} {usage.ru_maxrss}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_stage(layout: Layout, name: str) -> Stage:
     """One stage in a fresh process: its wall time and its peak RSS (ru_maxrss of that process,
     from wait4, so it covers native allocations that tracemalloc would not see)."""
@@ -494,17 +509,22 @@ def run_stage(layout: Layout, name: str) -> Stage:
         command = [sys.executable, __file__, "--stage", name, "--base", str(layout.base)]
         env = dict(os.environ)
     log = layout.run / f"{name}.log"
-    started = time.monotonic()
+    figures = layout.run / f"{name}.usage"
     with log.open("w") as out:
-        process = subprocess.Popen(command, env=env, cwd=layout.run, stdout=out, stderr=out)
-        _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.monotonic() - started
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
+        returncode = subprocess.run(
+            [sys.executable, "-c", LAUNCHER, str(figures), *command],
+            env=env,
+            cwd=layout.run,
+            stdout=out,
+            stderr=out,
+            check=False,
+        ).returncode
+    if returncode != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
-        raise SystemExit(f"stage {name} failed (exit {process.returncode}), see {log}:\n{tail}")
+        raise SystemExit(f"stage {name} failed (exit {returncode}), see {log}:\n{tail}")
+    seconds, maxrss_kib = figures.read_text().split()
     note = dbt_model_seconds(layout) if name == "project-gold" else ""
-    return Stage(name, seconds, usage.ru_maxrss / 1024, note)  # ru_maxrss is in KiB on Linux
+    return Stage(name, float(seconds), int(maxrss_kib) / 1024, note)
 
 
 def dbt_model_seconds(layout: Layout) -> str:
