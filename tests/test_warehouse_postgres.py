@@ -34,7 +34,7 @@ from test_dbt import D1, D3, EVENTS, write_silver
 from test_dbt_postgres import Postgres, postgres  # noqa: F401 (the server fixture)
 
 from easymlops import features, online_store, training, warehouse
-from easymlops.settings import Settings
+from easymlops.settings import Settings, get_settings
 from easymlops.warehouse import prepare_manifest
 from easymlops_assets.partitions import partition_range_tags
 from easymlops_assets.resources import PlatformConfig, Warehouse, platform_resources
@@ -79,12 +79,14 @@ class Warehouses:
 
 
 def _resources(backend: str, platform: PlatformConfig) -> dict[str, object]:
-    from easymlops_assets.defs.warehouse.resources import DBT_EXECUTABLE, dbt_project
+    from easymlops_assets.defs.warehouse.resources import dbt_executable, dbt_project
 
     return {
         "platform": platform,
         "warehouse": Warehouse(platform=platform, warehouse_backend=backend),
-        "dbt": DbtCliResource(project_dir=dbt_project, dbt_executable=DBT_EXECUTABLE),
+        "dbt": DbtCliResource(
+            project_dir=dbt_project, dbt_executable=dbt_executable(get_settings())
+        ),
     }
 
 

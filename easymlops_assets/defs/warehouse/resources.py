@@ -9,18 +9,23 @@ import dagster as dg
 from dagster_dbt import DbtCliResource
 from packaging import version
 
+from easymlops.settings import Settings, get_settings
 from easymlops_assets.defs.warehouse.assets import dbt_project
 
-# The dbt next to this interpreter: correct whether or not the virtualenv is on PATH.
-DBT_EXECUTABLE = str(Path(sys.executable).parent / "dbt")
+
+def dbt_executable(settings: Settings) -> str:
+    """The dbt next to this interpreter (correct whether or not the virtualenv is on PATH), or
+    the fork-server client beside it."""
+    name = "easymlops-dbt" if settings.dbt_forkserver else "dbt"
+    return str(Path(sys.executable).parent / name)
 
 
 class WarehouseDbt(DbtCliResource):
     """DbtCliResource without its `dbt --version` subprocess per step.
 
     dagster-dbt runs `dbt --version` (a whole dbt start, ~3.5 s of CPU here) in every step
-    process to learn whether the executable is dbt Core or dbt Fusion. DBT_EXECUTABLE is the dbt
-    Core of this virtualenv, so its version is the installed dbt-core's
+    process to learn whether the executable is dbt Core or dbt Fusion. dbt_executable() is the
+    dbt Core of this virtualenv, so its version is the installed dbt-core's
     (tests/test_dbt.py compares both)."""
 
     @cached_property
@@ -36,7 +41,7 @@ def resources() -> dg.Definitions:
             # plugin types the subclass's from the field (str) instead.
             "dbt": WarehouseDbt(
                 project_dir=dbt_project,  # type: ignore[arg-type]
-                dbt_executable=DBT_EXECUTABLE,
+                dbt_executable=dbt_executable(get_settings()),
             )
         }
     )
