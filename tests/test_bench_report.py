@@ -1,0 +1,132 @@
+"""`make bench`'s record format, its runner and the README table generated from its results (no
+services, no network: the benchmarks here are tiny scripts in tmp_path)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+from benchmarks import report, run_all
+
+
+def test_readme_table_is_the_newest_results_file() -> None:
+    """README.md's generated block is what the generator makes of the newest committed results
+    file, so the README's figures cannot drift from the data (`make bench-readme` after
+    `make bench`)."""
+    newest = report.newest_results()
+    text = report.README.read_text()
+    block = text.split(report.BEGIN)[1].split(report.END)[0]
+    assert block.strip() == report.readme_block(newest).strip()
+    results = json.loads(newest.read_text())
+    # Every benchmark of the run is in the table, also the skipped and failed ones.
+    for run in results["benchmarks"]:
+        assert f"| {run['name']} |" in block
+
+
+def test_record_round_trips(tmp_path: Path) -> None:
+    figures = [
+        report.Figure(
+            "runner events/s",
+            30_000.0,
+            "events/s",
+            report.Baseline("passthrough", 100_000.0),
+            ratio=0.31,
+            ratio_note="median of 2 paired rounds",
+            goal=report.Goal("ratio", ">=", 0.85),
+        ),
+        report.Figure("load", 2.5, "s", goal=report.Goal("value", "<=", 3.0, "at 10M")),
+        report.Figure("throughput", 50.0, "req/s", report.Baseline("bare", 200.0)),
+    ]
+    path = tmp_path / "record.json"
+    argv = ["benchmarks/tune.py", "--quick", "--json", str(path), "--rounds", "2"]
+    report.write(path, "fake", figures, quick=True, details={"n": 3}, argv=argv)
+    record, read_back = report.read(path)
+    assert read_back == figures
+    assert record["benchmark"] == "fake" and record["quick"] and record["details"] == {"n": 3}
+    # The command is one to paste: the reporting sink is not part of it.
+    assert {f.command for f in read_back} == {"python benchmarks/tune.py --quick --rounds 2"}
+    # The explicit (paired) ratio is kept; the others are value / baseline.
+    assert [f.ratio for f in read_back] == [0.31, None, 0.25]
+    assert [f.goal_met for f in read_back] == [False, True, None]
+
+
+def test_quick_keeps_explicit_flags() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=10_000_000)
+    parser.add_argument("--rounds", type=int, default=5)
+    report.add_arguments(parser)
+    args = parser.parse_args(["--quick", "--rounds", "3"])
+    report.apply_quick(parser, args, events=500_000, rounds=2)
+    assert (args.events, args.rounds) == (500_000, 3)
+    args = parser.parse_args([])
+    report.apply_quick(parser, args, events=500_000, rounds=2)
+    assert (args.events, args.rounds) == (10_000_000, 5)
+
+
+OK_SCRIPT = """
+import sys
+from pathlib import Path
+
+from benchmarks import report
+
+args = sys.argv[1:]
+path = args[args.index("--json") + 1]
+print("measuring ...")
+report.write(
+    Path(path),
+    "good",
+    [report.Figure("speed", 3.0, "x/s", report.Baseline("floor", 6.0))],
+    quick="--quick" in args,
+)
+"""
+
+FAILING_SCRIPT = """
+import sys
+print("starting")
+print("broker unreachable: connection refused", file=sys.stderr)
+sys.exit(3)
+"""
+
+
+def test_failed_benchmark_is_recorded_and_the_run_fails(tmp_path: Path) -> None:
+    good, bad = tmp_path / "good.py", tmp_path / "bad.py"
+    good.write_text(textwrap.dedent(OK_SCRIPT))
+    bad.write_text(textwrap.dedent(FAILING_SCRIPT))
+    silent = tmp_path / "silent.py"
+    silent.write_text("print('forgot the record')\n")
+    benchmarks = [
+        run_all.Benchmark("bad", [sys.executable, str(bad), "--quick"]),
+        run_all.Benchmark("good", [sys.executable, str(good), "--quick"]),
+        run_all.Benchmark("silent", [sys.executable, str(silent)]),
+        run_all.Benchmark(
+            "needs-demo", [sys.executable, str(good)], needs=lambda: "needs `make demo`"
+        ),
+    ]
+    path, code = run_all.run(benchmarks, tmp_path / "results")
+    assert code == 1
+    results = json.loads(path.read_text())
+    runs = {run["name"]: run for run in results["benchmarks"]}
+    assert [run["name"] for run in results["benchmarks"]] == ["bad", "good", "silent", "needs-demo"]
+    assert runs["bad"]["status"] == "failed" and runs["bad"]["exit_code"] == 3
+    assert "broker unreachable: connection refused" in runs["bad"]["tail"]
+    assert runs["good"]["status"] == "ok"
+    [figure] = runs["good"]["figures"]
+    assert (figure["value"], figure["ratio"]) == (3.0, 0.5)
+    assert runs["silent"]["status"] == "failed" and "no record" in runs["silent"]["reason"]
+    assert runs["needs-demo"]["status"] == "skipped"
+    assert runs["needs-demo"]["reason"] == "needs `make demo`"
+    assert results["machine"]["cores"] >= 1 and len(results["git"]["commit"]) == 40
+    # The table names the failure and the skip instead of dropping them.
+    table = report.table(results, "results.json")
+    assert "| bad | **failed**: exit 3 |" in table
+    assert "| needs-demo | **skipped**: needs `make demo` |" in table
+
+
+def test_only_a_skip_does_not_fail_the_run(tmp_path: Path) -> None:
+    skipped = run_all.Benchmark("later", [sys.executable, "-c", "pass"], needs=lambda: "no stack")
+    _, code = run_all.run([skipped], tmp_path)
+    assert code == 0
