@@ -195,3 +195,18 @@ def test_the_dbt_version_without_a_subprocess_is_the_one_dbt_reports() -> None:
     ours = WarehouseDbt(project_dir=dbt_project, dbt_executable=real_dbt)._cli_version
     probed = DbtCliResource(project_dir=dbt_project, dbt_executable=real_dbt)._cli_version
     assert ours == probed
+
+
+def test_the_dbt_steps_skip_only_an_adapter_they_do_not_use() -> None:
+    """WarehouseDbt skips dagster-dbt's in-process adapter; that adapter only serves
+    dagster-dbt's fetch_row_counts/fetch_column_metadata, which no asset may call then."""
+    import inspect
+
+    from dagster_dbt import DbtCliResource
+
+    import easymlops_assets.defs.warehouse.assets as warehouse_assets
+
+    # The override replaces a method dagster-dbt still calls (else it would do nothing).
+    assert "self._initialize_dbt_core_adapter(" in inspect.getsource(DbtCliResource.cli)
+    source = inspect.getsource(warehouse_assets)
+    assert ".fetch_row_counts(" not in source and ".fetch_column_metadata(" not in source
