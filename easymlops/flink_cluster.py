@@ -88,6 +88,25 @@ def rest_url(settings: Settings) -> str:
     return f"http://{settings.host}:{settings.flink_rest_port}"
 
 
+# Flink's Prometheus reporter (a plugin of the distribution, PyFlink's and the image's).
+PROMETHEUS_REPORTER = "org.apache.flink.metrics.prometheus.PrometheusReporterFactory"
+# The series of the validation job's routing counter (flink_jobs/validation_job.py
+# RouteFunction), as that reporter names it; label `destination` = valid | invalid.
+ROUTED_EVENTS_METRIC = "flink_taskmanager_job_task_operator_easymlops_destination_events"
+
+
+def metrics_ports(settings: Settings) -> str:
+    """The port range of the Prometheus reporters: one port for each Flink process."""
+    return f"{settings.flink_metrics_port}-{settings.flink_metrics_port + 1}"
+
+
+def metrics_urls(settings: Settings) -> list[str]:
+    return [
+        f"http://{settings.host}:{port}/metrics"
+        for port in (settings.flink_metrics_port, settings.flink_metrics_port + 1)
+    ]
+
+
 def configuration(settings: Settings, data_dir: Path) -> dict[str, Any]:
     """The cluster's config.yaml, as flat keys."""
     shipped = yaml.safe_load((flink_home() / "conf" / "config.yaml").read_text())
@@ -118,6 +137,10 @@ def configuration(settings: Settings, data_dir: Path) -> dict[str, Any]:
         "restart-strategy.type": "fixed-delay",
         "restart-strategy.fixed-delay.attempts": 2_147_483_647,
         "restart-strategy.fixed-delay.delay": "2 s",
+        # Metrics for Prometheus (the plugin ships with PyFlink): the jobmanager and the
+        # taskmanager each take the first free port of the two.
+        "metrics.reporter.prom.factory.class": PROMETHEUS_REPORTER,
+        "metrics.reporter.prom.port": metrics_ports(settings),
         # Python workers run the interpreter that has pyflink (and the job's imports).
         "python.executable": str(python()),
         "python.client.executable": str(python()),

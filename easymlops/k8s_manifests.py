@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from easymlops import k8s as ek8s
+from easymlops.flink_cluster import PROMETHEUS_REPORTER
 from easymlops.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -339,6 +340,9 @@ def flink_deployment() -> dict[str, Any]:
                 "restart-strategy.type": "fixed-delay",
                 "restart-strategy.fixed-delay.attempts": "2147483647",
                 "restart-strategy.fixed-delay.delay": "10 s",
+                # The job's routing counters and Flink's own metrics, for Prometheus.
+                "metrics.reporter.prom.factory.class": PROMETHEUS_REPORTER,
+                "metrics.reporter.prom.port": "9249",
             },
             "podTemplate": {
                 "metadata": {"labels": dict(PART_OF)},

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     flink_rest_port: int = 18081
     flink_rpc_port: int = 16123
     flink_taskmanager_port: int = 16124
+    # First of the two ports of the Flink processes' Prometheus reporters (jobmanager and
+    # taskmanager each take the first free one).
+    flink_metrics_port: int = 19249
 
     # Deployed in Kubernetes (infra/k8s/): the code location adds the asset that submits the
     # Flink validation job through dagster-k8s's PipesK8sClient (easymlops_assets/k8s.py).

@@ -90,6 +90,17 @@ class RouteFunction(ProcessFunction):
     goes to the main output as (key, value, Event), a dead letter to the DEAD_LETTERS side output
     as Row(key, value)."""
 
+    def open(self, runtime_context: RuntimeContext) -> None:
+        # Flink's metric system counts what the job routed, per destination. The cluster's
+        # Prometheus reporter (easymlops.flink_cluster) exports them as
+        # flink_taskmanager_job_task_operator_easymlops_destination_events{destination=...},
+        # the Flink counterpart of the local runner's easymlops_validator_events_total.
+        group = runtime_context.get_metrics_group().add_group("easymlops")
+        self.routed = {
+            destination: group.add_group("destination", destination).counter("events")
+            for destination in ("valid", "invalid")
+        }
+
     def process_element(self, value: Row, ctx: ProcessFunction.Context) -> Any:
         routed = route(
             value[1],
@@ -99,6 +110,7 @@ class RouteFunction(ProcessFunction):
             offset=value[4],
             received_at=datetime.now(UTC),
         )
+        self.routed[routed.destination].inc()
         if routed.destination == "valid":
             yield routed.key, routed.value, routed.event
         else:

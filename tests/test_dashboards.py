@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 from prometheus_client.metrics import MetricWrapperBase
 
-from easymlops import platform_metrics
+from easymlops import flink_cluster, platform_metrics
 from serving.metrics import ServingMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +53,9 @@ def platform_metric_names() -> set[str]:
 
 
 def exported_names() -> set[str]:
-    return prometheus_client_names() | otel_names() | platform_metric_names() | BUILTIN
+    # The Flink job's routing counter: tests/test_flink_kafka.py scrapes it from a real cluster.
+    flink = {flink_cluster.ROUTED_EVENTS_METRIC}
+    return prometheus_client_names() | otel_names() | platform_metric_names() | flink | BUILTIN
 
 
 def unit_suffix(unit: str) -> str:

@@ -55,6 +55,42 @@ JOB_START_TIMEOUT = 240.0
 CHECKPOINT_MS = 1000
 
 
+def free_port_pair() -> int:
+    """A free port whose successor is free too (the Flink processes' metrics ports)."""
+    import socket
+
+    for _ in range(100):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free consecutive ports")
+
+
+ROUTED = re.compile(
+    rf'^{flink_cluster.ROUTED_EVENTS_METRIC}\{{[^}}]*destination="(\w+)"[^}}]*\}} ([0-9.eE+]+)$',
+    re.MULTILINE,
+)
+
+
+def routed_by_flink(settings: Settings) -> Counter[str]:
+    """What the job's metrics say it routed, per destination, as Prometheus scrapes them."""
+    import httpx
+
+    counts: Counter[str] = Counter()
+    for url in flink_cluster.metrics_urls(settings):
+        try:
+            text = httpx.get(url, timeout=5).text
+        except httpx.TransportError:
+            continue  # the jobmanager's or the taskmanager's reporter: one may hold either
+        for destination, value in ROUTED.findall(text):
+            counts[destination] += int(float(value))
+    return counts
+
+
 @pytest.fixture(scope="module")
 def cluster(
     apache_kafka: Settings, stack: Settings, tmp_path_factory: pytest.TempPathFactory
@@ -65,6 +101,7 @@ def cluster(
         flink_rest_port=free_port(),
         flink_rpc_port=free_port(),
         flink_taskmanager_port=free_port(),
+        flink_metrics_port=free_port_pair(),
         kafka_bootstrap=apache_kafka.bootstrap_servers,
         redis_url=stack.redis,
     )
@@ -151,6 +188,11 @@ def test_conservation_and_parity_with_the_local_runner(topics: Settings) -> None
     job_id = submit(topics)
     try:
         wait_for_output(topics, produced)
+        # The job's own counters reach Prometheus as each Python bundle finishes.
+        deadline = time.monotonic() + 30
+        while sum((routed := routed_by_flink(topics)).values()) < produced:
+            assert time.monotonic() < deadline, f"Flink's metrics count {dict(routed)}"
+            time.sleep(1)
     finally:
         flink_cluster.cancel(topics, job_id)
     events = assert_conserved(topics, produced)
@@ -181,6 +223,7 @@ def test_conservation_and_parity_with_the_local_runner(topics: Settings) -> None
 
     flink_valid = records(topics, topics.topic_validated)
     assert flink_valid == records(runner, runner.topic_validated)
+    assert routed == {"valid": stats.valid, "invalid": stats.invalid}
     flink_invalid = dead_letters(topics)
     assert sum(flink_invalid.values()) > 0, "the input must hold invalid events"
     assert flink_invalid == dead_letters(runner)
