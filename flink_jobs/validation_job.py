@@ -3,10 +3,12 @@ real-time session features in Redis. Production counterpart of `easymlops valida
 
 Topology (built once, by `build_topology`, for both modes):
 
-    raw messages Row(key, value, topic, partition, offset)
+    raw messages Row(key, value, topic, partition, offset, headers)
       -> RouteFunction: easymlops.schema.route(...)      (the rules are imported, never copied)
-           main output   validated (key, value, Event)  -> Row(key, value) -> valid sink
-           side output   dead letters Row(key, value)   -> invalid sink
+           main output   validated (key, value, Event, headers)
+                           -> Row(key, value, headers) -> valid sink
+           side output   dead letters Row(key, value, headers) -> invalid sink
+         (headers: the raw message's `traceparent`, forwarded: forwarded_headers)
       -> SessionEventField: easymlops.session_features.event_field, per validated event
          (user_session, {e:{event_id}: "micros|rank|product"})   -> session sink
 
@@ -68,11 +70,15 @@ from easymlops.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BYTES = Types.PRIMITIVE_ARRAY(Types.BYTE())
+HEADERS = Types.MAP(Types.STRING(), BYTES)
 # One raw Kafka message, as both sources produce it.
-RAW_FIELDS = ["key", "value", "topic", "partition", "offset"]
-RAW_TYPE = Types.ROW_NAMED(RAW_FIELDS, [BYTES, BYTES, Types.STRING(), Types.INT(), Types.LONG()])
-# One record to produce: what the Kafka sinks serialize (field 0 = key, field 1 = value).
-RECORD_TYPE = Types.ROW_NAMED(["key", "value"], [BYTES, BYTES])
+RAW_FIELDS = ["key", "value", "topic", "partition", "offset", "headers"]
+RAW_TYPE = Types.ROW_NAMED(
+    RAW_FIELDS, [BYTES, BYTES, Types.STRING(), Types.INT(), Types.LONG(), HEADERS]
+)
+# One record to produce: what the Kafka sinks serialize (key, value and record headers).
+RECORD_TYPE = Types.ROW_NAMED(["key", "value", "headers"], [BYTES, BYTES, HEADERS])
+TRACEPARENT = "traceparent"  # the W3C trace context header (easymlops.telemetry.TRACEPARENT)
 DEAD_LETTERS = OutputTag("dead-letters", RECORD_TYPE)
 
 DEFAULT_GROUP_ID = "easymlops-flink-validator"
@@ -85,10 +91,18 @@ KAFKA_CONNECTOR_HINT = (
 
 
 # ---- the topology ---------------------------------------------------------------------------
+def forwarded_headers(raw_headers: dict[str, bytes] | None) -> dict[str, bytes]:
+    """The headers an output record carries over from its raw message: the producer's
+    `traceparent`, so landing continues the producer's trace (what the local runner forwards
+    when tracing is off; the job has no spans of its own)."""
+    traceparent = (raw_headers or {}).get(TRACEPARENT)
+    return {TRACEPARENT: traceparent} if traceparent is not None else {}
+
+
 class RouteFunction(ProcessFunction):
     """Validate each raw message with `easymlops.schema.route` (never raises): a validated event
-    goes to the main output as (key, value, Event), a dead letter to the DEAD_LETTERS side output
-    as Row(key, value)."""
+    goes to the main output as (key, value, Event, headers), a dead letter to the DEAD_LETTERS
+    side output as Row(key, value, headers)."""
 
     def open(self, runtime_context: RuntimeContext) -> None:
         # Flink's metric system counts what the job routed, per destination. The cluster's
@@ -111,17 +125,19 @@ class RouteFunction(ProcessFunction):
             received_at=datetime.now(UTC),
         )
         self.routed[routed.destination].inc()
+        headers = forwarded_headers(value[5])
         if routed.destination == "valid":
-            yield routed.key, routed.value, routed.event
+            yield routed.key, routed.value, routed.event, headers
         else:
-            yield DEAD_LETTERS, Row(routed.key, routed.value)
+            yield DEAD_LETTERS, Row(routed.key, routed.value, headers)
 
 
 class ToRecord(MapFunction):
-    """(key, value, Event) -> Row(key, value), the typed form the sinks serialize."""
+    """(key, value, Event, headers) -> Row(key, value, headers), the typed form the sinks
+    serialize."""
 
-    def map(self, value: tuple[bytes, bytes, Event]) -> Row:
-        return Row(value[0], value[1])
+    def map(self, value: tuple[bytes, bytes, Event, dict[str, bytes]]) -> Row:
+        return Row(value[0], value[1], value[3])
 
 
 class BySession(KeySelector):
@@ -137,7 +153,9 @@ class SessionEventField(MapFunction):
     session's events and serving computes the features from them; a repeated event id rewrites
     the same field."""
 
-    def map(self, value: tuple[bytes, bytes, Event]) -> tuple[str, dict[str, str]]:
+    def map(
+        self, value: tuple[bytes, bytes, Event, dict[str, bytes]]
+    ) -> tuple[str, dict[str, str]]:
         event = value[2]
         name, encoded = event_field(event)
         return event.user_session, {name: encoded}
@@ -145,8 +163,8 @@ class SessionEventField(MapFunction):
 
 @dataclass(frozen=True)
 class Streams:
-    valid: DataStream  # Row(key, value): events.validated
-    invalid: DataStream  # Row(key, value): events.invalid (dead-letter envelopes)
+    valid: DataStream  # Row(key, value, headers): events.validated
+    invalid: DataStream  # Row(key, value, headers): events.invalid (dead-letter envelopes)
     sessions: DataStream  # (user_session, {field: value}): feat:session:{id}, one per event
 
 
@@ -219,7 +237,8 @@ def _kafka_source_ddl(settings: Settings, group_id: str) -> str:
             `value` BYTES,
             `topic` STRING METADATA VIRTUAL,
             `partition` INT METADATA VIRTUAL,
-            `offset` BIGINT METADATA VIRTUAL
+            `offset` BIGINT METADATA VIRTUAL,
+            `headers` MAP<STRING, BYTES> METADATA VIRTUAL
         ) WITH (
             'connector' = 'kafka',
             'topic' = {quote(settings.topic_raw)},
@@ -239,10 +258,10 @@ def _kafka_source_ddl(settings: Settings, group_id: str) -> str:
 def _kafka_sink_ddl(
     table: str, settings: Settings, topic: str, transactional_id_prefix: str, timeout_ms: int
 ) -> str:
-    """A Kafka sink table writing Row(key, value) as the record's raw key and value bytes,
-    exactly once: transactions committed on checkpoints. The Table API's connector rather than
-    the DataStream KafkaSink, whose Python API on PyFlink 2.2 cannot write a Row's bytes field
-    as the key (RowFieldExtractorSchema is 2.3-only)."""
+    """A Kafka sink table writing Row(key, value, headers) as the record's raw key and value
+    bytes and its headers, exactly once: transactions committed on checkpoints. The Table
+    API's connector rather than the DataStream KafkaSink, whose Python API on PyFlink 2.2
+    cannot write a Row's bytes field as the key (RowFieldExtractorSchema is 2.3-only)."""
 
     def quote(text: str) -> str:
         return "'" + text.replace("'", "''") + "'"
@@ -250,7 +269,8 @@ def _kafka_sink_ddl(
     return f"""
         CREATE TEMPORARY TABLE {table} (
             `key` BYTES,
-            `value` BYTES
+            `value` BYTES,
+            `headers` MAP<STRING, BYTES> METADATA
         ) WITH (
             'connector' = 'kafka',
             'topic' = {quote(topic)},
@@ -310,7 +330,9 @@ def run_kafka(args: argparse.Namespace) -> int:
 
     t_env = StreamTableEnvironment.create(env)
     t_env.execute_sql(_kafka_source_ddl(settings, args.group_id))
-    table = t_env.sql_query("SELECT `key`, `value`, `topic`, `partition`, `offset` FROM raw_events")
+    table = t_env.sql_query(
+        "SELECT `key`, `value`, `topic`, `partition`, `offset`, `headers` FROM raw_events"
+    )
     raw = t_env.to_data_stream(table).map(lambda row: row, output_type=RAW_TYPE).name("raw")
     streams = build_topology(raw, settings)
     prefix = args.transactional_id_prefix
@@ -347,7 +369,7 @@ def read_messages(path: Path, topic: str) -> list[Row]:
     lines = data.split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()
-    return [Row(None, line, topic, 0, offset) for offset, line in enumerate(lines)]
+    return [Row(None, line, topic, 0, offset, {}) for offset, line in enumerate(lines)]
 
 
 def _part_file(directory: str) -> Path:

@@ -91,6 +91,54 @@ def routed_by_flink(settings: Settings) -> Counter[str]:
     return counts
 
 
+TRACED = 20  # raw records with a traceparent of their own, to see it forwarded
+
+
+def produce_traced(settings: Settings, seed: int) -> dict[str, bytes]:
+    """TRACED valid events, each with a distinct traceparent header; event id -> traceparent."""
+    from confluent_kafka import Producer
+
+    from easymlops.generator import generate_payloads
+
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    sent: dict[str, bytes] = {}
+    for i, payload in enumerate(generate_payloads(TRACED, days=1, seed=seed)):
+        traceparent = f"00-{i + 1:032x}-{i + 1:016x}-01".encode()
+        producer.produce(settings.topic_raw, payload, headers=[("traceparent", traceparent)])
+        sent[json.loads(payload)["event_id"]] = traceparent
+    assert producer.flush(30) == 0
+    return sent
+
+
+def traceparents(settings: Settings, topic: str) -> dict[str, bytes | None]:
+    """Event id -> the traceparent header of each committed record of `topic` that has one."""
+    reader = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"headers-{uuid.uuid4().hex[:6]}",
+            "isolation.level": "read_committed",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    reader.subscribe([topic])
+    found: dict[str, bytes | None] = {}
+    idle = 0
+    while idle < 6:
+        messages = reader.consume(10_000, timeout=0.5)
+        idle = 0 if messages else idle + 1
+        for m in messages:
+            if m.error() is not None:
+                continue
+            try:  # raw messages include the malformed ones the job dead-letters
+                event_id = json.loads(m.value() or b"")["event_id"]
+            except (ValueError, TypeError, KeyError):
+                continue
+            found[str(event_id)] = dict(m.headers() or []).get("traceparent")
+    reader.close()
+    return found
+
+
 @pytest.fixture(scope="module")
 def cluster(
     apache_kafka: Settings, stack: Settings, tmp_path_factory: pytest.TempPathFactory
@@ -185,6 +233,8 @@ def wait_for_output(settings: Settings, expected: int, timeout: float = 240.0) -
 
 def test_conservation_and_parity_with_the_local_runner(topics: Settings) -> None:
     produced = produce(topics, 5_000, seed=7301)
+    traced = produce_traced(topics, seed=7311)
+    produced += len(traced)
     job_id = submit(topics)
     try:
         wait_for_output(topics, produced)
@@ -223,6 +273,12 @@ def test_conservation_and_parity_with_the_local_runner(topics: Settings) -> None
 
     flink_valid = records(topics, topics.topic_validated)
     assert flink_valid == records(runner, runner.topic_validated)
+    # Each validated record carries its raw message's traceparent, so landing continues the
+    # producer's trace; the producer's own chunks carry theirs (a span's or, untraced, zeros).
+    raw_traceparents = traceparents(topics, topics.topic_raw)
+    flink_traceparents = traceparents(topics, topics.topic_validated)
+    assert {e: flink_traceparents[e] for e in traced} == traced
+    assert flink_traceparents == {e: raw_traceparents[e] for e in flink_traceparents}
     assert routed == {"valid": stats.valid, "invalid": stats.invalid}
     flink_invalid = dead_letters(topics)
     assert sum(flink_invalid.values()) > 0, "the input must hold invalid events"
