@@ -107,6 +107,32 @@ def socket_path() -> Path:
     return socket_dir() / f"{server_key()}.sock"
 
 
+def server_pids(directory: Path) -> list[int]:
+    """Servers listening in `directory` (their command line names their socket there). Their
+    dbt runs, forked, have the same command line and are left out."""
+    found: dict[int, int] = {}  # pid -> parent pid
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if cmdline[1:4] == [b"-m", b"easymlops.dbt_forkserver", b"serve"] and Path(
+            cmdline[4].decode()
+        ).parent == Path(directory):
+            found[int(proc.name)] = parent
+    return sorted(pid for pid, parent in found.items() if parent not in found)
+
+
+def stop_servers(directory: Path) -> list[int]:
+    """Stop the servers of `directory` (their running dbt commands finish on their own)."""
+    pids = server_pids(directory)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    return pids
+
+
 # ---- server ---------------------------------------------------------------------------------
 
 

@@ -46,6 +46,26 @@ def topic_env(settings: Settings) -> dict[str, str]:
     }
 
 
+@pytest.fixture(scope="session", autouse=True)
+def dbt_fork_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The session's dbt commands fork from servers of its own (not a developer's), stopped at
+    the end instead of idling on after it (easymlops/dbt_forkserver.py)."""
+    from easymlops.dbt_forkserver import stop_servers
+
+    directory = tmp_path_factory.mktemp("dbt-fs")
+    directory.chmod(0o700)
+    saved = os.environ.get("EASYMLOPS_DBT_FORKSERVER_DIR")
+    os.environ["EASYMLOPS_DBT_FORKSERVER_DIR"] = str(directory)
+    try:
+        yield directory
+    finally:
+        stop_servers(directory)
+        if saved is None:
+            os.environ.pop("EASYMLOPS_DBT_FORKSERVER_DIR", None)
+        else:
+            os.environ["EASYMLOPS_DBT_FORKSERVER_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Settings]:
     """The embedded stack, up for the whole session; its settings are exported to the

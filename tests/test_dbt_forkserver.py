@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from easymlops.dbt_forkserver import server_pids, stop_servers
 from easymlops.warehouse import DBT_PROJECT_DIR
 
 BIN = Path(sys.executable).parent
@@ -50,21 +51,6 @@ def env(server_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
         "DBT_LOG_FORMAT": "json",
         "DBT_SEND_ANONYMOUS_USAGE_STATS": "false",
     }
-
-
-def server_pids(server_dir: Path) -> list[int]:
-    """Servers whose socket is in `server_dir` (their command line names it)."""
-    pids = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"easymlops.dbt_forkserver" in cmdline and any(
-            arg.startswith(str(server_dir).encode()) for arg in cmdline
-        ):
-            pids.append(int(proc.name))
-    return pids
 
 
 def server_log(server_dir: Path) -> str:
@@ -200,3 +186,16 @@ def test_without_a_private_directory_it_runs_dbt_itself(
     assert result.returncode == 0, result.stdout[-2000:]
     assert "easymlops-dbt: running" in result.stderr and "must belong to uid" in result.stderr
     assert not list(shared.iterdir()), "a server was started in a shared directory"
+
+
+def test_stop_servers_stops_the_server_and_not_other_directories(
+    env: dict[str, str], server_dir: Path, tmp_path: Path
+) -> None:
+    assert dbt(FORKED, ["show", "--inline", "select 1 as one"], env).returncode == 0
+    (server,) = server_pids(server_dir)
+    other = tmp_path / "other"
+    other.mkdir(mode=0o700)
+    assert stop_servers(other) == []
+    assert alive(server)
+    assert stop_servers(server_dir) == [server]
+    assert _wait_gone(server, 10)
