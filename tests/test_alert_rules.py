@@ -26,7 +26,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_rules_parse() -> None:
     done = promtool("check", "rules", "alerts.yml", cwd=RULES_DIR)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 12 rules found" in done.stdout
+    assert "SUCCESS: 13 rules found" in done.stdout
 
 
 def test_every_alert_fires_on_planted_series_and_is_silent_on_healthy_ones() -> None:
@@ -48,6 +48,7 @@ def test_every_alert_fires_on_planted_series_and_is_silent_on_healthy_ones() -> 
     ("alert", "expression_change"),
     [
         ("ValidatorInvalidRatioHigh", ("> 0.05", "> 0.5")),
+        ("FlinkInvalidRatioHigh", ('destination="invalid"', 'destination="valid"')),
         ("ServingErrorRateHigh", ('status=~"5.."', 'status=~"4.."')),
         ("ServingP99High", ("> 0.05", "> 0.5")),
         ("NoChampionServed", ("unless", "and")),
