@@ -125,7 +125,7 @@ def server_pids(directory: Path) -> list[int]:
 
 
 def stop_servers(directory: Path) -> list[int]:
-    """Stop the servers of `directory` (their running dbt commands finish on their own)."""
+    """Ask the servers of `directory` to stop: each exits once its running commands end."""
     pids = server_pids(directory)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
@@ -169,8 +169,25 @@ def serve(path: Path, idle_seconds: float = IDLE_SECONDS) -> None:
     running: dict[int, socket.socket] = {}  # child pid -> its client's connection
     clients: dict[int, int] = {}  # connection fd -> child pid
     last_work = time.monotonic()
+    # SIGTERM: accept nothing more, let the running commands finish (their clients wait for
+    # their exit codes), then exit. A new command meanwhile starts a new server, which takes
+    # over once this one has let go of the lock.
+    stop_requested = False
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    listening = True
     try:
-        while running or time.monotonic() - last_work < idle_seconds:
+        while running or (not stop_requested and time.monotonic() - last_work < idle_seconds):
+            if stop_requested and listening:
+                selector.unregister(listener)
+                listener.close()
+                path.unlink(missing_ok=True)
+                listening = False
+                log(f"stopping: waiting for {len(running)} dbt command(s)")
             for key, _ in selector.select(timeout=0.2):
                 if key.fileobj is listener:
                     conn, _ = listener.accept()
@@ -204,9 +221,10 @@ def serve(path: Path, idle_seconds: float = IDLE_SECONDS) -> None:
                 last_work = time.monotonic()
                 log(f"dbt pid {pid} exited {code}")
     finally:
-        listener.close()
-        path.unlink(missing_ok=True)
-        log("idle; stopped")
+        if listening:
+            listener.close()
+            path.unlink(missing_ok=True)
+        log("stopped" if stop_requested else "idle; stopped")
 
 
 def _fork_run(conn: socket.socket, listener: socket.socket) -> int | None:

@@ -199,3 +199,19 @@ def test_stop_servers_stops_the_server_and_not_other_directories(
     assert alive(server)
     assert stop_servers(server_dir) == [server]
     assert _wait_gone(server, 10)
+
+
+def test_a_stopped_server_lets_its_running_command_finish(
+    env: dict[str, str], server_dir: Path
+) -> None:
+    client, child = _start_long_query(env, server_dir)
+    (server,) = server_pids(server_dir)
+    assert stop_servers(server_dir) == [server]
+    time.sleep(1)
+    assert alive(server) and alive(child), "the server must wait for its running command"
+    assert not list(server_dir.glob("*.sock")), "a stopping server must not accept more"
+    client.send_signal(signal.SIGINT)  # the command ends; its client still gets its code
+    output, _ = client.communicate(timeout=60)
+    assert client.returncode == 2, output[-2000:]
+    assert "without dbt's exit code" not in output
+    assert _wait_gone(server, 10)
