@@ -43,6 +43,7 @@ from tests.conftest import free_port, topic_env
 from tests.test_validator_faults import (
     assert_conserved,
     assert_sessions_match,
+    committed_messages,
     kcat_event_ids,
     produce,
     read_all,
@@ -112,30 +113,13 @@ def produce_traced(settings: Settings, seed: int) -> dict[str, bytes]:
 
 def traceparents(settings: Settings, topic: str) -> dict[str, bytes | None]:
     """Event id -> the traceparent header of each committed record of `topic` that has one."""
-    reader = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"headers-{uuid.uuid4().hex[:6]}",
-            "isolation.level": "read_committed",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
-    reader.subscribe([topic])
     found: dict[str, bytes | None] = {}
-    idle = 0
-    while idle < 6:
-        messages = reader.consume(10_000, timeout=0.5)
-        idle = 0 if messages else idle + 1
-        for m in messages:
-            if m.error() is not None:
-                continue
-            try:  # raw messages include the malformed ones the job dead-letters
-                event_id = json.loads(m.value() or b"")["event_id"]
-            except (ValueError, TypeError, KeyError):
-                continue
-            found[str(event_id)] = dict(m.headers() or []).get("traceparent")
-    reader.close()
+    for m in committed_messages(settings, topic):
+        try:  # raw messages include the malformed ones the job dead-letters
+            event_id = json.loads(m.value() or b"")["event_id"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        found[str(event_id)] = dict(m.headers() or []).get("traceparent")
     return found
 
 

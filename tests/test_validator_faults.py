@@ -21,7 +21,14 @@ from typing import Any
 
 import pytest
 import redis
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from easymlops import stack as stack_module
 from easymlops.features import session_key
@@ -61,8 +68,8 @@ def topics(broker: Broker) -> Iterator[Settings]:
     yield settings
 
 
-def read_all(settings: Settings, topic: str) -> list[tuple[int, int, bytes]]:
-    """(partition, offset, value) of every committed record, read by an independent client."""
+def committed_messages(settings: Settings, topic: str) -> list[Message]:
+    """Every committed record of `topic`, read by an independent client."""
     ends = end_offsets(settings, topic)
     reader = Consumer(
         {
@@ -73,18 +80,24 @@ def read_all(settings: Settings, topic: str) -> list[tuple[int, int, bytes]]:
         }
     )
     reader.assign([TopicPartition(topic, p, 0) for p in partitions(settings, topic)])
-    records: list[tuple[int, int, bytes]] = []
+    messages: list[Message] = []
     deadline = time.monotonic() + 60
     idle = 0
     while idle < 6 and time.monotonic() < deadline:
-        messages = reader.consume(10_000, timeout=0.5)
-        idle = 0 if messages else idle + 1
-        for m in messages:
-            if m.error() is None:
-                records.append((m.partition() or 0, m.offset() or 0, m.value() or b""))
+        batch = reader.consume(10_000, timeout=0.5)
+        idle = 0 if batch else idle + 1
+        messages += [m for m in batch if m.error() is None]
     reader.close()
     assert ends is not None
-    return records
+    return messages
+
+
+def read_all(settings: Settings, topic: str) -> list[tuple[int, int, bytes]]:
+    """(partition, offset, value) of every committed record, read by an independent client."""
+    return [
+        (m.partition() or 0, m.offset() or 0, m.value() or b"")
+        for m in committed_messages(settings, topic)
+    ]
 
 
 def committed_total(settings: Settings) -> int:
