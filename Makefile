@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune bench-dagster bench bench-readme
+.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune bench-dagster bench bench-readme oracle-bound
 .PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema promtool k8s-schemas
 
 help: ## list targets
@@ -208,6 +208,9 @@ bench-monitoring: install ## batch scoring and prediction logging vs their floor
 
 bench-tune: install ## Ray Tune search (concurrent trials, ASHA) vs the same trials run sequentially
 	$(RUN) python benchmarks/tune.py
+
+oracle-bound: install ## the oracle, the best score the demo's history allows (history oracle) and the champion, on the held-out carts (needs `make demo`)
+	$(RUN) python -m easymlops.history_oracle
 
 bench-dagster: manifest ## code-location load, a no-op run and a one-date backfill of 1,000 events, per executor (needs `make up`)
 	$(RUN) python benchmarks/dagster_runs.py

@@ -59,7 +59,7 @@ def _prepare(settings: Settings) -> None:
         postgres.create_database(settings, DATABASE)
 
 
-def _health(settings: Settings) -> str | None:
+def health(settings: Settings) -> str | None:
     uri = settings.mlflow_uri
     if not uri.startswith(("http://", "https://")):
         return None  # a file or database store: there is no server to probe
@@ -71,7 +71,7 @@ SERVICES = (
         name="mlflow",
         rank=30,
         url=lambda s: s.mlflow_uri,
-        health=_health,
+        health=health,
         launch=_launch,
         port_fields=lambda _s: ("mlflow_port",),
         # Only in production-local, where those two are part of `up`.
