@@ -11,7 +11,9 @@ from easymlops_assets.defs.training.assets import MIN_ORACLE_RATIO, model_close_
 
 def run_check(metadata: dict[str, float]) -> dg.AssetCheckResult:
     instance = dg.DagsterInstance.ephemeral()
-    instance.report_runless_asset_event(dg.AssetMaterialization("purchase_model", metadata=metadata))
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("purchase_model", metadata=metadata)
+    )
     result = model_close_to_oracle(dg.build_asset_check_context(instance=instance))
     assert isinstance(result, dg.AssetCheckResult)
     return result
