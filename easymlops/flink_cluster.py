@@ -93,6 +93,10 @@ PROMETHEUS_REPORTER = "org.apache.flink.metrics.prometheus.PrometheusReporterFac
 # The series of the validation job's routing counter (flink_jobs/validation_job.py
 # RouteFunction), as that reporter names it; label `destination` = valid | invalid.
 ROUTED_EVENTS_METRIC = "flink_taskmanager_job_task_operator_easymlops_destination_events"
+# Flink's own jobmanager series behind the restart and not-running alerts: restarts of a job
+# (label `job_id`) since it was submitted, and the number of jobs running.
+RESTARTS_METRIC = "flink_jobmanager_job_numRestarts"
+RUNNING_JOBS_METRIC = "flink_jobmanager_numRunningJobs"
 
 
 def metrics_ports(settings: Settings) -> str:

@@ -26,7 +26,7 @@ def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_rules_parse() -> None:
     done = promtool("check", "rules", "alerts.yml", cwd=RULES_DIR)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "SUCCESS: 13 rules found" in done.stdout
+    assert "SUCCESS: 15 rules found" in done.stdout
 
 
 def test_every_alert_fires_on_planted_series_and_is_silent_on_healthy_ones() -> None:
@@ -49,6 +49,9 @@ def test_every_alert_fires_on_planted_series_and_is_silent_on_healthy_ones() -> 
     [
         ("ValidatorInvalidRatioHigh", ("> 0.05", "> 0.5")),
         ("FlinkInvalidRatioHigh", ('destination="invalid"', 'destination="valid"')),
+        ("FlinkJobRestarting", ("> 0", "> 1")),
+        ("FlinkJobRestarting", ("[15m]", "[5m]")),
+        ("FlinkJobNotRunning", ("< 1", "< 0")),
         ("ServingErrorRateHigh", ('status=~"5.."', 'status=~"4.."')),
         ("ServingP99High", ("> 0.05", "> 0.5")),
         ("NoChampionServed", ("unless", "and")),

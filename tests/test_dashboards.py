@@ -53,8 +53,13 @@ def platform_metric_names() -> set[str]:
 
 
 def exported_names() -> set[str]:
-    # The Flink job's routing counter: tests/test_flink_kafka.py scrapes it from a real cluster.
-    flink = {flink_cluster.ROUTED_EVENTS_METRIC}
+    # The Flink job's routing counter and the jobmanager's restart and running-job gauges:
+    # tests/test_flink_kafka.py scrapes each from a real cluster.
+    flink = {
+        flink_cluster.ROUTED_EVENTS_METRIC,
+        flink_cluster.RESTARTS_METRIC,
+        flink_cluster.RUNNING_JOBS_METRIC,
+    }
     return prometheus_client_names() | otel_names() | platform_metric_names() | flink | BUILTIN
 
 

@@ -77,19 +77,35 @@ ROUTED = re.compile(
 )
 
 
-def routed_by_flink(settings: Settings) -> Counter[str]:
-    """What the job's metrics say it routed, per destination, as Prometheus scrapes them."""
+def scrape(settings: Settings) -> str:
+    """Every Flink process's Prometheus page, as Prometheus scrapes them."""
     import httpx
 
-    counts: Counter[str] = Counter()
+    pages = []
     for url in flink_cluster.metrics_urls(settings):
         try:
-            text = httpx.get(url, timeout=5).text
+            pages.append(httpx.get(url, timeout=5).text)
         except httpx.TransportError:
             continue  # the jobmanager's or the taskmanager's reporter: one may hold either
-        for destination, value in ROUTED.findall(text):
-            counts[destination] += int(float(value))
+    return "\n".join(pages)
+
+
+def routed_by_flink(settings: Settings) -> Counter[str]:
+    """What the job's metrics say it routed, per destination."""
+    counts: Counter[str] = Counter()
+    for destination, value in ROUTED.findall(scrape(settings)):
+        counts[destination] += int(float(value))
     return counts
+
+
+def series(page: str, metric: str, label: str = "") -> list[float]:
+    """Values of `metric`'s series whose labels contain `label` (e.g. 'job_id="..."')."""
+    pattern = rf"^{metric}\{{([^}}]*)\}} ([0-9.eE+-]+)$|^{metric} ([0-9.eE+-]+)$"
+    return [
+        float(value or bare)
+        for labels, value, bare in re.findall(pattern, page, re.MULTILINE)
+        if label in labels
+    ]
 
 
 TRACED = 20  # raw records with a traceparent of their own, to see it forwarded
@@ -227,6 +243,9 @@ def test_conservation_and_parity_with_the_local_runner(topics: Settings) -> None
         while sum((routed := routed_by_flink(topics)).values()) < produced:
             assert time.monotonic() < deadline, f"Flink's metrics count {dict(routed)}"
             time.sleep(1)
+        # A healthy run: the restart alert's series is there and at zero.
+        restarts = series(scrape(topics), flink_cluster.RESTARTS_METRIC, f'job_id="{job_id}"')
+        assert restarts == [0.0], restarts
     finally:
         flink_cluster.cancel(topics, job_id)
     events = assert_conserved(topics, produced)
@@ -307,6 +326,11 @@ def test_taskmanager_killed_mid_stream_restarts_from_the_last_checkpoint(
         wait_for_output(topics, sum(batches))
         restored = flink_cluster.restored_from(topics, job_id)
         assert restored is not None and not restored["is_savepoint"], restored
+        # What the FlinkJobRestarting alert watches (infra/prometheus/alerts.yml) saw it.
+        page = scrape(topics)
+        restarts = series(page, flink_cluster.RESTARTS_METRIC, f'job_id="{job_id}"')
+        assert restarts and restarts[0] >= 1, (restarts, page[:2000])
+        assert series(page, flink_cluster.RUNNING_JOBS_METRIC) == [1.0]
     finally:
         producer.join()
         flink_cluster.cancel(topics, job_id)
