@@ -11,7 +11,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 # code snapshot; the workers use the same .venv anyway.
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
-.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-lakehouse bench-tune bench-dagster bench bench-readme oracle-bound
+.PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-validation-profile bench-lakehouse bench-tune bench-dagster bench bench-readme oracle-bound
 .PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema promtool k8s-schemas
 
 help: ## list targets
@@ -199,6 +199,9 @@ soak-serving: install wrk vegeta ## 10 minutes at half the measured peak: errors
 bench-validation: install flink-venv jars ## validator events/s vs a transactional passthrough, on Tansu, then on Kafka + Flink
 	$(RUN) python benchmarks/validation.py
 	$(RUN) python benchmarks/validation.py --broker kafka --no-flink
+
+bench-validation-profile: install ## CPU per event of each part of the validator (threads, broker, Redis) and the cores it keeps busy
+	$(RUN) python benchmarks/validation_profile.py
 
 bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events; EVENTS=40000000)
 	$(RUN) python benchmarks/lakehouse.py $(if $(EVENTS),--events $(EVENTS))

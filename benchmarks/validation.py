@@ -210,7 +210,7 @@ def passthrough(
         else:
             sink.poll(0)
 
-    committer = ThreadPoolExecutor(1)
+    committer = ThreadPoolExecutor(1, thread_name_prefix="passthrough-commit")
     committing: Future[None] | None = None
     copied = 0
     started = last_message = time.monotonic()
