@@ -57,7 +57,7 @@ class Decisions:
     (a view of a product not yet carted in its session; `y` = it led to a cart) or "buy" (a
     cart; `y` = it was purchased); `v` = views of the product in the session so far."""
 
-    frame: pl.DataFrame  # row, kind, time, day, user, product, session, v, y
+    frame: pl.DataFrame  # row, kind, time, day, user, product, session, v, known, y
     carts: pl.DataFrame  # event_id of each cart -> its "buy" row and its triggering view's row
 
 
@@ -65,44 +65,49 @@ def decisions(events: pl.DataFrame) -> Decisions:
     """`events`: event_id, event_time, event_type, user (world index), product (world index),
     user_session. A cart's triggering view is the last view before it (the generator carts
     right after a view, before the next one); a cart whose view is missing (lost as invalid)
-    counts as a purchase outcome only."""
+    counts as a purchase outcome only. `known` is when a decision's outcome shows: a cart or a
+    purchase when it happens, a view not carted at the session's next event, a cart not bought
+    at the session's end."""
     rows: list[tuple] = []
     cart_rows: list[tuple[str, int, int | None]] = []
     ordered = events.sort("event_time", "event_id").with_columns(day=_day(pl.col("event_time")))
     for (session,), group in ordered.group_by(["user_session"], maintain_order=True):
-        purchased = set(group.filter(pl.col("event_type") == "purchase")["product"].to_list())
+        bought = dict(
+            group.filter(pl.col("event_type") == "purchase")
+            .group_by("product")
+            .agg(pl.col("event_time").min())
+            .iter_rows()
+        )
+        end = group["event_time"].max()
         views: dict[int, int] = {}
         carted: set[int] = set()
         pending: tuple | None = None
         for event_id, time, day, etype, user, product in group.select(
             "event_id", "event_time", "day", "event_type", "user", "product"
         ).iter_rows():
+            trigger = None  # the row of the view that led to this event, if it is a cart
+            if pending is not None and etype in ("view", "cart"):
+                led_to_cart = etype == "cart" and pending[4] == product and product not in carted
+                if led_to_cart:
+                    trigger = len(rows)
+                rows.append((*pending, time, int(led_to_cart)))
+                pending = None
             if etype == "view":
-                if pending is not None:
-                    rows.append((*pending, 0))
-                    pending = None
                 views[product] = views.get(product, 0) + 1
                 if product not in carted:
                     pending = ("cart", time, day, user, product, session, views[product])
             elif etype == "cart" and product not in carted:
-                trigger = None
-                if pending is not None and pending[4] == product:
-                    trigger = len(rows)
-                    rows.append((*pending, 1))
-                elif pending is not None:
-                    rows.append((*pending, 0))
-                pending = None
                 carted.add(product)
                 cart_rows.append((event_id, len(rows), trigger))
                 rows.append(
                     ("buy", time, day, user, product, session, views.get(product, 1),
-                     int(product in purchased))
+                     bought.get(product, end), int(product in bought))
                 )  # fmt: skip
         if pending is not None:
-            rows.append((*pending, 0))
+            rows.append((*pending, end, 0))
     frame = pl.DataFrame(
         rows,
-        schema=["kind", "time", "day", "user", "product", "session", "v", "y"],
+        schema=["kind", "time", "day", "user", "product", "session", "v", "known", "y"],
         orient="row",
     ).with_row_index("row")
     return Decisions(
@@ -172,6 +177,7 @@ def history_scores(
     frame = dec.frame
     user_ll, product_ll = decision_logliks(world, frame)
     time = frame["time"].to_numpy()
+    known = frame["known"].to_numpy()  # when each outcome shows: only those before a cart count
     day = frame["day"].to_numpy()
     session = frame["session"].to_numpy()
     by_user = {k: np.asarray(v) for k, v in frame.group_by("user").agg("row").iter_rows()}
@@ -229,12 +235,12 @@ def history_scores(
             if history == "none":
                 u_sel, p_sel = u_rows[:0], p_rows[:0]
             elif history == "stream":
-                u_sel = u_rows[time[u_rows] < cart_time]
-                p_sel = p_rows[time[p_rows] < cart_time]
+                u_sel = u_rows[known[u_rows] < cart_time]
+                p_sel = p_rows[known[p_rows] < cart_time]
             else:
                 earlier = day[u_rows] < cart_day
                 if history == "day_session":
-                    earlier |= (session[u_rows] == session[row]) & (time[u_rows] < cart_time)
+                    earlier |= (session[u_rows] == session[row]) & (known[u_rows] < cart_time)
                 u_sel = u_rows[earlier]
                 p_sel = p_rows[day[p_rows] < cart_day]
             if trigger is not None and trigger not in set(u_sel.tolist()):
