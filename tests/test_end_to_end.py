@@ -188,7 +188,12 @@ def test_served_predictions_equal_the_offline_ones_for_carts_of_a_held_out_day(
             client.hincrbyfloat(key, "user_views", 1.0)
     with dg.DagsterInstance.get() as instance:
         rerun = dg.materialize(
-            [online_features, serving_deployment],
+            [
+                online_features,
+                online_features_match_warehouse,
+                serving_deployment,
+                served_predictions_match_training,
+            ],
             selection=dg.AssetSelection.checks(
                 online_features_match_warehouse, served_predictions_match_training
             ),
