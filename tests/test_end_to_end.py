@@ -152,14 +152,15 @@ def test_served_predictions_equal_the_offline_ones_for_carts_of_a_held_out_day(
 
     settings = e2e_settings
     day = newest_test_day(settings)
+    definitions = [
+        online_features,
+        online_features_match_warehouse,
+        serving_deployment,
+        served_predictions_match_training,
+    ]
     with dg.DagsterInstance.get() as instance:
         run = dg.materialize(
-            [
-                online_features,
-                online_features_match_warehouse,
-                serving_deployment,
-                served_predictions_match_training,
-            ],
+            definitions,
             instance=instance,
             resources=platform_resources(),
             run_config={"ops": {"online_features": {"config": {"as_of": str(day)}}}},
@@ -188,12 +189,7 @@ def test_served_predictions_equal_the_offline_ones_for_carts_of_a_held_out_day(
             client.hincrbyfloat(key, "user_views", 1.0)
     with dg.DagsterInstance.get() as instance:
         rerun = dg.materialize(
-            [
-                online_features,
-                online_features_match_warehouse,
-                serving_deployment,
-                served_predictions_match_training,
-            ],
+            definitions,
             selection=dg.AssetSelection.checks(
                 online_features_match_warehouse, served_predictions_match_training
             ),
