@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -111,10 +112,18 @@ def _write_home(settings: Settings) -> None:
 
 def _replace(path: Path, text: str) -> None:
     """Write `path` whole or not at all: the three processes' prepare steps rewrite these files
-    while another may be starting and reading them."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    partial.write_text(text)
-    os.replace(partial, path)
+    while another may be starting and reading them. The partial file's name is unique per call:
+    `up` prepares the webserver and the daemon in two threads of one process at the same time,
+    and a name per process let one thread move the other's file away (FileNotFoundError)."""
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 # ---- the code server -------------------------------------------------------------------------
