@@ -243,8 +243,9 @@ def history_scores(
                     earlier |= (session[u_rows] == session[row]) & (known[u_rows] < cart_time)
                 u_sel = u_rows[earlier]
                 p_sel = p_rows[day[p_rows] < cart_day]
-            if trigger is not None and trigger not in set(u_sel.tolist()):
-                # Every scored row is a cart: that this view led to one is known.
+            if trigger is not None:
+                # Every scored row is a cart: that this view led to one is known. (No history
+                # above holds it: its outcome shows at the cart's own time, on the cart's day.)
                 u_sel = np.append(u_sel, trigger)
                 p_sel = np.append(p_sel, trigger)
             counted = history != "none"
