@@ -197,7 +197,9 @@ def submit(settings: Settings, savepoint: str | None = None) -> str:
 
 def output_count(settings: Settings) -> int:
     outputs = (settings.topic_validated, settings.topic_invalid)
-    return sum(len(read_all(settings, topic)) for topic in outputs)
+    # while the job runs, a transaction is open until its next checkpoint: count what is
+    # committed now
+    return sum(len(read_all(settings, topic, wait_for_open=False)) for topic in outputs)
 
 
 def some_output(settings: Settings) -> bool:

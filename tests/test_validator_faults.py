@@ -33,7 +33,7 @@ from confluent_kafka import (
 from easymlops import stack as stack_module
 from easymlops.features import session_key
 from easymlops.generator import generate_payloads
-from easymlops.kafka import end_offsets, ensure_topics, partitions, producer
+from easymlops.kafka import committed_offsets, end_offsets, ensure_topics, partitions, producer
 from easymlops.produce import produce_payloads
 from easymlops.schema import Event, validate_bytes
 from easymlops.session_features import session_fields
@@ -68,35 +68,68 @@ def topics(broker: Broker) -> Iterator[Settings]:
     yield settings
 
 
-def committed_messages(settings: Settings, topic: str) -> list[Message]:
-    """Every committed record of `topic`, read by an independent client."""
-    ends = end_offsets(settings, topic)
+def committed_messages(
+    settings: Settings, topic: str, *, wait_for_open: bool = True, timeout: float = 120
+) -> list[Message]:
+    """Every committed record of `topic`, read by an independent client to the end of each
+    partition. A read_committed reader ends at the last stable offset, so an end short of the
+    high watermark means a transaction is still open there (e.g. its markers not yet written
+    after a broker pause). With `wait_for_open` the reader waits until every partition's end
+    reaches the high watermark it had at the start, and names the partitions if one never
+    does, instead of reading a part of the topic and reporting the rest as lost. Without it
+    (polling a running job) it returns what is committed now."""
     reader = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
             "group.id": f"reader-{uuid.uuid4().hex[:6]}",
             "isolation.level": "read_committed",
             "enable.auto.commit": False,
+            "enable.partition.eof": True,
         }
     )
-    reader.assign([TopicPartition(topic, p, 0) for p in partitions(settings, topic)])
-    messages: list[Message] = []
-    deadline = time.monotonic() + 60
-    idle = 0
-    while idle < 6 and time.monotonic() < deadline:
-        batch = reader.consume(10_000, timeout=0.5)
-        idle = 0 if batch else idle + 1
-        messages += [m for m in batch if m.error() is None]
-    reader.close()
-    assert ends is not None
-    return messages
+    try:
+        parts = [TopicPartition(topic, p, 0) for p in partitions(settings, topic)]
+        highs = {
+            tp.partition: reader.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+            for tp in parts
+        }
+        reader.assign(parts)
+        reached: dict[int, int] = {}  # partition -> offset of its latest end-of-partition
+        messages: list[Message] = []
+        deadline = time.monotonic() + timeout
+        if not wait_for_open:
+            highs = dict.fromkeys(highs, 0)  # any end of partition will do
+        while any(reached.get(p, -1) < high for p, high in highs.items()):
+            if time.monotonic() > deadline:
+                behind = {
+                    p: f"stable end {reached.get(p)}, high watermark {high}"
+                    for p, high in highs.items()
+                    if reached.get(p, -1) < high
+                }
+                raise AssertionError(
+                    f"{topic}: a read_committed reader did not reach the high watermark in "
+                    f"{timeout:.0f} s (a transaction still open?): {behind}"
+                )
+            for message in reader.consume(10_000, timeout=0.5):
+                error = message.error()
+                if error is None:
+                    messages.append(message)
+                elif error.code() == KafkaError._PARTITION_EOF:
+                    reached[message.partition() or 0] = message.offset() or 0
+                else:
+                    raise KafkaException(error)
+        return messages
+    finally:
+        reader.close()
 
 
-def read_all(settings: Settings, topic: str) -> list[tuple[int, int, bytes]]:
+def read_all(
+    settings: Settings, topic: str, *, wait_for_open: bool = True
+) -> list[tuple[int, int, bytes]]:
     """(partition, offset, value) of every committed record, read by an independent client."""
     return [
         (m.partition() or 0, m.offset() or 0, m.value() or b"")
-        for m in committed_messages(settings, topic)
+        for m in committed_messages(settings, topic, wait_for_open=wait_for_open)
     ]
 
 
@@ -117,7 +150,8 @@ def committed_total(settings: Settings) -> int:
         parts = [
             TopicPartition(settings.topic_raw, p) for p in partitions(settings, settings.topic_raw)
         ]
-        return sum(max(tp.offset, 0) for tp in probe.committed(parts, timeout=10))
+        # retried: a broker just started answers NOT_COORDINATOR for a few seconds
+        return sum(max(tp.offset, 0) for tp in committed_offsets(probe, parts, timeout=30))
     finally:
         probe.close()
 
