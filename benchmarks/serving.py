@@ -14,7 +14,8 @@ out of the way (wrk is one client): what NGINX adds to Serve's latency and throu
 
 `--variants` (make bench-serving-variants): the candidates of benchmarks/README.md, each deployed
 as a second Serve app under its own route prefix beside the demo's app, one at a time, and run
-against it in interleaved rounds: @serve.batch at two sizes, and two replicas.
+against it in interleaved rounds: Serve's access log on, @serve.batch at two sizes, and two
+replicas.
 
 `--soak SECONDS` (make soak-serving): first a short run at 8 connections for the peak, then an
 open-loop load at half that rate for SECONDS; prints errors and p99 against the short run's.
@@ -393,9 +394,11 @@ class Variant:
     name: str
     settings: dict[str, object]  # Settings fields that differ from the demo's app
     replicas: int = 1
+    access_log: bool = False
 
 
 VARIANTS = (
+    Variant("Serve's access log on", {}, access_log=True),
     Variant("@serve.batch 8, 1 ms", {"serve_batch_max_size": 8, "serve_batch_wait_ms": 1.0}),
     Variant("@serve.batch 32, 5 ms", {"serve_batch_max_size": 32, "serve_batch_wait_ms": 5.0}),
     Variant("2 replicas", {}, replicas=2),
@@ -419,6 +422,7 @@ def variants(settings: Settings, bodies_file: str, key: str, seconds: float, rou
             app_name="bench-variant",
             route_prefix=prefix,
             replicas=variant.replicas,
+            access_log=variant.access_log,
             num_cpus=0.25,
             timeout=240,
         )

@@ -78,6 +78,7 @@ def deploy(
     route_prefix: str = "/",
     num_cpus: float | None = None,
     replicas: int | None = None,
+    access_log: bool = False,
     force: bool = False,
 ) -> str:
     """Start Serve (HTTP on `settings.listen_host:settings.serve_port`) if it is not running,
@@ -109,7 +110,11 @@ def deploy(
     num_cpus = settings.serve_num_cpus if num_cpus is None else num_cpus
     replicas = settings.serve_replicas if replicas is None else replicas
     fingerprint = deployment_fingerprint(
-        config, num_cpus=num_cpus, replicas=replicas, route_prefix=route_prefix
+        config,
+        num_cpus=num_cpus,
+        replicas=replicas,
+        route_prefix=route_prefix,
+        access_log=access_log,
     )
     if not force and _running_fingerprint(app_name, url) == fingerprint:
         log.info("Serve app %r already runs this configuration at %s", app_name, url)
@@ -117,7 +122,9 @@ def deploy(
         # The decorators make PurchasePredictor a serve.Deployment; type checkers see the class.
         deployment = cast(serve.Deployment, PurchasePredictor)
         options = deployment.options(
-            num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus}
+            num_replicas=replicas,
+            ray_actor_options={"num_cpus": num_cpus},
+            logging_config={"enable_access_log": access_log},
         )
         # Not serve.run: it blocks without a deadline (e.g. forever if the replica cannot be
         # scheduled); we submit and then wait with our own timeout and a reason on failure.
@@ -158,13 +165,18 @@ REPLICA_MODULES: tuple[str, ...] = (
 
 
 def deployment_fingerprint(
-    config: ServingConfig, *, num_cpus: float, replicas: int, route_prefix: str
+    config: ServingConfig,
+    *,
+    num_cpus: float,
+    replicas: int,
+    route_prefix: str,
+    access_log: bool = False,
 ) -> str:
     """A digest of everything that makes one deployment differ from another: its init args
     (the API key too, which repr leaves out), resources, route and the source of the code a
     replica runs."""
     digest = hashlib.sha256(
-        repr((dataclasses.astuple(config), num_cpus, replicas, route_prefix)).encode()
+        repr((dataclasses.astuple(config), num_cpus, replicas, route_prefix, access_log)).encode()
     )
     for name in REPLICA_MODULES:
         spec = importlib.util.find_spec(name)
