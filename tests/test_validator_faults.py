@@ -6,6 +6,7 @@ Redis hold each of the session's validated events exactly once (despite replays)
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -68,6 +69,25 @@ def topics(broker: Broker) -> Iterator[Settings]:
     yield settings
 
 
+def high_watermarks(settings: Settings, parts: list[TopicPartition]) -> dict[int, int]:
+    """Each partition's high watermark. Asked by a read_uncommitted client: a read_committed
+    one is told the last stable offset instead, which stops short of an open transaction."""
+    probe = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": f"watermarks-{uuid.uuid4().hex[:6]}",
+            "isolation.level": "read_uncommitted",
+        }
+    )
+    try:
+        return {
+            tp.partition: probe.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+            for tp in parts
+        }
+    finally:
+        probe.close()
+
+
 def committed_messages(
     settings: Settings, topic: str, *, wait_for_open: bool = True, timeout: float = 120
 ) -> list[Message]:
@@ -89,16 +109,16 @@ def committed_messages(
     )
     try:
         parts = [TopicPartition(topic, p, 0) for p in partitions(settings, topic)]
-        highs = {
-            tp.partition: reader.get_watermark_offsets(tp, timeout=10, cached=False)[1]
-            for tp in parts
-        }
+        # The end each partition must reach; without wait_for_open any end of partition will do.
+        highs = (
+            high_watermarks(settings, parts)
+            if wait_for_open
+            else dict.fromkeys((tp.partition for tp in parts), 0)
+        )
         reader.assign(parts)
         reached: dict[int, int] = {}  # partition -> offset of its latest end-of-partition
         messages: list[Message] = []
         deadline = time.monotonic() + timeout
-        if not wait_for_open:
-            highs = dict.fromkeys(highs, 0)  # any end of partition will do
         while any(reached.get(p, -1) < high for p, high in highs.items()):
             if time.monotonic() > deadline:
                 behind = {
@@ -190,6 +210,28 @@ def test_read_committed_hides_aborted_records_on_kafka_only(
     Tansu, then, does the validator's scan for leaked records find anything (the retry and
     crash tests below assert leaked_skipped per broker)."""
     assert aborted_records_are_visible(topics) == (broker.name == "tansu")
+
+
+def test_the_reader_names_a_transaction_left_open_instead_of_counting_it_lost(
+    topics: Settings,
+) -> None:
+    """The conservation checks read with committed_messages: a record held back by an open
+    transaction must fail the read by name, not go missing from the count."""
+    topic = topics.topic_validated
+    client = producer(topics, **{"transactional.id": f"open-txn-{uuid.uuid4().hex}"})
+    client.init_transactions(30)
+    client.begin_transaction()
+    client.produce(topic, b"held back", partition=0)
+    assert client.flush(10) == 0
+    try:
+        with pytest.raises(AssertionError, match=r"did not reach the high watermark.*\b0: "):
+            committed_messages(topics, topic, timeout=5)
+        assert committed_messages(topics, topic, wait_for_open=False) == []
+        client.commit_transaction(30)
+        assert [m.value() for m in committed_messages(topics, topic)] == [b"held back"]
+    finally:
+        with contextlib.suppress(KafkaException):
+            client.abort_transaction(5)
 
 
 def assert_conserved(settings: Settings, produced: int) -> list[Event]:
