@@ -42,6 +42,7 @@ from easymlops.settings import Settings
 from easymlops.validate import (
     GC_THRESHOLD,
     GROUP_ID,
+    SOURCE_HEADER,
     ValidationStats,
     Validator,
     _fewer_gc_passes,
@@ -234,18 +235,57 @@ def test_the_reader_names_a_transaction_left_open_instead_of_counting_it_lost(
             client.abort_transaction(5)
 
 
-def assert_conserved(settings: Settings, produced: int) -> list[Event]:
+def missing_ranges(raw_ends: dict[int, int], seen: set[tuple[int, int]]) -> dict[int, str]:
+    """Per raw partition, the offsets with no output record, as compact ranges."""
+    out: dict[int, str] = {}
+    for partition, end in sorted(raw_ends.items()):
+        gaps: list[str] = []
+        start: int | None = None
+        for offset in range(end + 1):
+            absent = offset < end and (partition, offset) not in seen
+            if absent and start is None:
+                start = offset
+            elif not absent and start is not None:
+                gaps.append(f"{start}-{offset - 1}" if offset - 1 > start else f"{start}")
+                start = None
+        if gaps:
+            out[partition] = ", ".join(gaps)
+    return out
+
+
+def assert_conserved(
+    settings: Settings, produced: int, stats: ValidationStats | None = None
+) -> list[Event]:
     """Nothing lost: every raw record is in the output, valid or dead-lettered. Nothing
-    duplicated, on any broker. Returns the distinct validated events."""
-    raw_total = sum(end_offsets(settings, settings.topic_raw).values())
+    duplicated, on any broker. Returns the distinct validated events. A loss is reported
+    with the raw offsets that have no output record, and the validator's `stats` if given
+    (retries, records skipped as leaked)."""
+    raw_ends = end_offsets(settings, settings.topic_raw)
+    raw_total = sum(raw_ends.values())
     assert raw_total == produced
-    valid = read_all(settings, settings.topic_validated)
+    valid = committed_messages(settings, settings.topic_validated)
     invalid = read_all(settings, settings.topic_invalid)
-    by_id = {e.event_id: e for e in (validate_bytes(value) for _, _, value in valid)}
-    sources = {
-        (json.loads(v)["source_partition"], json.loads(v)["source_offset"]) for _, _, v in invalid
-    }
-    assert len(by_id) + len(sources) == raw_total, (len(by_id), len(sources), raw_total)
+    by_id = {e.event_id: e for e in (validate_bytes(m.value() or b"") for m in valid)}
+    dead_letters = [json.loads(v) for _, _, v in invalid]
+    sources = {(d["source_partition"], d["source_offset"]) for d in dead_letters}
+    if len(by_id) + len(sources) != raw_total:
+        seen = set(sources)
+        for message in valid:
+            source = dict(message.headers() or ()).get(SOURCE_HEADER)
+            if isinstance(source, bytes):  # the local validator's records carry it
+                partition, offset = source.split(b":")
+                seen.add((int(partition), int(offset)))
+        where = (
+            f"raw offsets with no output record, by partition: {missing_ranges(raw_ends, seen)}"
+            if len(seen) == len(by_id) + len(sources)
+            else "the output records carry no source offsets"  # Flink's do not
+        )
+        raise AssertionError(
+            f"{raw_total - len(by_id) - len(sources)} raw records lost "
+            f"(valid {len(by_id)} + dead letters {len(sources)} of {raw_total}, in "
+            f"{len(valid) + len(invalid)} output records); {where}"
+            + (f"; validator stats: {stats.to_dict()}" if stats else "")
+        )
     copies = len(valid) + len(invalid) - raw_total
     assert copies == 0, f"{copies} records written twice"
     return list(by_id.values())
@@ -385,7 +425,7 @@ def test_broker_paused_for_10_seconds_then_resumed(topics: Settings, broker: Bro
     thread.join(240)
     assert not thread.is_alive(), "the validator did not finish after the broker came back"
     assert result["stats"].consumed == produced
-    assert_conserved(topics, produced)
+    assert_conserved(topics, produced, result["stats"])
 
 
 def test_redis_restart_is_waited_out(topics: Settings) -> None:
