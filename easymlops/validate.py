@@ -637,23 +637,24 @@ class Validator:
             )
 
     def _recover(self, exc: KafkaException) -> None:
-        """Leave the producer ready for a fresh attempt at the same batch."""
+        """Leave a fresh producer ready for a new attempt at the same batch.
+
+        The retry never reuses the failed attempt's producer. A new one re-initialises the
+        transactional id, which aborts the failed transaction and moves to a new producer
+        epoch. In the old epoch, librdkafka reuses the sequence numbers of records it took for
+        unsent (queued again after an error, then purged or timed out). If the broker had in
+        fact written them, e.g. a leader change between the write and its acknowledgement
+        after a broker pause, it takes the retry's records for duplicates of those aborted
+        ones and drops them, and the batch commits its offsets without its records.
+        """
         error = exc.args[0]
         if isinstance(error, KafkaError) and error.code() in FENCED_ERRORS:
             raise ValidatorFenced(
                 f"another validator took over transactional id {self.transactional_id!r}"
             ) from exc
-        # Whatever happens below aborts the attempt; on Tansu its records stay visible.
+        # On Tansu the failed attempt's records stay visible: look for them before the retry.
         self.find_leaked = True
-        if isinstance(error, KafkaError) and error.fatal():
-            self.sink = self._new_producer()
-            return
-        try:
-            self.sink.abort_transaction(30)
-        except KafkaException:
-            # The broker may still be unreachable; a new producer re-initialises the
-            # transactional id (aborting the open transaction) once it is back.
-            self.sink = self._new_producer_when_possible()
+        self.sink = self._new_producer_when_possible()
 
     def _new_producer_when_possible(self) -> Producer:
         return self._retrying("Kafka", self._new_producer)
