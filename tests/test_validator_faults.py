@@ -72,7 +72,8 @@ def topics(broker: Broker) -> Iterator[Settings]:
 
 def high_watermarks(settings: Settings, parts: list[TopicPartition]) -> dict[int, int]:
     """Each partition's high watermark. Asked by a read_uncommitted client: a read_committed
-    one is told the last stable offset instead, which stops short of an open transaction."""
+    one is told the last stable offset instead, which stops short of an open transaction.
+    (kafka.end_offsets will not do: its client is read_committed, librdkafka's default.)"""
     probe = Consumer(
         {
             "bootstrap.servers": settings.bootstrap_servers,
@@ -266,8 +267,9 @@ def assert_conserved(
     valid = committed_messages(settings, settings.topic_validated)
     invalid = read_all(settings, settings.topic_invalid)
     by_id = {e.event_id: e for e in (validate_bytes(m.value() or b"") for m in valid)}
-    dead_letters = [json.loads(v) for _, _, v in invalid]
-    sources = {(d["source_partition"], d["source_offset"]) for d in dead_letters}
+    sources = {
+        (json.loads(v)["source_partition"], json.loads(v)["source_offset"]) for _, _, v in invalid
+    }
     if len(by_id) + len(sources) != raw_total:
         seen = set(sources)
         for message in valid:
