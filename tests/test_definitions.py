@@ -113,7 +113,10 @@ def test_promotion_gate_and_data_guards_are_blocking(definitions: dg.Definitions
 
 # Libraries the code location must not import when it loads: every run, and with the spawn
 # executor every step, loads it in a fresh interpreter (issue 15; `make bench-dagster`).
-HEAVY = ("mlflow", "ray", "xgboost", "sklearn", "scipy", "dagster_k8s", "kubernetes", "dagster_aws")
+HEAVY = (
+    *("mlflow", "ray", "xgboost", "sklearn", "scipy", "dagster_k8s", "kubernetes", "dagster_aws"),
+    *("dbt", "dagster_dbt"),
+)
 LOADED_MODULES = (
     "import sys, json\n"
     "{load}\n"
@@ -135,7 +138,7 @@ def top_level_modules_after(load: str) -> set[str]:
 def test_loading_the_code_location_imports_no_heavy_library() -> None:
     prepare_manifest()
     loaded = top_level_modules_after("import easymlops_assets.definitions as d; d.defs()")
-    assert "dagster_dbt" in loaded  # the probe sees what the definitions import
+    assert "dagster" in loaded  # the probe sees what the definitions import
     assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
 
 
@@ -185,15 +188,17 @@ def test_the_dbt_version_without_a_subprocess_is_the_one_dbt_reports() -> None:
     from dagster_dbt import DbtCliResource
 
     from easymlops.settings import Settings
-    from easymlops_assets.defs.warehouse.assets import dbt_project
-    from easymlops_assets.defs.warehouse.resources import WarehouseDbt, dbt_executable
+    from easymlops.warehouse import DBT_PROJECT_DIR
+    from easymlops_assets.dbt_run import WarehouseDbt
+    from easymlops_assets.defs.warehouse.resources import dbt_executable
 
     real_dbt = dbt_executable(Settings(dbt_forkserver=False))
+    project = {"project_dir": str(DBT_PROJECT_DIR), "profiles_dir": str(DBT_PROJECT_DIR)}
 
     # The override replaces something dagster-dbt still has (else it would silently do nothing).
     assert isinstance(vars(DbtCliResource).get("_cli_version"), functools.cached_property)
-    ours = WarehouseDbt(project_dir=dbt_project, dbt_executable=real_dbt)._cli_version
-    probed = DbtCliResource(project_dir=dbt_project, dbt_executable=real_dbt)._cli_version
+    ours = WarehouseDbt(**project, dbt_executable=real_dbt)._cli_version
+    probed = DbtCliResource(**project, dbt_executable=real_dbt)._cli_version
     assert ours == probed
 
 
@@ -204,9 +209,10 @@ def test_the_dbt_steps_skip_only_an_adapter_they_do_not_use() -> None:
 
     from dagster_dbt import DbtCliResource
 
+    import easymlops_assets.dbt_run as dbt_run
     import easymlops_assets.defs.warehouse.assets as warehouse_assets
 
     # The override replaces a method dagster-dbt still calls (else it would do nothing).
     assert "self._initialize_dbt_core_adapter(" in inspect.getsource(DbtCliResource.cli)
-    source = inspect.getsource(warehouse_assets)
+    source = inspect.getsource(warehouse_assets) + inspect.getsource(dbt_run)
     assert ".fetch_row_counts(" not in source and ".fetch_column_metadata(" not in source

@@ -29,7 +29,6 @@ import pytest
 import redis
 import xgboost
 from conftest import free_port
-from dagster_dbt import DbtCliResource
 from test_dbt import D1, D3, EVENTS, write_silver
 from test_dbt_postgres import Postgres, postgres  # noqa: F401 (the server fixture)
 
@@ -79,14 +78,12 @@ class Warehouses:
 
 
 def _resources(backend: str, platform: PlatformConfig) -> dict[str, object]:
-    from easymlops_assets.defs.warehouse.resources import dbt_executable, dbt_project
+    from easymlops_assets.defs.warehouse.resources import DbtCli, dbt_executable
 
     return {
         "platform": platform,
         "warehouse": Warehouse(platform=platform, warehouse_backend=backend),
-        "dbt": DbtCliResource(
-            project_dir=dbt_project, dbt_executable=dbt_executable(get_settings())
-        ),
+        "dbt": DbtCli(dbt_executable=dbt_executable(get_settings())),
     }
 
 

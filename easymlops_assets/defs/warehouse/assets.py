@@ -11,12 +11,12 @@ after another step:
 - gold_training_models: what reads the daily models (training_set), unpartitioned.
 """
 
+import os
 from collections.abc import Callable, Iterator
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dagster as dg
-from dagster_dbt import DagsterDbtTranslator, DbtCliResource, DbtProject, dbt_assets
 
 from easymlops.warehouse import (
     DBT_PROJECT_DIR,
@@ -26,6 +26,8 @@ from easymlops.warehouse import (
     row_counts,
     row_counts_by_date,
 )
+from easymlops_assets.dbt_specs import DbtManifest, DbtSelection
+from easymlops_assets.defs.warehouse.resources import DbtCli
 from easymlops_assets.partitions import (
     daily_partitions,
     inclusive_window,
@@ -34,88 +36,90 @@ from easymlops_assets.partitions import (
 )
 from easymlops_assets.resources import Warehouse
 
-dbt_project = DbtProject(project_dir=DBT_PROJECT_DIR, profiles_dir=DBT_PROJECT_DIR)
+if TYPE_CHECKING:
+    from easymlops_assets.dbt_run import DbtBuild
+
 # Under `dagster dev` the project is parsed when the code location loads (as dagster-dbt's
-# `prepare_if_dev` does), but with dbt's runner in this interpreter: `prepare_if_dev` runs the
-# `dbt` found on PATH, which is missing when `.venv/bin/dagster dev` runs without an activated
-# virtualenv. Elsewhere the manifest is prepared beforehand (`make`, `easymlops demo`, tests).
-if dbt_project.preparer.using_dagster_dev():
+# `prepare_if_dev` does, and with dbt's runner in this interpreter rather than a `dbt` looked up
+# on PATH). Elsewhere the manifest is prepared beforehand (`make`, `easymlops demo`, tests), and
+# loading the definitions imports no dbt (dbt_specs.py).
+if os.environ.get("DAGSTER_IS_DEV_CLI"):
     prepare_manifest()
 
-DAILY = "tag:daily"
-
-
-class WarehouseTranslator(DagsterDbtTranslator):
-    def get_asset_spec(self, manifest, unique_id, project):  # type: ignore[no-untyped-def]
-        return (
-            super()
-            .get_asset_spec(manifest, unique_id, project)
-            .replace_attributes(group_name="warehouse")
-        )
+manifest = DbtManifest(DBT_PROJECT_DIR / "target" / "manifest.json")
+_daily = manifest.with_tag("daily")
+_after_daily = manifest.descendants(_daily)
+# dbt's `--exclude tag:daily+`, `--select tag:daily` and `--select tag:daily+ --exclude tag:daily`.
+GOLD = manifest.selection(set(manifest.asset_ids()) - _daily - _after_daily)
+GOLD_DAILY = manifest.selection(_daily)
+GOLD_TRAINING = manifest.selection(_after_daily - _daily)
 
 
 def _dbt_build(
     context: dg.AssetExecutionContext,
-    dbt: DbtCliResource,
+    dbt: DbtCli,
     warehouse: Warehouse,
+    selection: DbtSelection,
     window: tuple[date, date] | None = None,
-) -> tuple[list[Any], dict[str, str]]:
+) -> tuple["DbtBuild", dict[str, str]]:
     """Run `dbt build` for the step's selection on the warehouse's target (duckdb or postgres);
-    returns its events and output -> table."""
+    returns what it reported and output -> table."""
     settings = warehouse.settings()
     export_dbt_env(settings, window)
     args = ["--target", warehouse.dbt_target, "--vars", dbt_vars(settings)]
-    events = list(dbt.cli(["build", *args], context=context).stream())
+    build = dbt.build(context, manifest, selection, args)
     names = {
         e.output_name: context.asset_key_for_output(e.output_name).path[-1]
-        for e in events
+        for e in build.events
         if isinstance(e, dg.Output)
     }
-    return events, names
+    return build, names
 
 
 def _with_row_counts(
-    warehouse: Warehouse, events: list[Any], names: dict[str, str]
+    warehouse: Warehouse, build: "DbtBuild", names: dict[str, str]
 ) -> Iterator[Any]:
     # dbt holds DuckDB's write lock while it runs, so row counts are read after it finishes
     # (dagster-dbt's fetch_row_counts would keep a read-write connection open in this process).
     counts = row_counts(warehouse.settings(), list(names.values()))
-    for event in events:
+    for event in build.events:
         if isinstance(event, dg.Output) and names[event.output_name] in counts:
             count = counts[names[event.output_name]]
             event = event.with_metadata({**event.metadata, "dagster/row_count": count})
         yield event
+    build.raise_error()
 
 
-def gold_selection(**selection: Any) -> Callable[..., dg.AssetsDefinition]:
-    """@dbt_assets over one selection of the project. All have a single-run backfill policy,
-    the unpartitioned ones too: a command-line range backfill (`dagster asset materialize
-    --partition-range`) only runs selections whose assets all have one."""
-    return dbt_assets(
-        manifest=dbt_project.manifest_path,
-        project=dbt_project,
-        dagster_dbt_translator=WarehouseTranslator(),
+def gold_selection(selection: DbtSelection, **kwargs: Any) -> Callable[..., dg.AssetsDefinition]:
+    """A multi-asset over one selection of the project, subsettable like @dbt_assets. All have a
+    single-run backfill policy, the unpartitioned ones too: a command-line range backfill
+    (`dagster asset materialize --partition-range`) only runs selections whose assets all have
+    one."""
+    return dg.multi_asset(
+        specs=selection.specs,
+        check_specs=selection.check_specs,
+        can_subset=True,
         backfill_policy=single_run,
-        **selection,
+        **kwargs,
     )
 
 
-@gold_selection(exclude=f"{DAILY}+")
+@gold_selection(GOLD, name="gold_models")
 def gold_models(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse
+    context: dg.AssetExecutionContext, dbt: DbtCli, warehouse: Warehouse
 ) -> Iterator[Any]:
-    events, names = _dbt_build(context, dbt, warehouse)
-    yield from _with_row_counts(warehouse, events, names)
+    build, names = _dbt_build(context, dbt, warehouse, GOLD)
+    yield from _with_row_counts(warehouse, build, names)
 
 
-@gold_selection(select=DAILY, name="gold_daily_models", partitions_def=daily_partitions)
+@gold_selection(GOLD_DAILY, name="gold_daily_models", partitions_def=daily_partitions)
 def gold_daily_models(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse
+    context: dg.AssetExecutionContext, dbt: DbtCli, warehouse: Warehouse
 ) -> Iterator[Any]:
     settings = warehouse.settings()
     first, last = inclusive_window(context)
-    events, names = _dbt_build(context, dbt, warehouse, (first, last))
-    for event in events:
+    build, names = _dbt_build(context, dbt, warehouse, GOLD_DAILY, (first, last))
+    for event in build.events:
         if not isinstance(event, dg.Output):
             yield event
             continue
@@ -129,11 +133,12 @@ def gold_daily_models(
         yield from per_partition_row_counts(
             context, context.asset_key_for_output(event.output_name), counts
         )
+    build.raise_error()
 
 
-@gold_selection(select=f"{DAILY}+", exclude=DAILY, name="gold_training_models")
+@gold_selection(GOLD_TRAINING, name="gold_training_models")
 def gold_training_models(
-    context: dg.AssetExecutionContext, dbt: DbtCliResource, warehouse: Warehouse
+    context: dg.AssetExecutionContext, dbt: DbtCli, warehouse: Warehouse
 ) -> Iterator[Any]:
-    events, names = _dbt_build(context, dbt, warehouse)
-    yield from _with_row_counts(warehouse, events, names)
+    build, names = _dbt_build(context, dbt, warehouse, GOLD_TRAINING)
+    yield from _with_row_counts(warehouse, build, names)

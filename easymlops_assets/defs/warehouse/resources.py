@@ -1,17 +1,20 @@
 """The dbt CLI resource used by the gold models."""
 
+from __future__ import annotations
+
 import sys
 from collections.abc import Sequence
-from functools import cached_property
-from importlib.metadata import version as installed_version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import dagster as dg
-from dagster_dbt import DbtCliResource
-from packaging import version
 
 from easymlops.settings import Settings, get_settings
-from easymlops_assets.defs.warehouse.assets import dbt_project
+from easymlops.warehouse import DBT_PROJECT_DIR
+from easymlops_assets.dbt_specs import DbtManifest, DbtSelection
+
+if TYPE_CHECKING:
+    from easymlops_assets.dbt_run import DbtBuild
 
 
 def dbt_executable(settings: Settings) -> str:
@@ -21,35 +24,34 @@ def dbt_executable(settings: Settings) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-class WarehouseDbt(DbtCliResource):
-    """DbtCliResource without its `dbt --version` subprocess and in-process adapter per step.
+class DbtCli(dg.ConfigurableResource):
+    """Where dbt runs: the project and the executable. A step builds dagster-dbt's
+    DbtCliResource from these when it runs dbt (easymlops_assets/dbt_run.py), so that loading
+    the definitions imports neither dagster-dbt nor dbt-core."""
 
-    dagster-dbt runs `dbt --version` (a whole dbt start, ~3.5 s of CPU here) in every step
-    process to learn whether the executable is dbt Core or dbt Fusion. dbt_executable() is the
-    dbt Core of this virtualenv, so its version is the installed dbt-core's
-    (tests/test_dbt.py compares both)."""
+    project_dir: str = str(DBT_PROJECT_DIR)
+    dbt_executable: str
 
-    @cached_property
-    def _cli_version(self) -> version.Version:
-        return version.Version(installed_version("dbt-core"))
+    def build(
+        self,
+        context: dg.AssetExecutionContext,
+        manifest: DbtManifest,
+        selection: DbtSelection,
+        args: Sequence[str],
+    ) -> DbtBuild:
+        # Imports dagster-dbt, and with it dbt-core: only a step that runs dbt pays for them.
+        from easymlops_assets.dbt_run import dbt_build
 
-    def _initialize_dbt_core_adapter(self, args: Sequence[str]) -> None:  # type: ignore[override]
-        """No adapter in the step's process. dagster-dbt loads dbt's profile and project and
-        registers the adapter in-process before each command (1-3 s per step here) only for
-        its `fetch_row_counts`/`fetch_column_metadata`, which these assets do not use: they
-        count rows themselves after dbt has released DuckDB's lock (assets.py)."""
-        return None
+        return dbt_build(
+            context,
+            project_dir=Path(self.project_dir),
+            dbt_executable=self.dbt_executable,
+            manifest=manifest,
+            selection=selection,
+            args=args,
+        )
 
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(
-        resources={
-            # DbtCliResource's own __init__ (inherited) takes a DbtProject; mypy's pydantic
-            # plugin types the subclass's from the field (str) instead.
-            "dbt": WarehouseDbt(
-                project_dir=dbt_project,  # type: ignore[arg-type]
-                dbt_executable=dbt_executable(get_settings()),
-            )
-        }
-    )
+    return dg.Definitions(resources={"dbt": DbtCli(dbt_executable=dbt_executable(get_settings()))})
