@@ -323,6 +323,8 @@ def monitored(
     monkeypatch = pytest.MonkeyPatch()
     mlflow_db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
     monkeypatch.setenv("EASYMLOPS_MLFLOW_TRACKING_URI", f"sqlite:///{mlflow_db}")
+    # A SQLite tracking store keeps artifacts under ./mlruns: not in the repository.
+    monkeypatch.chdir(mlflow_db.parent)
     try:
         version, booster = _champion(warehouses.duckdb.settings())
         assert _log_predictions(warehouses.duckdb.settings(), version, booster) > 1
