@@ -89,10 +89,18 @@ def up(
 
 @app.command()
 def down() -> None:
-    """Stop what `easymlops up` started in this home, whatever the profile (and nothing else)."""
-    from easymlops import stack
+    """Stop what `easymlops up` started in this home, whatever the profile, and this user's dbt
+    fork server."""
+    from easymlops import dbt_forkserver, stack
 
     stopped = stack.down(get_settings())
+    # The fork server is the user's, shared by every home, so stopping it only ends its idle
+    # wait (up to 300 s): a dbt command it runs finishes, and the next one starts a new server.
+    try:
+        if dbt_forkserver.stop_servers(dbt_forkserver.socket_dir()):
+            stopped.append("dbt fork server")
+    except dbt_forkserver.ForkServerUnavailable:
+        pass  # no private directory, so no server of ours (easymlops-dbt runs dbt itself)
     out.print(f"stopped: {', '.join(stopped) if stopped else 'nothing was running'}")
 
 

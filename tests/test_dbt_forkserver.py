@@ -201,6 +201,18 @@ def test_stop_servers_stops_the_server_and_not_other_directories(
     assert _wait_gone(server, 10)
 
 
+def test_easymlops_down_stops_the_server(env: dict[str, str], server_dir: Path) -> None:
+    assert dbt(FORKED, ["show", "--inline", "select 1 as one"], env).returncode == 0
+    (server,) = server_pids(server_dir)
+    home = {"EASYMLOPS_HOME": str(server_dir.parent / "down-home")}  # nothing else running
+    down = subprocess.run(
+        [str(BIN / "easymlops"), "down"], env=env | home, capture_output=True, text=True
+    )
+    assert down.returncode == 0, down.stderr
+    assert "stopped: dbt fork server" in " ".join(down.stdout.split()), down.stdout
+    assert _wait_gone(server, 10)
+
+
 def test_a_stopped_server_lets_its_running_command_finish(
     env: dict[str, str], server_dir: Path
 ) -> None:
