@@ -110,19 +110,38 @@ def test_the_selections_cover_every_model_once() -> None:
     assert len(keys) == len(set(keys))
 
 
-@pytest.fixture(scope="module")
-def gold_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
-    """The three gold selections built in Dagster on a DuckDB warehouse over the silver
-    dataset of tests/test_dbt.py; yields the resources of that run."""
-    from test_dbt import D1, D3, write_silver
+def build_gold(resources: dict[str, object]) -> None:
+    """The three gold selections in Dagster, in lineage order, the daily one over D1..D3 of
+    tests/test_dbt.py's dataset: each succeeds with a passed result for every one of its checks."""
+    from test_dbt import D1, D3
 
     from easymlops_assets.defs.warehouse.assets import (
         gold_daily_models,
         gold_models,
         gold_training_models,
     )
-    from easymlops_assets.defs.warehouse.resources import DbtCli, dbt_executable
     from easymlops_assets.partitions import partition_range_tags
+
+    with dg.instance_for_test() as instance:
+        for assets, tags in (
+            (gold_models, {}),
+            (gold_daily_models, partition_range_tags(str(D1), str(D3))),
+            (gold_training_models, {}),
+        ):
+            result = dg.materialize([assets], resources=resources, instance=instance, tags=tags)
+            assert result.success
+            evaluations = result.get_asset_check_evaluations()
+            assert {e.asset_check_key for e in evaluations} == set(assets.check_keys)
+            assert all(e.passed for e in evaluations), [e for e in evaluations if not e.passed]
+
+
+@pytest.fixture(scope="module")
+def gold_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object]]:
+    """The three gold selections built in Dagster on a DuckDB warehouse over the silver
+    dataset of tests/test_dbt.py; yields the resources of that run."""
+    from test_dbt import write_silver
+
+    from easymlops_assets.defs.warehouse.resources import DbtCli, dbt_executable
     from easymlops_assets.resources import PlatformConfig, Warehouse
 
     base = tmp_path_factory.mktemp("gold-specs")
@@ -146,17 +165,7 @@ def gold_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, obj
             "warehouse": Warehouse(platform=platform),
             "dbt": DbtCli(dbt_executable=dbt_executable(get_settings())),
         }
-        with dg.instance_for_test() as instance:
-            for assets, tags in (
-                (gold_models, {}),
-                (gold_daily_models, partition_range_tags(str(D1), str(D3))),
-                (gold_training_models, {}),
-            ):
-                result = dg.materialize([assets], resources=resources, instance=instance, tags=tags)
-                assert result.success
-                evaluations = result.get_asset_check_evaluations()
-                assert {e.asset_check_key for e in evaluations} == set(assets.check_keys)
-                assert all(e.passed for e in evaluations)
+        build_gold(resources)
         yield resources
     finally:
         os.environ.clear()

@@ -31,6 +31,7 @@ import xgboost
 from conftest import free_port
 from test_dbt import D1, D3, EVENTS, write_silver
 from test_dbt_postgres import Postgres, postgres  # noqa: F401 (the server fixture)
+from test_dbt_specs import build_gold
 
 from easymlops import features, online_store, training, warehouse
 from easymlops.settings import Settings, get_settings
@@ -85,24 +86,6 @@ def _resources(backend: str, platform: PlatformConfig) -> dict[str, object]:
         "warehouse": Warehouse(platform=platform, warehouse_backend=backend),
         "dbt": DbtCli(dbt_executable=dbt_executable(get_settings())),
     }
-
-
-def build_gold(resources: dict[str, object]) -> None:
-    """The three gold selections in Dagster, in lineage order, the daily one over D1..D3."""
-    from easymlops_assets.defs.warehouse.assets import (
-        gold_daily_models,
-        gold_models,
-        gold_training_models,
-    )
-
-    with dg.instance_for_test() as instance:
-        for assets, tags in (
-            (gold_models, {}),
-            (gold_daily_models, partition_range_tags(str(D1), str(D3))),
-            (gold_training_models, {}),
-        ):
-            result = dg.materialize([assets], resources=resources, instance=instance, tags=tags)
-            assert result.success
 
 
 @pytest.fixture(scope="module")
