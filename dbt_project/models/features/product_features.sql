@@ -12,13 +12,6 @@
 --     rows that exist anyway, so no per-date cross join; 1.0 when the product is the only
 --     one of its category that day. category_id: the largest seen for the product that day
 --     (products have one category in practice).
--- DuckDB in bounded memory: the duckdb_memory_limit pre-hook (see training_set.sql).
-{{ config(
-    pre_hook=[
-        "{% if target.type == 'duckdb' %}set memory_limit = '{{ var('duckdb_memory_limit', '3GB') }}'{% endif %}",
-        "{% if target.type == 'duckdb' %}set preserve_insertion_order = false{% endif %}",
-    ],
-) }}
 with events as (
 
     select * from {{ ref('stg_events') }}

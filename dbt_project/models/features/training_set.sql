@@ -12,24 +12,15 @@
 -- split = 'test' for the last var('holdout_days') days of mature cart events
 -- (event_date > max(event_date) - holdout_days), 'train' before that.
 --
---
--- DuckDB in bounded memory (the same pre-hooks open every heavy model, since a run may select
--- any of them alone): DuckDB spills sorts, joins, aggregates and windows to its temporary
--- directory (beside the warehouse file) past var('duckdb_memory_limit') (default 3GB; DuckDB's
--- own default is 80% of the machine's RAM), and drops the row order of results without ORDER
--- BY (preserve_insertion_order = false), which lets it spill more. At 10M events the gold run
--- peaked at 4.5 GB without them, 3.2 GB with them. Both are settings of the DuckDB database, so
--- they hold for every model of the run.
+-- DuckDB in bounded memory: the project-wide pre-hooks of dbt_project.yml.
 --
 -- DuckDB: the maturity filter makes the planner estimate a few dozen mature carts, and under
 -- its loop-join threshold for point-in-time joins (64 rows) it runs them as nested loop joins:
--- quadratic, 113 s instead of ~4 s at 2M events. The third pre-hook sets that threshold to 0,
+-- quadratic, 113 s instead of ~4 s at 2M events. This model's pre-hook sets that threshold to 0,
 -- so they stay merge-style point-in-time joins whatever the estimate. (No comment here may
 -- name the join type: test_dbt checks that the compiled portable variant does not.)
 {{ config(
     pre_hook=[
-        "{% if target.type == 'duckdb' %}set memory_limit = '{{ var('duckdb_memory_limit', '3GB') }}'{% endif %}",
-        "{% if target.type == 'duckdb' %}set preserve_insertion_order = false{% endif %}",
         "{% if target.type == 'duckdb' %}set asof_loop_join_threshold = 0{% endif %}",
     ],
 ) }}

@@ -9,13 +9,6 @@
 -- user_views/carts/purchases  event counts
 -- user_purchase_rate  (purchases + 1) / (carts + 5): purchases per cart, smoothed toward 0.2
 -- user_avg_price      mean price of the user's view events (null if none)
--- DuckDB in bounded memory: the duckdb_memory_limit pre-hook (see training_set.sql).
-{{ config(
-    pre_hook=[
-        "{% if target.type == 'duckdb' %}set memory_limit = '{{ var('duckdb_memory_limit', '3GB') }}'{% endif %}",
-        "{% if target.type == 'duckdb' %}set preserve_insertion_order = false{% endif %}",
-    ],
-) }}
 with events as (
 
     select * from {{ ref('stg_events') }}

@@ -9,13 +9,6 @@
 -- events, views, carts, removes, purchases  event counts by type
 -- distinct_products  distinct products with any event in the session
 -- purchase_value     sum of the prices of the session's purchase events (0 without one)
--- DuckDB in bounded memory: the duckdb_memory_limit pre-hook (see training_set.sql).
-{{ config(
-    pre_hook=[
-        "{% if target.type == 'duckdb' %}set memory_limit = '{{ var('duckdb_memory_limit', '3GB') }}'{% endif %}",
-        "{% if target.type == 'duckdb' %}set preserve_insertion_order = false{% endif %}",
-    ],
-) }}
 select
     user_session,
     min(user_id) as user_id,

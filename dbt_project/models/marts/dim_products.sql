@@ -4,13 +4,6 @@
 -- rank, event_id), so ties are deterministic; category, brand and price all come from that one
 -- event (a null brand on it stays null). macros/latest_per_key.sql picks it (arg_max on
 -- DuckDB, a row_number window elsewhere).
--- DuckDB in bounded memory: the duckdb_memory_limit pre-hook (see training_set.sql).
-{{ config(
-    pre_hook=[
-        "{% if target.type == 'duckdb' %}set memory_limit = '{{ var('duckdb_memory_limit', '3GB') }}'{% endif %}",
-        "{% if target.type == 'duckdb' %}set preserve_insertion_order = false{% endif %}",
-    ],
-) }}
 with events as (
 
     select

@@ -1,12 +1,5 @@
 -- One row per user: activity span and lifetime totals over all the user's sessions (so
 -- `sessions` and the event counts equal the user's latest user_features row).
--- DuckDB in bounded memory: the duckdb_memory_limit pre-hook (see training_set.sql).
-{{ config(
-    pre_hook=[
-        "{% if target.type == 'duckdb' %}set memory_limit = '{{ var('duckdb_memory_limit', '3GB') }}'{% endif %}",
-        "{% if target.type == 'duckdb' %}set preserve_insertion_order = false{% endif %}",
-    ],
-) }}
 select
     user_id,
     min(session_start) as first_seen,

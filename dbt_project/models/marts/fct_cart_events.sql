@@ -19,15 +19,12 @@
 -- without them it rebuilds every date. A date's rows read every event of the sessions active
 -- that date, whatever their date, so a session running past midnight (session features) or a
 -- purchase on the next day (label) gives the same row as a one-shot build.
--- DuckDB in bounded memory: the duckdb_memory_limit pre-hook (see training_set.sql).
 {{ config(
     materialized='incremental',
     incremental_strategy='append',
     on_schema_change='fail',
     tags=['daily'],
     pre_hook=[
-        "{% if target.type == 'duckdb' %}set memory_limit = '{{ var('duckdb_memory_limit', '3GB') }}'{% endif %}",
-        "{% if target.type == 'duckdb' %}set preserve_insertion_order = false{% endif %}",
         "{{ delete_daily_window('event_date') }}",
     ],
 ) }}

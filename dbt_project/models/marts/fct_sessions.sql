@@ -1,12 +1,5 @@
 -- One row per session: its user, start and end, duration, counts by event type and whether it
 -- converted (had at least one purchase). The session aggregates come from int_sessions.
--- DuckDB in bounded memory: the duckdb_memory_limit pre-hook (see training_set.sql).
-{{ config(
-    pre_hook=[
-        "{% if target.type == 'duckdb' %}set memory_limit = '{{ var('duckdb_memory_limit', '3GB') }}'{% endif %}",
-        "{% if target.type == 'duckdb' %}set preserve_insertion_order = false{% endif %}",
-    ],
-) }}
 select
     user_session,
     user_id,
