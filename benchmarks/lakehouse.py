@@ -227,10 +227,9 @@ def pandas_gold(layout: Layout) -> int:
     import pandas as pd
 
     silver = pd.read_parquet(layout.pandas_silver)
-    # stg_events: duplicates of an event_id dropped again, earliest event_time kept. The
-    # partition column comes back as a category; the date is the event's day anyway.
-    events = silver.sort_values("event_time", kind="stable").drop_duplicates("event_id")
-    events = events.drop(columns=["event_date", "session_seq", "category_code", "brand"])
+    # stg_events: typed silver (silver holds each event_id once). The partition column comes
+    # back as a category; the date is the event's day anyway.
+    events = silver.drop(columns=["event_date", "session_seq", "category_code", "brand"])
     del silver
     events["event_date"] = events["event_time"].dt.normalize()
     rank = {"view": 0, "cart": 1, "remove_from_cart": 2, "purchase": 3}

@@ -12,7 +12,7 @@ day 1  s0 user 3   e00 view 104 @23:59:50 (the session runs past midnight: e00b 
 day 2  s0 user 3   e00b view 101 @00:00:05
        s3 user 1   e10 view 102, e11 cart 102, e12 remove_from_cart 102
        s4 user 1   e13 purchase 102     -> e11 label 0 (purchase in another session)
-       s5 user 3   e14 view 101 (written twice), e15 cart 101, e16 purchase 101 at the same
+       s5 user 3   e14 view 101, e15 cart 101, e16 purchase 101 at the same
                    instant as e15       -> e15 label 1 (tie rule: purchase sorts after cart)
 day 3  s6 user 2   e17 view 103, e18 cart 103, e19 purchase 103 -> e18 label 1
        s7 user 1   e20 cart 104 (first event of its session) -> e20 label 0
@@ -73,7 +73,6 @@ EVENTS: list[tuple[str, str, str, int, float, int, str]] = [
     ("e19", "2024-03-03 08:05:00", "purchase", 103, 50.0, 2, "s6"),
     ("e20", "2024-03-03 10:00:00", "cart", 104, 70.0, 1, "s7"),
 ]
-DUPLICATED = "e14"  # also written in a second file of its partition (a replayed write)
 
 EXPECTED_LABELS = {"e04": 1, "e07": 0, "e11": 0, "e15": 1, "e18": 1, "e20": 0}
 # Session timeout 0: every session counts as over, so e20 (the last event of the data) is in
@@ -118,10 +117,6 @@ def write_silver(lake: Path) -> None:
         directory = lake / "silver" / "events" / f"event_date={day}"
         directory.mkdir(parents=True, exist_ok=True)
         part.sort("event_time").write_parquet(directory / "part-0.parquet")
-        if DUPLICATED in part["event_id"].to_list():
-            part.filter(pl.col("event_id") == DUPLICATED).write_parquet(
-                directory / "part-1.parquet"
-            )
 
 
 @dataclass
@@ -227,12 +222,12 @@ def test_all_models_built_and_dbt_tests_passed(build: Build) -> None:
     assert len(tests) >= 15
 
 
-def test_staging_dedups_and_splits_category(build: Build) -> None:
+def test_staging_types_and_splits_category(build: Build) -> None:
     rows = query(
         build.warehouse,
         "select event_id, event_date, category_l1, category_l2 from main.stg_events",
     )
-    assert len(rows) == len(EVENTS)  # the replayed e14 is counted once
+    assert len(rows) == len(EVENTS)
     by_id = {r["event_id"]: r for r in rows}
     assert by_id["e00"]["event_date"] == D1 and by_id["e00b"]["event_date"] == D2
     assert (by_id["e17"]["category_l1"], by_id["e17"]["category_l2"]) == ("appliances", "kitchen")
@@ -241,6 +236,29 @@ def test_staging_dedups_and_splits_category(build: Build) -> None:
         "smartphone",
     )
     assert (by_id["e08"]["category_l1"], by_id["e08"]["category_l2"]) == (None, None)
+
+
+def test_a_duplicate_event_in_silver_fails_the_build_before_any_model_reads_it(
+    tmp_path: Path,
+) -> None:
+    """Silver holds each event_id once and stg_events does not deduplicate again: a copy of
+    e14 planted in a second file of its partition (what a replayed write would leave had
+    lake.build_silver not rewritten the date) fails stg_events' unique test, and dbt builds
+    nothing that reads stg_events."""
+    lake, workdir = tmp_path / "lake", tmp_path / "work"
+    workdir.mkdir()
+    write_silver(lake)
+    copy = silver_frame(EVENTS).filter(pl.col("event_id") == "e14")
+    copy.write_parquet(lake / "silver" / "events" / f"event_date={D2}" / "part-1.parquet")
+    env = dbt_env(lake, tmp_path / "warehouse.duckdb", workdir)
+    proc, results = run_dbt(["build", "--vars", json.dumps(VARS)], env, workdir)
+    assert proc.returncode != 0
+    status = {r["unique_id"]: (r["status"], r.get("failures")) for r in results}
+    [unique] = [k for k in status if k.startswith("test.easymlops.unique_stg_events_event_id")]
+    assert status[unique] == ("fail", 1)
+    assert status["model.easymlops.stg_events"][0] == "success"
+    downstream = {k: v[0] for k, v in status.items() if k.startswith("model.") and "stg_" not in k}
+    assert len(downstream) == 8 and set(downstream.values()) == {"skipped"}, downstream
 
 
 def test_labels(build: Build) -> None:
@@ -262,7 +280,7 @@ def test_session_features(build: Build) -> None:
         "session_seconds": 120.0,
         "session_distinct_products": 2,
     }
-    # e15: one view before it (e14, whose replayed copy is not counted); the purchase at the
+    # e15: one view before it (e14); the purchase at the
     # same instant sorts after the cart, so it is not "before".
     assert {c: rows["e15"][c] for c in session} == {
         "session_events": 1,
@@ -403,7 +421,6 @@ def test_sessions(build: Build) -> None:
                3, 1, 1, 1, 0, 1, 0.0, 0),
         "s4": (1, D2, t("2024-03-02 15:00:00"), t("2024-03-02 15:00:00"), 0.0,
                1, 0, 0, 0, 1, 1, 210.0, 1),
-        # s5: the replayed copy of e14 is not counted.
         "s5": (3, D2, t("2024-03-02 12:00:00"), t("2024-03-02 12:00:10"), 10.0,
                3, 1, 1, 0, 1, 1, 100.0, 1),
         "s6": (2, D3, t("2024-03-03 08:00:00"), t("2024-03-03 08:05:00"), 300.0,
