@@ -203,8 +203,8 @@ bench-validation: install flink-venv jars ## validator events/s vs a transaction
 bench-validation-profile: install ## CPU per event of each part of the validator (threads, broker, Redis) and the cores it keeps busy
 	$(RUN) python benchmarks/validation_profile.py
 
-bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events; EVENTS=40000000)
-	$(RUN) python benchmarks/lakehouse.py $(if $(EVENTS),--events $(EVENTS))
+bench-lakehouse: install ## bronze -> silver -> gold rows/s and peak memory vs pandas (10M events); the project alone at 40M: EVENTS=40000000 PROJECT_ONLY=1
+	$(RUN) python benchmarks/lakehouse.py $(if $(EVENTS),--events $(EVENTS)) $(if $(PROJECT_ONLY),--project-only)
 
 bench-monitoring: install ## batch scoring and prediction logging vs their floors (needs `make demo`)
 	$(RUN) python benchmarks/monitoring.py
