@@ -3,7 +3,8 @@
 -- event_time, hence its date), and the `unique` test on event_id fails the build if it ever
 -- does not, where a dedup window here would silently keep one of two different events that
 -- share an id. That window also ran again in every model and test reading this view: dropping
--- it took the gold run at 10M events from 54 to 35 s (benchmarks/README.md).
+-- it took the gold stage of `make bench-lakehouse` (10M events) from 54 to 31-33 s
+-- (benchmarks/README.md).
 with silver as (
 
     select * from {{ source('lake', 'silver_events') }}
