@@ -519,17 +519,47 @@ def build_silver_date(table_path: str, day: date) -> pl.DataFrame:
         .select(*events, *_LANDING_ORDER)
         .collect(engine="streaming")
     )
+    # One sort does both jobs: the copies of an event share its session, time and id, so in
+    # session order with the landing order last they sit next to each other, the first landed
+    # one first. ~2x faster than sorting by landing order, deduplicating by hash, then sorting
+    # by session (1.6-1.8 s against 3.2-4.4 s a date of 1.4M events here).
+    part = _session_order_first_landed(bronze, events)
+    # Ids left twice are copies that differ in session or time: not a replay, but two events
+    # sharing an id. The hash count is a fast check (0.1 s a date); in that rare case (or a
+    # hash collision) the exact deduplication by event_id alone decides.
+    if part.select(pl.col("event_id").hash().n_unique()).item() != part.height:
+        part = _session_order_first_landed(_first_landed_by_event_id(bronze), events)
+    return part
+
+
+def _session_order_first_landed(bronze: pl.DataFrame, events: list[str]) -> pl.DataFrame:
+    import polars as pl
+
+    position = pl.int_range(pl.len(), dtype=pl.Int32)
+    session_starts = (pl.col("user_session") != pl.col("user_session").shift(1)).fill_null(True)
+    # A copy of the row before: the same event. The same id alone is not enough: a later copy
+    # in another session or at another time may sort just before the first landed one.
+    same_as_previous = [
+        pl.col(name) == pl.col(name).shift(1) for name in ("user_session", "event_time", "event_id")
+    ]
     return (
         bronze.lazy()
-        .sort(*_LANDING_ORDER)
-        .filter(pl.col("event_id").is_first_distinct())
+        .sort("user_session", "event_time", "event_id", *_LANDING_ORDER)
+        .filter(~pl.all_horizontal(same_as_previous).fill_null(False))
         .select(events)
-        .sort("user_session", "event_time", "event_id")
+        # The position in the frame minus that of the session's first row (the frame is in
+        # session order): cheaper than a window over the session (~0.45 s a date).
         .with_columns(
-            pl.int_range(pl.len()).over("user_session").cast(pl.Int32).alias("session_seq"),
+            (position - pl.when(session_starts).then(position).forward_fill()).alias("session_seq")
         )
         .collect()
     )
+
+
+def _first_landed_by_event_id(bronze: pl.DataFrame) -> pl.DataFrame:
+    import polars as pl
+
+    return bronze.sort(*_LANDING_ORDER).filter(pl.col("event_id").is_first_distinct())
 
 
 def build_silver(

@@ -98,6 +98,33 @@ def test_a_date_of_silver_is_deduplicated_and_sessionized_from_its_own_rows(
     assert lake.build_silver_date(table, date(2024, 3, 9)).height == 0
 
 
+@pytest.mark.parametrize(
+    ("session", "minute"),
+    [
+        ("a9", 5),  # another session, sorting before the first landed copy's "s1"
+        ("s1", 58),  # the same session, a minute earlier: sorts just before it
+    ],
+)
+def test_two_events_sharing_an_id_keep_the_first_landed(
+    settings: Settings, session: str, minute: int
+) -> None:
+    # Not a replay: the same id at another place in session order, landed later. The copies of
+    # a replay share session, time and id and sit next to each other; these do not, and silver
+    # must still hold the id once: the first landed (e11 of session s1 at minute 59).
+    table = lake.bronze_path(settings, "events")
+    land(table, [event(11, DAYS[1], session, minute)], len(DAYS) + 1)
+    part = lake.build_silver_date(table, DAYS[1])
+    assert part["event_id"].sort().to_list() == ["e10", "e11", "e12", "e13"]
+    kept = part.filter(pl.col("event_id") == "e11")
+    assert kept.select("user_session", pl.col("event_time").dt.minute()).rows() == [("s1", 59)]
+    assert part.select("user_session", "session_seq").rows() == [
+        ("s0", 0),
+        ("s0", 1),
+        ("s1", 0),
+        ("s1", 1),
+    ]
+
+
 def test_silver_by_date_equals_silver_of_the_whole_table(settings: Settings) -> None:
     lake.build_silver(settings)
     silver = lake.read_silver(settings).sort("event_id")
