@@ -9,16 +9,17 @@
 -- label = 1 iff a purchase of the same product_id comes later in the same user_session.
 -- Session features use only events of the same session strictly before the cart event.
 --
--- Performance: two window passes (per session+product, then per session), each one sort.
+-- Performance: two window passes (per session+product, then per session), each one sort, over
+-- the events of sessions with a cart only.
 -- Only narrow columns go through the windows: varchar payload (brand, category_code) made
 -- this model ~2x slower at 10M events, so it is not carried here.
 --
 -- Daily partitions (Dagster: gold_daily_models): with EASYMLOPS_DBT_MIN_DATE / _MAX_DATE
 -- (inclusive ISO dates, macros/daily_window.sql) the run replaces the cart events of those
 -- dates and leaves the other dates alone;
--- without them it rebuilds every date. A date's rows read every event of the sessions active
--- that date, whatever their date, so a session running past midnight (session features) or a
--- purchase on the next day (label) gives the same row as a one-shot build.
+-- without them it rebuilds every date. A date's rows read every event of the sessions with a
+-- cart that date, whatever their date, so a session running past midnight (session features)
+-- or a purchase on the next day (label) gives the same row as a one-shot build.
 {{ config(
     materialized='incremental',
     incremental_strategy='append',
@@ -46,12 +47,13 @@ with events as (
         case when event_type = 'cart' then 1 else 0 end as is_cart,
         case when event_type = 'purchase' then 1 else 0 end as is_purchase
     from {{ ref('stg_events') }}
-    {%- if has_daily_window() %}
+    -- Only the sessions holding a cart event this run writes: every row below is a cart event,
+    -- and its features and label read events of its own session only. A quarter of the events
+    -- (sessions without a cart) skip both window passes: 24-26 -> 20-21 s at 10M events.
     where user_session in (
         select user_session from {{ ref('stg_events') }}
-        where {{ in_daily_window('event_date') }}
+        where event_type = 'cart' and {{ in_daily_window('event_date') }}
     )
-    {%- endif %}
 
 ),
 
