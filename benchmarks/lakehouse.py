@@ -159,6 +159,19 @@ def project_silver(layout: Layout) -> int:
     return result.rows
 
 
+def prepare_dbt_parse(layout: Layout) -> None:
+    """`dbt parse` into the gold stage's target path, untimed: a Dagster run of the gold models
+    starts from the parse its code location prepared (`warehouse.prepare_manifest`; dagster-dbt
+    copies its partial_parse.msgpack into each run's target), so the run parses nothing. Without
+    this, the timed `dbt run` would parse the whole project (~2 s here), a cost Dagster pays at
+    deployment, not per run."""
+    command, env = dbt_command(layout)
+    command[1] = "parse"
+    select = command.index("--select")
+    del command[select : select + 2]
+    subprocess.run(command, env=env, cwd=layout.run, check=True, capture_output=True)
+
+
 def dbt_command(layout: Layout) -> tuple[list[str], dict[str, str]]:
     """`dbt run` of the gold models as Dagster runs it (the CLI in a subprocess), on the bench's
     lake and a DuckDB warehouse of its own; artifacts stay out of the repository's dbt_project."""
@@ -587,6 +600,8 @@ def main() -> int:
             say(f"round {r + 1}, {path}:")
             results = []
             for name in stages:
+                if name == "project-gold":
+                    prepare_dbt_parse(layout)
                 stage = run_stage(layout, name)
                 say(f"  {name:<15} {stage.seconds:7.1f} s  peak {stage.peak_mb:7,.0f} MB")
                 results.append(stage)
