@@ -165,16 +165,14 @@ def prepare_dbt_parse(layout: Layout) -> None:
     copies its partial_parse.msgpack into each run's target), so the run parses nothing. Without
     this, the timed `dbt run` would parse the whole project (~2 s here), a cost Dagster pays at
     deployment, not per run."""
-    command, env = dbt_command(layout)
-    command[1] = "parse"
-    select = command.index("--select")
-    del command[select : select + 2]
+    command, env = dbt_command(layout, "parse")
     subprocess.run(command, env=env, cwd=layout.run, check=True, capture_output=True)
 
 
-def dbt_command(layout: Layout) -> tuple[list[str], dict[str, str]]:
+def dbt_command(layout: Layout, verb: str = "run") -> tuple[list[str], dict[str, str]]:
     """`dbt run` of the gold models as Dagster runs it (the CLI in a subprocess), on the bench's
-    lake and a DuckDB warehouse of its own; artifacts stay out of the repository's dbt_project."""
+    lake and a DuckDB warehouse of its own; artifacts stay out of the repository's dbt_project.
+    `verb="parse"` gives the `dbt parse` with the same settings, whose parse the run reuses."""
     work = layout.run / "dbt"
     work.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("EASYMLOPS_", "DBT_"))}
@@ -184,12 +182,12 @@ def dbt_command(layout: Layout) -> tuple[list[str], dict[str, str]]:
         DBT_SEND_ANONYMOUS_USAGE_STATS="false",
         DBT_VERSION_CHECK="false",
     )
+    # training_set and everything it is built from: the gold the pandas path implements
+    select = ["--select", "+training_set"] if verb == "run" else []
     command = [
         str(DBT),
-        "run",
-        # training_set and everything it is built from: the gold the pandas path implements
-        "--select",
-        "+training_set",
+        verb,
+        *select,
         "--vars",
         json.dumps(
             {"holdout_days": HOLDOUT_DAYS, "session_timeout_seconds": SESSION_TIMEOUT_SECONDS}
