@@ -86,8 +86,13 @@ def server_properties(settings: Settings, log_dir: Path) -> str:
 
 
 def _cluster_id() -> str:
-    # Kafka's cluster ids are 16 random bytes, base64url without padding.
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    """16 random bytes, base64url without padding, as Kafka's own `Uuid.randomUuid` makes
+    them. Like it, draw again when the id starts with "-": StorageTool's argument parser
+    reads `--cluster-id -abc...` as a missing value (1 draw in 64 did, failing a CI run)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 def _jvm(settings: Settings) -> list[str]:

@@ -415,6 +415,30 @@ def test_apache_kafka_keeps_its_topics_across_down_and_up(tmp_path: Path) -> Non
         stack.down(settings)
 
 
+def test_apache_kafka_formats_its_log_dir_when_the_first_cluster_id_drawn_starts_with_a_dash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One base64url id in 64 starts with "-", which StorageTool's parser takes for an option
+    ("--cluster-id: expected one argument"); that failed a CI run. Plant that draw first and
+    run the real format."""
+    import uuid
+
+    from easymlops import apache_kafka
+
+    dash_first = uuid.UUID(bytes=bytes([0xF8]) + bytes(15))  # 0b111110.. is "-" in base64url
+    draws = iter([dash_first, uuid.UUID(int=0x1234 << 64 | 0x5678)])
+    monkeypatch.setattr(apache_kafka.uuid, "uuid4", lambda: next(draws))
+    settings = Settings(
+        home=tmp_path / "home",
+        broker="kafka",
+        kafka_port=free_port(),
+        kafka_controller_port=free_port(),
+    )
+    apache_kafka.prepare(settings, tmp_path / "kafka")
+    meta = (tmp_path / "kafka" / "log" / "meta.properties").read_text()
+    assert "cluster.id=AAAAAAAAEjQAAAAAAABWeA" in meta.splitlines()
+
+
 def test_profiles_select_their_services_in_dependency_order() -> None:
     from easymlops.services.supervisor import waves
 
