@@ -17,6 +17,7 @@ prediction also carries `features`: the value of every model feature used, null 
 # FastAPI then cannot resolve string annotations, so `body: PredictRequest` silently became a
 # required *query* parameter (every POST got a 422 "query.body: Field required").
 
+import gc
 import hmac
 import logging
 import random
@@ -304,6 +305,11 @@ class Predictor:
             else None
         )
         self.current_model()
+        # Everything alive now (modules, clients, the first model) lives as long as the
+        # replica: freeze it out of the cyclic GC. Otherwise each full collection walks those
+        # ~300k objects again, a 227 ms pause every 20-40 s under load that queued ~1% of the
+        # requests behind it (the soak's p99); frozen, a full collection takes 1-3 ms.
+        gc.freeze()
         log.info(
             "serving %s@%s from %s, features from %s, poll every %ss",
             config.model_name,
