@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import operator
+import os
 import shlex
 import sys
 from collections.abc import Callable
@@ -79,6 +80,41 @@ class Figure:
             self.ratio = self.value / self.baseline.value
         if self.goal is not None:
             self.goal_met = self.goal.holds(self)
+
+
+@dataclass(frozen=True)
+class CpuClock:
+    """The machine's cumulative CPU time from /proc/stat (all cores, seconds): what the
+    hypervisor took from this VM (steal) and everything. The difference of two readings says
+    how much of a run's CPU time was stolen: on the shared 2-core VMs here steal comes in
+    bursts of up to a whole core, which stalls whatever runs then (latency tails above all).
+    None where /proc/stat does not exist."""
+
+    steal_s: float
+    total_s: float
+
+    @classmethod
+    def read(cls, stat: Path = Path("/proc/stat")) -> CpuClock | None:
+        try:
+            fields = stat.read_text().splitlines()[0].split()
+        except (OSError, IndexError):
+            return None
+        if fields[:1] != ["cpu"] or len(fields) < 9:
+            return None
+        ticks = [int(x) for x in fields[1:]]
+        # user nice system idle iowait irq softirq steal [guest guest_nice, already in user]
+        hz = os.sysconf("SC_CLK_TCK")
+        return cls(steal_s=ticks[7] / hz, total_s=sum(ticks[:8]) / hz)
+
+    def steal_share_since(self, before: CpuClock | None) -> float | None:
+        """The share of the CPU time since `before` that was stolen (0..1)."""
+        if before is None or self.total_s <= before.total_s:
+            return None
+        return (self.steal_s - before.steal_s) / (self.total_s - before.total_s)
+
+
+def steal_text(share: float | None) -> str:
+    return "steal unknown" if share is None else f"{share:.0%} of the CPU time stolen"
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -182,6 +218,20 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _steal_clause(results: dict[str, Any]) -> str:
+    """What the hypervisor took, over the run and in the benchmarks it took most from (results
+    files before 2026-12-03 did not record it)."""
+    share = results["machine"].get("cpu_steal_share")
+    if share is None:
+        return ""
+    worst = sorted(
+        (run for run in results["benchmarks"] if run.get("cpu_steal_share") is not None),
+        key=lambda run: -run["cpu_steal_share"],
+    )[:3]
+    each = ", ".join(f"{run['name']} {run['cpu_steal_share']:.0%}" for run in worst)
+    return f"; {share:.0%} of the CPU time was stolen by the hypervisor (most in: {each})"
+
+
 def table(results: dict[str, Any], source: str) -> str:
     """The README's generated block (without the markers) for one results file."""
     machine = results["machine"]
@@ -193,7 +243,8 @@ def table(results: dict[str, Any], source: str) -> str:
         f"commit {git['commit'][:7]}{' with uncommitted changes' if git['dirty'] else ''}; "
         f"{machine['cores']} cores, {machine['memory_gb']:.0f} GB, {machine['cpu']}, Python "
         f"{machine['python']}, load average {machine['load_before'][0]:.2f} before, "
-        f"{machine['load_after'][0]:.2f} after. Quick sizes are smaller than the full runs "
+        f"{machine['load_after'][0]:.2f} after{_steal_clause(results)}. Quick sizes are "
+        "smaller than the full runs "
         "(see each command), so goals set for a full size are indicative here.",
         "",
         "| benchmark | figure | value | baseline (same run) | ratio | goal | command |",

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import RESULTS, ROOT, command_line, read
+from benchmarks.report import RESULTS, ROOT, CpuClock, command_line, read, steal_text
 
 TAIL_LINES = 40
 
@@ -94,6 +94,8 @@ class Outcome:
     figures: list[dict[str, Any]] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
     tail: list[str] = field(default_factory=list)
+    # The share of the machine's CPU time the hypervisor took while this benchmark ran.
+    cpu_steal_share: float | None = None
 
 
 def say(message: str) -> None:
@@ -113,7 +115,7 @@ def run_one(bench: Benchmark, index: int, total: int, started: float) -> Outcome
         say(f"   skipped: {reason}")
         return Outcome(bench.name, command, "skipped", reason=reason)
     tail: deque[str] = deque(maxlen=TAIL_LINES)
-    began = time.monotonic()
+    began, cpu_before = time.monotonic(), CpuClock.read()
     with tempfile.TemporaryDirectory(prefix="easymlops-bench-") as tmp:
         record_path = Path(tmp) / "record.json"
         proc = subprocess.Popen(
@@ -146,8 +148,11 @@ def run_one(bench: Benchmark, index: int, total: int, started: float) -> Outcome
                 outcome.figures, outcome.details = record["figures"], record["details"]
     if outcome.status == "ok":
         outcome.tail = []  # the figures say it; the tail is kept to explain failures
+    cpu_after = CpuClock.read()
+    outcome.cpu_steal_share = cpu_after.steal_share_since(cpu_before) if cpu_after else None
     say(
-        f"   {bench.name}: {outcome.status} in {clock(seconds)}"
+        f"   {bench.name}: {outcome.status} in {clock(seconds)}, "
+        f"{steal_text(outcome.cpu_steal_share)}"
         + (f" ({outcome.reason})" if outcome.reason else "")
     )
     return outcome
@@ -196,13 +201,17 @@ def run(benchmarks: list[Benchmark], results_dir: Path) -> tuple[Path, int]:
         "machine": {**machine(), "load_before": list(os.getloadavg())},
         "git": git_state(),
     }
-    started = time.monotonic()
+    started, cpu_before = time.monotonic(), CpuClock.read()
     outcomes = [
         run_one(bench, i, len(benchmarks), started) for i, bench in enumerate(benchmarks, 1)
     ]
     results["finished"] = now()
     results["seconds"] = time.monotonic() - started
     results["machine"]["load_after"] = list(os.getloadavg())
+    cpu_after = CpuClock.read()
+    results["machine"]["cpu_steal_share"] = (
+        cpu_after.steal_share_since(cpu_before) if cpu_after else None
+    )
     results["benchmarks"] = [vars(o) for o in outcomes]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{results['started'][:10]}.json"

@@ -41,6 +41,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 
@@ -50,6 +51,7 @@ if sys.path[0] == str(ROOT / "benchmarks"):
     sys.path[0] = str(ROOT)
 
 from benchmarks import report  # noqa: E402
+from benchmarks.report import CpuClock, steal_text  # noqa: E402
 from easymlops import nginx  # noqa: E402
 from easymlops.demo import sample_requests  # noqa: E402
 from easymlops.settings import Settings, get_settings  # noqa: E402
@@ -281,6 +283,7 @@ def main() -> int:
         f"{args.seconds:g} s x {args.rounds} rounds, {os.cpu_count()} cores, "
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
+    cpu_before = CpuClock.read()
     try:
         for target in targets.values():  # warm both (connections, caches, JIT-free but lazy)
             wrk(f"{target}/predict", 8, 2, bodies_file, key)
@@ -307,6 +310,10 @@ def main() -> int:
         {k: median_load(v) for k, v in floors.items()},
         parts,
     )
+    cpu_after = CpuClock.read()
+    stolen = cpu_after.steal_share_since(cpu_before) if cpu_after else None
+    # Serve and bare alternate within each round, so a steal burst hits one side's p99 only.
+    print(f"during the run: {steal_text(stolen)} (a burst stalls whichever side runs then)")
     report.write(args.json, "serving", figures, quick=args.quick)
     return 0
 
@@ -462,6 +469,7 @@ class Attack:
     p99_ms: float
     failed: int  # requests without a 200 (status 0: no answer at all)
     causes: list[str]  # the status codes seen and vegeta's distinct error texts
+    steal_share: float | None  # of the machine's CPU time, taken by the hypervisor meanwhile
 
 
 def vegeta_binary() -> str:
@@ -477,7 +485,8 @@ def attack(
     """vegeta at a constant `rate` for `seconds`, open loop: requests go out on schedule however
     slow the answers, so a slow server cannot slow the load down (a Python client could not
     keep 160 req/s on schedule next to the server on 2 cores). Results go to a file per
-    minute, and progress is printed between them."""
+    minute; between them each minute's p99 is printed beside the CPU time the hypervisor stole
+    in it, because on the shared VMs here the long run's tail follows the steal bursts."""
     header = {"Content-Type": ["application/json"]} | {k: [v] for k, v in headers.items()}
     work = Path(tempfile.mkdtemp(prefix="easymlops-soak-"))
     targets = work / "targets.jsonl"
@@ -495,9 +504,11 @@ def attack(
         )
     )
     binary, results, done = vegeta_binary(), [], 0.0
+    first = CpuClock.read()
     while done < seconds:
         chunk = min(60.0, seconds - done)
         result = work / f"{len(results)}.bin"
+        before = CpuClock.read()
         subprocess.run(
             [
                 *(binary, "attack", "-format=json", f"-targets={targets}", f"-rate={rate:.0f}/1s"),
@@ -508,23 +519,33 @@ def attack(
         results.append(str(result))
         done += chunk
         if seconds > 60:
-            print(f"  {done:.0f}/{seconds:.0f} s", flush=True)
-    report = json.loads(
-        subprocess.run(
-            [binary, "report", "-type=json", *results], capture_output=True, text=True, check=True
-        ).stdout
-    )
+            after = CpuClock.read()
+            steal = after.steal_share_since(before) if after else None
+            p99 = _vegeta_report(binary, [str(result)])["latencies"]["99th"] / 1e6
+            print(
+                f"  {done:.0f}/{seconds:.0f} s: p99 {p99:.2f} ms, {steal_text(steal)}", flush=True
+            )
+    last = CpuClock.read()
+    summary = _vegeta_report(binary, results)
     shutil.rmtree(work)
-    not_ok = {code: n for code, n in report["status_codes"].items() if code != "200"}
-    latencies = report["latencies"]
+    not_ok = {code: n for code, n in summary["status_codes"].items() if code != "200"}
+    latencies = summary["latencies"]
     return Attack(
-        requests=report["requests"],
+        requests=summary["requests"],
         p50_ms=latencies["50th"] / 1e6,
         p99_ms=latencies["99th"] / 1e6,
         failed=sum(not_ok.values()),
         causes=[f"{n} x status {code}" for code, n in not_ok.items()]
-        + list(report.get("errors") or []),
+        + list(summary.get("errors") or []),
+        steal_share=last.steal_share_since(first) if last else None,
     )
+
+
+def _vegeta_report(binary: str, results: list[str]) -> dict[str, Any]:
+    done = subprocess.run(
+        [binary, "report", "-type=json", *results], capture_output=True, text=True, check=True
+    )
+    return cast(dict[str, Any], json.loads(done.stdout))
 
 
 def soak(
@@ -539,11 +560,15 @@ def soak(
         f"{rate:.0f} req/s, open loop: 20 s, then {seconds:.0f} s"
     )
     base = attack(url, rate, 20, bodies, headers)
-    print(f"20 s: {base.requests} requests, p50 {base.p50_ms:.2f} ms, p99 {base.p99_ms:.2f} ms")
+    print(
+        f"20 s: {base.requests} requests, p50 {base.p50_ms:.2f} ms, p99 {base.p99_ms:.2f} ms, "
+        f"{steal_text(base.steal_share)}"
+    )
     long = attack(url, rate, seconds, bodies, headers)
     print(
         f"soak {seconds:.0f} s: {long.requests} requests, p50 {long.p50_ms:.2f} ms, p99 "
-        f"{long.p99_ms:.2f} ms = {long.p99_ms / base.p99_ms:.2f}x the 20 s run"
+        f"{long.p99_ms:.2f} ms = {long.p99_ms / base.p99_ms:.2f}x the 20 s run, "
+        f"{steal_text(long.steal_share)}"
     )
     for run in (base, long):
         for cause in run.causes:

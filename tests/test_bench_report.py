@@ -120,6 +120,9 @@ def test_failed_benchmark_is_recorded_and_the_run_fails(tmp_path: Path) -> None:
     assert runs["needs-demo"]["status"] == "skipped"
     assert runs["needs-demo"]["reason"] == "needs `make demo`"
     assert results["machine"]["cores"] >= 1 and len(results["git"]["commit"]) == 40
+    # /proc/stat was read around each benchmark and the whole run (Linux, as here).
+    assert isinstance(runs["good"]["cpu_steal_share"], float)
+    assert isinstance(results["machine"]["cpu_steal_share"], float)
     # The table names the failure and the skip instead of dropping them.
     table = report.table(results, "results.json")
     assert "| bad | **failed**: exit 3 |" in table
@@ -130,3 +133,34 @@ def test_only_a_skip_does_not_fail_the_run(tmp_path: Path) -> None:
     skipped = run_all.Benchmark("later", [sys.executable, "-c", "pass"], needs=lambda: "no stack")
     _, code = run_all.run([skipped], tmp_path)
     assert code == 0
+
+
+def test_steal_share_counts_the_hypervisor_s_ticks_against_all_but_guest_time(
+    tmp_path: Path,
+) -> None:
+    """/proc/stat's guest columns are already inside user time: counting them again would
+    understate the steal share. The table names the run's share and the benchmarks that lost
+    the most."""
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 7 0\ncpu0 1 2 3\n")
+    before = report.CpuClock.read(stat)
+    stat.write_text("cpu  200 0 100 900 10 0 0 140 57 0\n")
+    after = report.CpuClock.read(stat)
+    assert before is not None and after is not None
+    # steal +100 ticks of user +100, system +50, idle +100, steal +100 (guest +50 not again)
+    assert after.steal_share_since(before) == 100 / 350
+    assert before.steal_share_since(after) is None  # readings out of order say nothing
+    stat.write_text("intr 1 2 3\n")
+    assert report.CpuClock.read(stat) is None
+    assert report.CpuClock.read(tmp_path / "missing") is None
+
+    results = json.loads(report.newest_results().read_text())
+    results["machine"]["cpu_steal_share"] = 0.25
+    for run, share in zip(results["benchmarks"], [0.05, 0.61, None, 0.3], strict=False):
+        run["cpu_steal_share"] = share
+    names = [run["name"] for run in results["benchmarks"]]
+    header = report.table(results, "results.json").splitlines()[0]
+    assert (
+        f"25% of the CPU time was stolen by the hypervisor (most in: {names[1]} 61%, "
+        f"{names[3]} 30%, {names[0]} 5%)" in header
+    )
