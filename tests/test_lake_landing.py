@@ -16,6 +16,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from confluent_kafka import Consumer, TopicPartition
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from test_stream_to_lake import read_topic
 
@@ -46,6 +47,42 @@ def produce_in_transaction(settings: Settings, topic: str, values: list[bytes]) 
     for i, value in enumerate(values):
         client.produce(topic, value=value, partition=i % settings.topic_partitions)
     client.commit_transaction(30)
+    wait_for_commit_markers(settings, topic)
+
+
+def wait_for_commit_markers(settings: Settings, topic: str, timeout: float = 15.0) -> None:
+    """Apache Kafka writes a transaction's commit markers to its partitions after
+    `commit_transaction` returns; until a partition has its marker, its last stable offset (the
+    read_committed end offset) stays behind. A CI run read partition 1's end offset as 0 just
+    after committing 68 records there. Wait until each partition's read_committed end equals
+    its read_uncommitted one."""
+    probes = {
+        level: Consumer(
+            {
+                "bootstrap.servers": settings.bootstrap_servers,
+                "group.id": "test-commit-markers",
+                "isolation.level": level,
+            }
+        )
+        for level in ("read_committed", "read_uncommitted")
+    }
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            ends = {
+                level: [
+                    probe.get_watermark_offsets(TopicPartition(topic, part), 10, cached=False)[1]
+                    for part in range(settings.topic_partitions)
+                ]
+                for level, probe in probes.items()
+            }
+            if ends["read_committed"] == ends["read_uncommitted"]:
+                return
+            assert time.monotonic() < deadline, f"commit markers not visible in {timeout} s: {ends}"
+            time.sleep(0.05)
+    finally:
+        for probe in probes.values():
+            probe.close()
 
 
 def validated_events(n: int, seed: int) -> list[bytes]:
