@@ -113,6 +113,12 @@ class CpuClock:
         return (self.steal_s - before.steal_s) / (self.total_s - before.total_s)
 
 
+def steal_since(before: CpuClock | None) -> float | None:
+    """The share of the CPU time stolen from `before` to now (None if either is unknown)."""
+    now = CpuClock.read()
+    return now.steal_share_since(before) if now else None
+
+
 def steal_text(share: float | None) -> str:
     return "steal unknown" if share is None else f"{share:.0%} of the CPU time stolen"
 

@@ -30,7 +30,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import RESULTS, ROOT, CpuClock, command_line, read, steal_text
+from benchmarks.report import (
+    RESULTS,
+    ROOT,
+    CpuClock,
+    command_line,
+    read,
+    steal_since,
+    steal_text,
+)
 
 TAIL_LINES = 40
 
@@ -148,8 +156,7 @@ def run_one(bench: Benchmark, index: int, total: int, started: float) -> Outcome
                 outcome.figures, outcome.details = record["figures"], record["details"]
     if outcome.status == "ok":
         outcome.tail = []  # the figures say it; the tail is kept to explain failures
-    cpu_after = CpuClock.read()
-    outcome.cpu_steal_share = cpu_after.steal_share_since(cpu_before) if cpu_after else None
+    outcome.cpu_steal_share = steal_since(cpu_before)
     say(
         f"   {bench.name}: {outcome.status} in {clock(seconds)}, "
         f"{steal_text(outcome.cpu_steal_share)}"
@@ -208,10 +215,7 @@ def run(benchmarks: list[Benchmark], results_dir: Path) -> tuple[Path, int]:
     results["finished"] = now()
     results["seconds"] = time.monotonic() - started
     results["machine"]["load_after"] = list(os.getloadavg())
-    cpu_after = CpuClock.read()
-    results["machine"]["cpu_steal_share"] = (
-        cpu_after.steal_share_since(cpu_before) if cpu_after else None
-    )
+    results["machine"]["cpu_steal_share"] = steal_since(cpu_before)
     results["benchmarks"] = [vars(o) for o in outcomes]
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"{results['started'][:10]}.json"

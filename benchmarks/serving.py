@@ -51,7 +51,7 @@ if sys.path[0] == str(ROOT / "benchmarks"):
     sys.path[0] = str(ROOT)
 
 from benchmarks import report  # noqa: E402
-from benchmarks.report import CpuClock, steal_text  # noqa: E402
+from benchmarks.report import CpuClock, steal_since, steal_text  # noqa: E402
 from easymlops import nginx  # noqa: E402
 from easymlops.demo import sample_requests  # noqa: E402
 from easymlops.settings import Settings, get_settings  # noqa: E402
@@ -310,8 +310,7 @@ def main() -> int:
         {k: median_load(v) for k, v in floors.items()},
         parts,
     )
-    cpu_after = CpuClock.read()
-    stolen = cpu_after.steal_share_since(cpu_before) if cpu_after else None
+    stolen = steal_since(cpu_before)
     # Serve and bare alternate within each round, so a steal burst hits one side's p99 only.
     print(f"during the run: {steal_text(stolen)} (a burst stalls whichever side runs then)")
     report.write(args.json, "serving", figures, quick=args.quick)
@@ -519,13 +518,12 @@ def attack(
         results.append(str(result))
         done += chunk
         if seconds > 60:
-            after = CpuClock.read()
-            steal = after.steal_share_since(before) if after else None
+            steal = steal_since(before)
             p99 = _vegeta_report(binary, [str(result)])["latencies"]["99th"] / 1e6
             print(
                 f"  {done:.0f}/{seconds:.0f} s: p99 {p99:.2f} ms, {steal_text(steal)}", flush=True
             )
-    last = CpuClock.read()
+    stolen = steal_since(first)
     summary = _vegeta_report(binary, results)
     shutil.rmtree(work)
     not_ok = {code: n for code, n in summary["status_codes"].items() if code != "200"}
@@ -537,7 +535,7 @@ def attack(
         failed=sum(not_ok.values()),
         causes=[f"{n} x status {code}" for code, n in not_ok.items()]
         + list(summary.get("errors") or []),
-        steal_share=last.steal_share_since(first) if last else None,
+        steal_share=stolen,
     )
 
 

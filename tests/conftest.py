@@ -217,3 +217,31 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(f"{seconds:8.1f} s  {path}")
     total = sum(_FILE_SECONDS.values())
     terminalreporter.write_line(f"{total:8.1f} s  in all")
+
+
+def watermarks(
+    settings: Settings, topic: str, parts: Iterable[int], isolation: str = "read_uncommitted"
+) -> dict[int, int]:
+    """Each partition's end as a client of `isolation` is told it: read_uncommitted gets the
+    high watermark, read_committed the last stable offset, which stops short of an open
+    transaction (or one whose commit markers are not written yet).
+    (kafka.end_offsets will not do for the high watermark: its client is read_committed,
+    librdkafka's default.)"""
+    from confluent_kafka import Consumer, TopicPartition
+
+    probe = Consumer(
+        {
+            "bootstrap.servers": settings.bootstrap_servers,
+            "group.id": "test-watermarks",
+            "isolation.level": isolation,
+        }
+    )
+    try:
+        return {
+            part: probe.get_watermark_offsets(
+                TopicPartition(topic, part), timeout=10, cached=False
+            )[1]
+            for part in parts
+        }
+    finally:
+        probe.close()

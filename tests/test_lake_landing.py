@@ -16,7 +16,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from test_stream_to_lake import read_topic
 
@@ -25,7 +24,7 @@ from easymlops.generator import generate_payloads
 from easymlops.kafka import admin, end_offsets, ensure_topics, producer, topic_id
 from easymlops.schema import MAX_MESSAGE_BYTES, DeadLetter, ValidationError, validate_bytes
 from easymlops.settings import Settings
-from tests.conftest import Broker
+from tests.conftest import Broker, watermarks
 
 services = pytest.mark.services
 
@@ -56,33 +55,17 @@ def wait_for_commit_markers(settings: Settings, topic: str, timeout: float = 15.
     read_committed end offset) stays behind. A CI run read partition 1's end offset as 0 just
     after committing 68 records there. Wait until each partition's read_committed end equals
     its read_uncommitted one."""
-    probes = {
-        level: Consumer(
-            {
-                "bootstrap.servers": settings.bootstrap_servers,
-                "group.id": "test-commit-markers",
-                "isolation.level": level,
-            }
+    parts = range(settings.topic_partitions)
+    deadline = time.monotonic() + timeout
+    while True:
+        stable = watermarks(settings, topic, parts, "read_committed")
+        high = watermarks(settings, topic, parts)
+        if stable == high:
+            return
+        assert time.monotonic() < deadline, (
+            f"commit markers not in after {timeout} s: {stable} {high}"
         )
-        for level in ("read_committed", "read_uncommitted")
-    }
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            ends = {
-                level: [
-                    probe.get_watermark_offsets(TopicPartition(topic, part), 10, cached=False)[1]
-                    for part in range(settings.topic_partitions)
-                ]
-                for level, probe in probes.items()
-            }
-            if ends["read_committed"] == ends["read_uncommitted"]:
-                return
-            assert time.monotonic() < deadline, f"commit markers not visible in {timeout} s: {ends}"
-            time.sleep(0.05)
-    finally:
-        for probe in probes.values():
-            probe.close()
+        time.sleep(0.05)
 
 
 def validated_events(n: int, seed: int) -> list[bytes]:

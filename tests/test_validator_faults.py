@@ -48,7 +48,7 @@ from easymlops.validate import (
     _fewer_gc_passes,
     run_validator,
 )
-from tests.conftest import Broker, topic_env
+from tests.conftest import Broker, topic_env, watermarks
 
 pytestmark = pytest.mark.services
 
@@ -68,26 +68,6 @@ def topics(broker: Broker) -> Iterator[Settings]:
     )
     ensure_topics(settings)
     yield settings
-
-
-def high_watermarks(settings: Settings, parts: list[TopicPartition]) -> dict[int, int]:
-    """Each partition's high watermark. Asked by a read_uncommitted client: a read_committed
-    one is told the last stable offset instead, which stops short of an open transaction.
-    (kafka.end_offsets will not do: its client is read_committed, librdkafka's default.)"""
-    probe = Consumer(
-        {
-            "bootstrap.servers": settings.bootstrap_servers,
-            "group.id": f"watermarks-{uuid.uuid4().hex[:6]}",
-            "isolation.level": "read_uncommitted",
-        }
-    )
-    try:
-        return {
-            tp.partition: probe.get_watermark_offsets(tp, timeout=10, cached=False)[1]
-            for tp in parts
-        }
-    finally:
-        probe.close()
 
 
 def committed_messages(
@@ -113,7 +93,7 @@ def committed_messages(
         parts = [TopicPartition(topic, p, 0) for p in partitions(settings, topic)]
         # The end each partition must reach; without wait_for_open any end of partition will do.
         highs = (
-            high_watermarks(settings, parts)
+            watermarks(settings, topic, (tp.partition for tp in parts))
             if wait_for_open
             else dict.fromkeys((tp.partition for tp in parts), 0)
         )
