@@ -11,6 +11,7 @@ from typing import NamedTuple
 import polars as pl
 import pytest
 from confluent_kafka import Consumer, TopicPartition
+from test_lake_landing import wait_for_commit_markers
 
 from easymlops import lake
 from easymlops.csv_replay import read_csv_events
@@ -86,6 +87,8 @@ def test_generated_events_flow_to_bronze_and_silver_exactly_once(
     own_lake = stack.model_copy(update={"lake_uri": str(tmp_path / "lake")})
     table = lake.bronze_path(own_lake, "events")
     topic = stack.topic_validated
+    # The validator's last commit markers may still be on their way (see the helper).
+    wait_for_commit_markers(stack, topic)
     ends = end_offsets(stack, topic)
     first = lake.land_topic(own_lake, topic, table, "validated")
     assert first.end_offsets == ends
