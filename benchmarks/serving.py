@@ -519,14 +519,18 @@ def attack(
         done += chunk
         if seconds > 60:
             steal = steal_since(before)
-            p99 = _vegeta_report(binary, [str(result)])["latencies"]["99th"] / 1e6
+            minute = _vegeta_report(binary, [str(result)])
+            p99 = minute["latencies"]["99th"] / 1e6
+            refused = _not_ok(minute)
             print(
-                f"  {done:.0f}/{seconds:.0f} s: p99 {p99:.2f} ms, {steal_text(steal)}", flush=True
+                f"  {done:.0f}/{seconds:.0f} s: p99 {p99:.2f} ms, "
+                f"{sum(refused.values())} errors {refused or ''}, {steal_text(steal)}",
+                flush=True,
             )
     stolen = steal_since(first)
     summary = _vegeta_report(binary, results)
     shutil.rmtree(work)
-    not_ok = {code: n for code, n in summary["status_codes"].items() if code != "200"}
+    not_ok = _not_ok(summary)
     latencies = summary["latencies"]
     return Attack(
         requests=summary["requests"],
@@ -537,6 +541,12 @@ def attack(
         + list(summary.get("errors") or []),
         steal_share=stolen,
     )
+
+
+def _not_ok(report: dict[str, Any]) -> dict[str, int]:
+    """Responses by status other than 200 in a vegeta report ("0": no response, e.g. a
+    timeout; "503": shed or the online store down)."""
+    return {code: n for code, n in report["status_codes"].items() if code != "200"}
 
 
 def _vegeta_report(binary: str, results: list[str]) -> dict[str, Any]:

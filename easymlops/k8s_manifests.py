@@ -106,7 +106,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
     """Serve's declarative config: what serving/deploy.py's `deploy` passes to `serve.start` and
     `deployment.options` for `settings`, plus the import path of the in-cluster builder."""
     from serving.app import DEPLOYMENT_NAME
-    from serving.deploy import APP_NAME
+    from serving.deploy import APP_NAME, deployment_options
 
     return {
         "http_options": {
@@ -119,13 +119,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
                 "name": APP_NAME,
                 "route_prefix": "/",
                 "import_path": SERVE_IMPORT_PATH,
-                "deployments": [
-                    {
-                        "name": DEPLOYMENT_NAME,
-                        "num_replicas": settings.serve_replicas,
-                        "ray_actor_options": {"num_cpus": settings.serve_num_cpus},
-                    }
-                ],
+                "deployments": [{"name": DEPLOYMENT_NAME, **deployment_options(settings)}],
             }
         ],
     }
@@ -141,22 +135,15 @@ def serve_app(args: dict[str, str] | None = None) -> Any:
 
     from easymlops.settings import get_settings
     from serving.app import PurchasePredictor
-    from serving.deploy import deployment_fingerprint
+    from serving.deploy import deployment_fingerprint, deployment_options
     from serving.model import ServingConfig
 
     settings = get_settings()
     config = ServingConfig.from_settings(settings)
-    fingerprint = deployment_fingerprint(
-        config,
-        num_cpus=settings.serve_num_cpus,
-        replicas=settings.serve_replicas,
-        route_prefix="/",
-    )
+    options = deployment_options(settings)
+    fingerprint = deployment_fingerprint(config, options, route_prefix="/")
     deployment = cast(serve.Deployment, PurchasePredictor)
-    return deployment.options(
-        num_replicas=settings.serve_replicas,
-        ray_actor_options={"num_cpus": settings.serve_num_cpus},
-    ).bind(config, fingerprint)
+    return deployment.options(**options).bind(config, fingerprint)
 
 
 _NON_ROOT = {

@@ -176,6 +176,13 @@ class Settings(BaseSettings):
     serve_batch_wait_ms: float = Field(default=2.0, ge=0)
     # Longest a request may wait in Serve (queued for a replica included) before an error.
     serve_request_timeout_s: float = Field(default=10.0, gt=0)
+    # Load shedding. A replica runs up to serve_max_ongoing_requests at once (handlers await
+    # Redis, so one replica overlaps many) and holds up to serve_max_queued_requests more
+    # waiting for a slot; beyond that Serve answers 503 at once, with Retry-After:
+    # serve_retry_after_s, instead of queueing a backlog that ends in timeouts (-1 = no cap).
+    serve_max_ongoing_requests: int = Field(default=64, ge=1)
+    serve_max_queued_requests: int = Field(default=64, ge=-1)
+    serve_retry_after_s: int = Field(default=1, ge=0)
 
     # NGINX in front of Serve (infra/nginx/, `easymlops up --with-nginx`): it listens on
     # host:nginx_port (loopback only), proxies to serve_url and refuses bodies above
@@ -213,6 +220,13 @@ class Settings(BaseSettings):
     # First daily partition (event date) of silver and the partitioned gold models. The
     # default covers the public 2019 e-commerce dataset and everything generated since.
     partitions_start: date = date(2019, 10, 1)
+
+    @field_validator("serve_max_queued_requests")
+    @classmethod
+    def _queue_cap(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("must be -1 (no cap) or at least 1: Serve takes no 0")
+        return value
 
     @field_validator("home")
     @classmethod

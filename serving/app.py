@@ -583,13 +583,12 @@ def build_app(predictor: Predictor) -> FastAPI:
     name=DEPLOYMENT_NAME,
     num_replicas=1,
     ray_actor_options={"num_cpus": 0.5},
-    # Handlers await Redis, so one replica can overlap many requests.
-    max_ongoing_requests=64,
     health_check_period_s=10,
     # No access log in the replica (deploy(access_log=True) turns it on): in throughput-
     # optimized mode Serve buffers it and writes 1,000 records at a time on the event loop,
     # a 20-30 ms stall every 1,000 requests. NGINX in front keeps a JSON access log with the
-    # request id.
+    # request id. Replicas, CPUs and the request limits come from the settings:
+    # serving.deploy.deployment_options.
     logging_config={"enable_access_log": False},
 )
 @serve.ingress()

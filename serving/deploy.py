@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import httpx
 import ray
@@ -68,6 +68,30 @@ def app_url(settings: Settings, route_prefix: str = "/") -> str:
     return settings.serve_url + route_prefix.rstrip("/")
 
 
+def deployment_options(
+    settings: Settings,
+    *,
+    num_cpus: float | None = None,
+    replicas: int | None = None,
+    access_log: bool = False,
+) -> dict[str, Any]:
+    """The Serve deployment options for `settings`, as `Deployment.options` and Serve's
+    declarative config (serveConfigV2 on Kubernetes) both take them; `num_cpus` and `replicas`
+    override the settings'."""
+    return {
+        "num_replicas": settings.serve_replicas if replicas is None else replicas,
+        "ray_actor_options": {
+            "num_cpus": settings.serve_num_cpus if num_cpus is None else num_cpus
+        },
+        "max_ongoing_requests": settings.serve_max_ongoing_requests,
+        # Beyond the queue, 503 at once (Serve's plain-text "Request dropped due to
+        # backpressure") with Retry-After, rather than a backlog that ends in timeouts.
+        "max_queued_requests": settings.serve_max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": settings.serve_retry_after_s},
+        "logging_config": {"enable_access_log": access_log},
+    }
+
+
 def deploy(
     settings: Settings,
     *,
@@ -107,29 +131,19 @@ def deploy(
     )
     config = ServingConfig.from_settings(settings, poll_interval_s=poll_interval_s)
     url = app_url(settings, route_prefix)
-    num_cpus = settings.serve_num_cpus if num_cpus is None else num_cpus
-    replicas = settings.serve_replicas if replicas is None else replicas
-    fingerprint = deployment_fingerprint(
-        config,
-        num_cpus=num_cpus,
-        replicas=replicas,
-        route_prefix=route_prefix,
-        access_log=access_log,
+    options = deployment_options(
+        settings, num_cpus=num_cpus, replicas=replicas, access_log=access_log
     )
+    fingerprint = deployment_fingerprint(config, options, route_prefix=route_prefix)
     if not force and _running_fingerprint(app_name, url) == fingerprint:
         log.info("Serve app %r already runs this configuration at %s", app_name, url)
     else:
         # The decorators make PurchasePredictor a serve.Deployment; type checkers see the class.
-        deployment = cast(serve.Deployment, PurchasePredictor)
-        options = deployment.options(
-            num_replicas=replicas,
-            ray_actor_options={"num_cpus": num_cpus},
-            logging_config={"enable_access_log": access_log},
-        )
+        deployment = cast(serve.Deployment, PurchasePredictor).options(**options)
         # Not serve.run: it blocks without a deadline (e.g. forever if the replica cannot be
         # scheduled); we submit and then wait with our own timeout and a reason on failure.
         target = serve.RunTarget(
-            options.bind(config, fingerprint), name=app_name, route_prefix=route_prefix
+            deployment.bind(config, fingerprint), name=app_name, route_prefix=route_prefix
         )
         serve.run_many(
             [target],
@@ -165,18 +179,13 @@ REPLICA_MODULES: tuple[str, ...] = (
 
 
 def deployment_fingerprint(
-    config: ServingConfig,
-    *,
-    num_cpus: float,
-    replicas: int,
-    route_prefix: str,
-    access_log: bool = False,
+    config: ServingConfig, options: dict[str, Any], *, route_prefix: str
 ) -> str:
     """A digest of everything that makes one deployment differ from another: its init args
-    (the API key too, which repr leaves out), resources, route and the source of the code a
-    replica runs."""
+    (the API key too, which repr leaves out), its options (`deployment_options`), route and
+    the source of the code a replica runs."""
     digest = hashlib.sha256(
-        repr((dataclasses.astuple(config), num_cpus, replicas, route_prefix, access_log)).encode()
+        repr((dataclasses.astuple(config), sorted(options.items()), route_prefix)).encode()
     )
     for name in REPLICA_MODULES:
         spec = importlib.util.find_spec(name)

@@ -243,6 +243,10 @@ def test_serve_config_is_serve_schema_valid_and_from_the_settings() -> None:
     assert deployment.name == DEPLOYMENT_NAME
     assert deployment.num_replicas == settings.serve_replicas
     assert deployment.ray_actor_options.num_cpus == settings.serve_num_cpus
+    assert deployment.max_ongoing_requests == settings.serve_max_ongoing_requests
+    assert deployment.max_queued_requests == settings.serve_max_queued_requests
+    assert deployment.backpressure_config.status_code == 503
+    assert deployment.backpressure_config.retry_after_s == settings.serve_retry_after_s
     # The import path names the builder, and the builder builds a Serve app.
     module, attr = app.import_path.split(":")
     assert (module, attr) == ("easymlops.k8s_manifests", "serve_app")

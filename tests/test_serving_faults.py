@@ -7,9 +7,11 @@ route prefix."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -318,6 +320,68 @@ def test_redis_stopped_gives_503_then_recovers_without_restart(served: Served) -
     assert slowest < 2.0 + 3.0, f"a request took {slowest:.1f}s (Redis timeout is 2 s)"
     assert served.http.get("/healthz").json()["deployment"] == fingerprint
     assert served.http.get("/readyz").status_code == 200
+
+
+@contextlib.contextmanager
+def hanging_redis() -> Iterator[str]:
+    """A redis:// URL whose server accepts connections and never answers: every feature fetch
+    waits out the client's timeout (2 s), as against a Redis that hangs."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)  # never accepted: the kernel completes the handshakes, no reply
+        yield f"redis://127.0.0.1:{listener.getsockname()[1]}/0"
+
+
+def test_an_overloaded_replica_sheds_at_once_with_503_and_retry_after(served: Served) -> None:
+    """One request running and one queued are all a replica of this app takes; with the online
+    store hanging, the rest of a burst is refused at once (503, Retry-After) instead of queueing
+    behind 2 s fetches, and the admitted ones still get their own answer."""
+    burst = 8
+    with hanging_redis() as redis_url:
+        _settings, url = _side_app(
+            served,
+            "shed",
+            redis_url=redis_url,
+            serve_max_ongoing_requests=1,
+            serve_max_queued_requests=1,
+            serve_retry_after_s=3,
+        )
+        try:
+            # The model loads from MLflow; only the online store hangs.
+            _wait_for(lambda: httpx.get(f"{url}/model", timeout=10), 200, 120)
+
+            async def one(http: httpx.AsyncClient) -> tuple[int, float, str, str | None]:
+                started = time.monotonic()
+                response = await http.post("/predict", json=BODY)
+                return (
+                    response.status_code,
+                    time.monotonic() - started,
+                    response.text,
+                    response.headers.get("retry-after"),
+                )
+
+            async def all_at_once() -> list[tuple[int, float, str, str | None]]:
+                limits = httpx.Limits(max_connections=burst)
+                async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+                    return await asyncio.gather(*(one(http) for _ in range(burst)))
+
+            outcomes = asyncio.run(all_at_once())
+        finally:
+            _remove_side_app(served, "shed")
+    shed = [o for o in outcomes if "backpressure" in o[2]]
+    admitted = [o for o in outcomes if "backpressure" not in o[2]]
+    summary = [(status, round(seconds, 2), text[:60]) for status, seconds, text, _r in outcomes]
+    # Serve may refuse a little more than the cap (it yields to its event loop between counting
+    # and admitting), never less: at most one running and one queued get through.
+    assert 1 <= len(admitted) <= 2 and len(shed) >= burst - 2, summary
+    assert all(status == 503 and retry == "3" for status, _s, _t, retry in shed), summary
+    # Refused without waiting for the store: well under one 2 s fetch.
+    assert max(seconds for _st, seconds, _t, _r in shed) < 1.0, summary
+    # The admitted ones waited for the store and were told it is the store.
+    assert all(
+        status == 503 and "online store unavailable" in text and seconds >= 1.9
+        for status, seconds, text, _r in admitted
+    ), summary
 
 
 def test_mlflow_down_at_start_reports_why_not_ready(served: Served) -> None:
