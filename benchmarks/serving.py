@@ -556,6 +556,56 @@ def _vegeta_report(binary: str, results: list[str]) -> dict[str, Any]:
     return cast(dict[str, Any], json.loads(done.stdout))
 
 
+@dataclass(frozen=True)
+class GcPauses:
+    """The replica's garbage collections by generation (its /metrics histogram): count, total
+    seconds and the upper bound of the highest non-empty bucket."""
+
+    count: dict[str, float]
+    total_s: dict[str, float]
+    buckets: dict[str, dict[float, float]]
+
+    @classmethod
+    def scrape(cls, settings: Settings) -> GcPauses:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        response = httpx.get(
+            f"{settings.serve_url}/metrics", headers=settings.serve_headers, timeout=10
+        )
+        response.raise_for_status()
+        count: dict[str, float] = {}
+        total: dict[str, float] = {}
+        buckets: dict[str, dict[float, float]] = {}
+        for family in text_string_to_metric_families(response.text):
+            if family.name != "easymlops_serving_gc_pause_seconds":
+                continue
+            for sample in family.samples:
+                gen = sample.labels["generation"]
+                if sample.name.endswith("_count"):
+                    count[gen] = sample.value
+                elif sample.name.endswith("_sum"):
+                    total[gen] = sample.value
+                elif sample.name.endswith("_bucket"):
+                    buckets.setdefault(gen, {})[float(sample.labels["le"])] = sample.value
+        return cls(count, total, buckets)
+
+    def since(self, before: GcPauses) -> str:
+        """Per generation: collections since `before`, their mean pause and the bucket bound
+        the longest one stayed under."""
+        parts = []
+        for gen in sorted(self.count):
+            n = self.count[gen] - before.count.get(gen, 0.0)
+            if n <= 0:
+                parts.append(f"gen{gen} none")
+                continue
+            mean_ms = (self.total_s[gen] - before.total_s.get(gen, 0.0)) / n * 1000
+            earlier = before.buckets.get(gen, {})
+            bound = min(le for le, c in self.buckets[gen].items() if c - earlier.get(le, 0.0) >= n)
+            longest = "any" if bound == float("inf") else f"<= {bound * 1000:g} ms"
+            parts.append(f"gen{gen} {n:.0f} x mean {mean_ms:.2f} ms (longest {longest})")
+        return "replica GC pauses: " + "; ".join(parts)
+
+
 def soak(
     settings: Settings, bodies: list[dict[str, object]], bodies_file: str, key: str, seconds: float
 ) -> int:
@@ -572,7 +622,9 @@ def soak(
         f"20 s: {base.requests} requests, p50 {base.p50_ms:.2f} ms, p99 {base.p99_ms:.2f} ms, "
         f"{steal_text(base.steal_share)}"
     )
+    gc_before = GcPauses.scrape(settings)
     long = attack(url, rate, seconds, bodies, headers)
+    print(GcPauses.scrape(settings).since(gc_before))
     print(
         f"soak {seconds:.0f} s: {long.requests} requests, p50 {long.p50_ms:.2f} ms, p99 "
         f"{long.p99_ms:.2f} ms = {long.p99_ms / base.p99_ms:.2f}x the 20 s run, "

@@ -12,7 +12,10 @@ while a function of this importable module is pickled by reference and returns o
 
 from __future__ import annotations
 
+import gc
+import time
 from functools import cache
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -27,6 +30,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Sub-millisecond to seconds: a warm /predict is ~1-5 ms, a cold Redis connect far more.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# A young collection takes microseconds; a full one over an unfrozen start-up heap took ~230 ms
+# (benchmarks/README.md, "The soak's tail").
+GC_PAUSE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class ServingMetrics:
@@ -82,7 +88,25 @@ class ServingMetrics:
             ["model_name", "model_version", "feature_set_version"],
             registry=self.registry,
         )
+        # Every request in the replica waits while the cyclic GC runs: the soak's tail.
+        self.gc_pause = Histogram(
+            "easymlops_serving_gc_pause_seconds",
+            "Cyclic garbage collections in the replica process and how long each took",
+            ["generation"],
+            buckets=GC_PAUSE_BUCKETS,
+            registry=self.registry,
+        )
+        self._gc_pause_by_generation = [self.gc_pause.labels(str(g)) for g in range(3)]
+        self._gc_started = 0.0
         self._served: tuple[str, str, str] | None = None
+
+    def time_gc(self, phase: str, info: dict[str, Any]) -> None:
+        """A `gc.callbacks` hook: one observation per collection (a few µs each)."""
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            paused = time.perf_counter() - self._gc_started
+            self._gc_pause_by_generation[info["generation"]].observe(paused)
 
     def set_model(self, name: str, version: str, feature_set_version: str) -> None:
         """Keep exactly one model_info series, the one in service."""
@@ -104,4 +128,6 @@ def serving_metrics() -> ServingMetrics:
     # `*_created` timestamp series double the output for no use here; the switch is
     # process-wide, which is fine inside a replica.
     disable_created_metrics()
-    return ServingMetrics()
+    metrics = ServingMetrics()
+    gc.callbacks.append(metrics.time_gc)
+    return metrics

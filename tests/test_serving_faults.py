@@ -26,12 +26,14 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
+from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 import tests.test_serving as serving_tests
 from easymlops import registry, stack
 from easymlops.settings import Settings
 from serving.app import Predictor, build_app
+from serving.metrics import serving_metrics
 from serving.model import ServingConfig
 from serving.tracing import tracer_provider
 from tests.conftest import free_port
@@ -183,6 +185,43 @@ def test_a_replica_freezes_its_startup_objects_out_of_the_cyclic_gc(served: Serv
             predictor.close()
     finally:
         gc.unfreeze()  # this is the test process, not a replica
+
+
+def test_garbage_collections_are_timed_in_the_metrics(served: Served) -> None:
+    """What the replica reports as a full collection's pause is that collection's time, and the
+    running replica exports the series."""
+    metrics = serving_metrics()
+
+    def full_collections() -> tuple[float, float]:
+        labels = {"generation": "2"}
+        count = metrics.registry.get_sample_value(
+            "easymlops_serving_gc_pause_seconds_count", labels
+        )
+        total = metrics.registry.get_sample_value("easymlops_serving_gc_pause_seconds_sum", labels)
+        return count or 0.0, total or 0.0
+
+    heap = [[i] for i in range(2_000_000)]  # tracked containers: a full collection walks each
+    count_before, sum_before = full_collections()
+    started = time.perf_counter()
+    gc.collect(2)
+    wall = time.perf_counter() - started
+    count_after, sum_after = full_collections()
+    del heap
+    assert count_after == count_before + 1
+    paused = sum_after - sum_before
+    assert wall > 0.02, f"the heap was too small to time: {wall * 1000:.1f} ms"
+    assert 0.5 * wall <= paused <= wall, (paused, wall)
+
+    served.http.post("/predict", json=BODY)
+    exported = {
+        sample.labels["generation"]: sample.value
+        for family in text_string_to_metric_families(served.http.get("/metrics").text)
+        if family.name == "easymlops_serving_gc_pause_seconds"
+        for sample in family.samples
+        if sample.name.endswith("_count")
+    }
+    assert set(exported) == {"0", "1", "2"}
+    assert exported["0"] > 0  # a replica that has served requests has collected young objects
 
 
 def _post(predictor: Predictor, path: str, body: object, **headers: str) -> httpx.Response:
