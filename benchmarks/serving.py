@@ -522,9 +522,9 @@ def attack(
             minute = _vegeta_report(binary, [str(result)])
             p99 = minute["latencies"]["99th"] / 1e6
             refused = _not_ok(minute)
+            errors = f"{sum(refused.values())} errors" + (f" {refused}" if refused else "")
             print(
-                f"  {done:.0f}/{seconds:.0f} s: p99 {p99:.2f} ms, "
-                f"{sum(refused.values())} errors {refused or ''}, {steal_text(steal)}",
+                f"  {done:.0f}/{seconds:.0f} s: p99 {p99:.2f} ms, {errors}, {steal_text(steal)}",
                 flush=True,
             )
     stolen = steal_since(first)
@@ -567,16 +567,20 @@ class GcPauses:
 
     @classmethod
     def scrape(cls, settings: Settings) -> GcPauses:
-        from prometheus_client.parser import text_string_to_metric_families
-
         response = httpx.get(
             f"{settings.serve_url}/metrics", headers=settings.serve_headers, timeout=10
         )
         response.raise_for_status()
+        return cls.parse(response.text)
+
+    @classmethod
+    def parse(cls, metrics_text: str) -> GcPauses:
+        from prometheus_client.parser import text_string_to_metric_families
+
         count: dict[str, float] = {}
         total: dict[str, float] = {}
         buckets: dict[str, dict[float, float]] = {}
-        for family in text_string_to_metric_families(response.text):
+        for family in text_string_to_metric_families(metrics_text):
             if family.name != "easymlops_serving_gc_pause_seconds":
                 continue
             for sample in family.samples:
@@ -590,8 +594,9 @@ class GcPauses:
         return cls(count, total, buckets)
 
     def since(self, before: GcPauses) -> str:
-        """Per generation: collections since `before`, their mean pause and the bucket bound
-        the longest one stayed under."""
+        """Per generation: collections since `before`, their mean pause, and the bucket bounds
+        the median and the longest stayed under (a pause includes any time the process was
+        descheduled meanwhile, so steal shows in the mean and the longest)."""
         parts = []
         for gen in sorted(self.count):
             n = self.count[gen] - before.count.get(gen, 0.0)
@@ -600,10 +605,19 @@ class GcPauses:
                 continue
             mean_ms = (self.total_s[gen] - before.total_s.get(gen, 0.0)) / n * 1000
             earlier = before.buckets.get(gen, {})
-            bound = min(le for le, c in self.buckets[gen].items() if c - earlier.get(le, 0.0) >= n)
-            longest = "any" if bound == float("inf") else f"<= {bound * 1000:g} ms"
-            parts.append(f"gen{gen} {n:.0f} x mean {mean_ms:.2f} ms (longest {longest})")
+            new = {le: c - earlier.get(le, 0.0) for le, c in self.buckets[gen].items()}
+            median, longest = (
+                min(le for le, c in new.items() if c >= share * n) for share in (0.5, 1.0)
+            )
+            parts.append(
+                f"gen{gen} {n:.0f} x mean {mean_ms:.2f} ms "
+                f"(median {_bound_text(median)}, longest {_bound_text(longest)})"
+            )
         return "replica GC pauses: " + "; ".join(parts)
+
+
+def _bound_text(bound: float) -> str:
+    return "above every bucket" if bound == float("inf") else f"<= {bound * 1000:g} ms"
 
 
 def soak(

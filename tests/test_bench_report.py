@@ -164,3 +164,22 @@ def test_steal_share_counts_the_hypervisor_s_ticks_against_all_but_guest_time(
         f"25% of the CPU time was stolen by the hypervisor (most in: {names[1]} 61%, "
         f"{names[3]} 30%, {names[0]} 5%)" in header
     )
+
+
+def test_gc_pauses_over_a_soak_count_only_the_collections_since_its_start() -> None:
+    """`make soak-serving`'s GC line: the replica's histogram read twice, the difference
+    summarised (a long collection before the soak must not show as the soak's longest)."""
+    from benchmarks.serving import GcPauses
+    from serving.metrics import ServingMetrics
+
+    metrics = ServingMetrics()  # not serving_metrics(): no gc hook in the test process
+    full = metrics.gc_pause.labels("2")
+    full.observe(0.2)
+    before = GcPauses.parse(metrics.render().decode())
+    for seconds in (0.004, 0.040, 0.076):
+        full.observe(seconds)
+    line = GcPauses.parse(metrics.render().decode()).since(before)
+    assert line == (
+        "replica GC pauses: gen0 none; gen1 none; "
+        "gen2 3 x mean 40.00 ms (median <= 50 ms, longest <= 100 ms)"
+    )
