@@ -8,6 +8,7 @@ the jars of `make jars` in a home of its own."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -245,3 +246,22 @@ def watermarks(
         }
     finally:
         probe.close()
+
+
+def wait_for_commit_markers(settings: Settings, topic: str, timeout: float = 15.0) -> None:
+    """Apache Kafka writes a transaction's commit markers to its partitions after
+    `commit_transaction` returns; until a partition has its marker, its last stable offset (the
+    read_committed end offset) stays behind. A CI run read partition 1's end offset as 0 just
+    after committing 68 records there. Wait until each partition's read_committed end equals
+    its read_uncommitted one."""
+    parts = range(settings.topic_partitions)
+    deadline = time.monotonic() + timeout
+    while True:
+        stable = watermarks(settings, topic, parts, "read_committed")
+        high = watermarks(settings, topic, parts)
+        if stable == high:
+            return
+        assert time.monotonic() < deadline, (
+            f"commit markers not in after {timeout} s: {stable} {high}"
+        )
+        time.sleep(0.05)

@@ -24,7 +24,7 @@ from easymlops.generator import generate_payloads
 from easymlops.kafka import admin, end_offsets, ensure_topics, producer, topic_id
 from easymlops.schema import MAX_MESSAGE_BYTES, DeadLetter, ValidationError, validate_bytes
 from easymlops.settings import Settings
-from tests.conftest import Broker, watermarks
+from tests.conftest import Broker, wait_for_commit_markers
 
 services = pytest.mark.services
 
@@ -47,25 +47,6 @@ def produce_in_transaction(settings: Settings, topic: str, values: list[bytes]) 
         client.produce(topic, value=value, partition=i % settings.topic_partitions)
     client.commit_transaction(30)
     wait_for_commit_markers(settings, topic)
-
-
-def wait_for_commit_markers(settings: Settings, topic: str, timeout: float = 15.0) -> None:
-    """Apache Kafka writes a transaction's commit markers to its partitions after
-    `commit_transaction` returns; until a partition has its marker, its last stable offset (the
-    read_committed end offset) stays behind. A CI run read partition 1's end offset as 0 just
-    after committing 68 records there. Wait until each partition's read_committed end equals
-    its read_uncommitted one."""
-    parts = range(settings.topic_partitions)
-    deadline = time.monotonic() + timeout
-    while True:
-        stable = watermarks(settings, topic, parts, "read_committed")
-        high = watermarks(settings, topic, parts)
-        if stable == high:
-            return
-        assert time.monotonic() < deadline, (
-            f"commit markers not in after {timeout} s: {stable} {high}"
-        )
-        time.sleep(0.05)
 
 
 def validated_events(n: int, seed: int) -> list[bytes]:

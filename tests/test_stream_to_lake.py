@@ -11,7 +11,6 @@ from typing import NamedTuple
 import polars as pl
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from test_lake_landing import wait_for_commit_markers
 
 from easymlops import lake
 from easymlops.csv_replay import read_csv_events
@@ -21,6 +20,7 @@ from easymlops.produce import produce_payloads
 from easymlops.schema import MAX_MESSAGE_BYTES
 from easymlops.settings import Settings
 from easymlops.validate import run_validator
+from tests.conftest import wait_for_commit_markers
 
 pytestmark = pytest.mark.services
 
