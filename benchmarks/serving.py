@@ -558,8 +558,8 @@ def _vegeta_report(binary: str, results: list[str]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class GcPauses:
-    """The replica's garbage collections by generation (its /metrics histogram): count, total
-    seconds and the upper bound of the highest non-empty bucket."""
+    """The replica's garbage collections by generation, as its /metrics histogram has them:
+    count, total seconds and the cumulative count under each bucket bound."""
 
     count: dict[str, float]
     total_s: dict[str, float]

@@ -581,15 +581,9 @@ def build_app(predictor: Predictor) -> FastAPI:
 
 @serve.deployment(
     name=DEPLOYMENT_NAME,
-    num_replicas=1,
-    ray_actor_options={"num_cpus": 0.5},
     health_check_period_s=10,
-    # No access log in the replica (deploy(access_log=True) turns it on): in throughput-
-    # optimized mode Serve buffers it and writes 1,000 records at a time on the event loop,
-    # a 20-30 ms stall every 1,000 requests. NGINX in front keeps a JSON access log with the
-    # request id. Replicas, CPUs and the request limits come from the settings:
-    # serving.deploy.deployment_options.
-    logging_config={"enable_access_log": False},
+    # Replicas, CPUs, request limits and the access log come from the settings, through
+    # serving.deploy.deployment_options (the embedded stack and Kubernetes alike).
 )
 @serve.ingress()
 class PurchasePredictor(Predictor):

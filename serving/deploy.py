@@ -88,6 +88,10 @@ def deployment_options(
         # backpressure") with Retry-After, rather than a backlog that ends in timeouts.
         "max_queued_requests": settings.serve_max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": settings.serve_retry_after_s},
+        # Off unless asked (deploy(access_log=True)): in throughput-optimized mode Serve buffers
+        # the replica's access log and writes 1,000 records at a time on the event loop, a
+        # 20-30 ms stall every 1,000 requests. NGINX in front keeps a JSON access log with the
+        # request id.
         "logging_config": {"enable_access_log": access_log},
     }
 
