@@ -1,6 +1,6 @@
 """Serving under faults and at its edge, on the real stack: the API key and the body limit,
 traces, an online store that goes away and comes back, MLflow down at start and later, a
-version that cannot be served, a replica process killed. The app is the one test_serving.py
+version that cannot be served, a replica process killed or hung. The app is the one test_serving.py
 deploys (its `served` fixture); apps with other settings are deployed beside it under their own
 route prefix."""
 
@@ -534,23 +534,57 @@ def test_a_corrupt_artifact_is_reported_and_the_old_model_serves(
         registry.promote(before, served.settings)
 
 
-# Last: it replaces the module's replica.
-def test_a_killed_replica_is_replaced_and_no_request_hangs(served: Served) -> None:
+def replica_pids(served: Served, app_name: str = "purchase") -> set[int]:
+    """The processes of the app's live replicas."""
     from ray.util.state import list_actors
 
-    from serving.deploy import connect
+    from easymlops.services.ray import dashboard_url
 
-    connect(served.settings)
+    # The head's address, not Ray's discovery, which refuses when another head runs here.
+    actors = list_actors(
+        address=dashboard_url(served.settings), filters=[("state", "=", "ALIVE")], limit=1000
+    )
+    return {
+        int(a.pid)
+        for a in actors
+        if (a.name or "").startswith(f"SERVE_REPLICA::{app_name}#") and a.pid
+    }
 
-    def replica_pids() -> set[int]:
-        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        return {
-            int(a.pid)
-            for a in actors
-            if (a.name or "").startswith("SERVE_REPLICA::purchase#") and a.pid
-        }
 
-    (pid,) = replica_pids()
+def test_a_hung_replica_gets_an_error_after_the_timeout_not_a_hang(served: Served) -> None:
+    """A replica that cannot answer at all (stopped by the kernel here; a deadlock or a VM
+    paused for long would do the same) holds no request past HAProxy's server timeout, and
+    serves again once it runs. Without that timeout HAProxy waits for it indefinitely."""
+    from easymlops.services.ray import haproxy_timeout_server_s
+
+    _settings, url = _side_app(served, "hung")
+    try:
+        _wait_for(lambda: httpx.get(f"{url}/model", timeout=10), 200, 120)
+        (pid,) = replica_pids(served, "purchase-hung")
+        limit = haproxy_timeout_server_s(served.settings)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            try:
+                answer = httpx.post(f"{url}/predict", json=BODY, timeout=limit + 15)
+            except httpx.TimeoutException:
+                pytest.fail(f"a request to the stopped replica hung for {limit + 15} s")
+            waited = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # Serve's HAProxy config turns HAProxy's 504 into a plain-text 500.
+        assert answer.status_code == 500, answer.text
+        assert limit - 1 <= waited <= limit + 5, waited
+        after = httpx.post(f"{url}/predict", json=BODY, timeout=10)
+        assert after.status_code == 200, after.text
+        assert replica_pids(served, "purchase-hung") == {pid}  # the same replica, running again
+    finally:
+        _remove_side_app(served, "hung")
+
+
+# Last: it replaces the module's replica.
+def test_a_killed_replica_is_replaced_and_no_request_hangs(served: Served) -> None:
+    (pid,) = replica_pids(served)
     os.kill(pid, signal.SIGKILL)
     statuses: list[int | str] = []
     deadline = time.monotonic() + 120
@@ -566,10 +600,10 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(served: Served) -> No
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             statuses.append(status)
-            if status == 200 and replica_pids() - {pid}:
+            if status == 200 and replica_pids(served) - {pid}:
                 break
             time.sleep(0.2)
     assert statuses[-1] == 200, f"no answer from a new replica within 120 s: {statuses[-20:]}"
-    (new_pid,) = replica_pids()
+    (new_pid,) = replica_pids(served)
     assert new_pid != pid
     print(f"replica replaced after {len(statuses)} requests: {sorted(set(map(str, statuses)))}")

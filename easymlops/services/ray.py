@@ -5,6 +5,7 @@ serving code deploys on the head later and the stack only observes."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from pathlib import Path
@@ -47,7 +48,11 @@ def serve_ingress_env(settings: Settings) -> dict[str, str]:
     HAProxy's files go under a folder of this head's and its stats/metrics ports are picked free,
     so two heads on one machine (tests beside a demo) do not collide on Ray's /tmp defaults.
     Those two ports are bound on all interfaces by Ray's HAProxy template (`bind :port`); the
-    template is not configurable, see infra/README.md."""
+    template is not configurable, see infra/README.md.
+
+    HAProxy waits for a replica's answer at most `haproxy_timeout_server_s`: without it
+    (Ray's default) a request to a hung replica, e.g. one stopped by the kernel or deadlocked,
+    waits until the replica comes back or the controller replaces it."""
     # Not under temp_dir: Ray adds a 56-character node id below this folder and HAProxy
     # refuses a stats socket path over 97 characters.
     haproxy = haproxy_dir(settings)
@@ -62,7 +67,16 @@ def serve_ingress_env(settings: Settings) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(haproxy / "server-state"),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port(settings.host)),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port(settings.host)),
+        "RAY_SERVE_HAPROXY_TIMEOUT_SERVER_S": str(haproxy_timeout_server_s(settings)),
     }
+
+
+def haproxy_timeout_server_s(settings: Settings) -> int:
+    """Whole seconds (HAProxy's setting is an integer), 2 s past the replica's own request
+    timeout: a live replica answers a slow request itself (408, naming the timeout) first, and
+    HAProxy's cut (504, which Serve's HAProxy config turns into a plain 500) is left for a
+    replica that cannot answer at all."""
+    return math.ceil(settings.serve_request_timeout_s) + 2
 
 
 def _launch(settings: Settings) -> Launch:
