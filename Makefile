@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.easymlops/dagster
 export RAY_ENABLE_UV_RUN_RUNTIME_ENV := 0
 
 .PHONY: help uv install manifest demo demo-fresh test test-fast lint format dev up up-kafka up-production-local down status clean bench-serving bench-serving-variants bench-validation bench-validation-profile bench-lakehouse bench-tune bench-dagster bench bench-readme oracle-bound
-.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving nginx serve-nginx jars kcat vegeta compose-schema promtool k8s-schemas
+.PHONY: flink-venv flink-validate flink-cluster flink-submit flink-stop backfill wrk soak-serving stall-serving nginx serve-nginx jars kcat vegeta compose-schema promtool k8s-schemas
 
 help: ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -195,6 +195,9 @@ $(VEGETA):
 
 soak-serving: install wrk vegeta ## 10 minutes at half the measured peak: errors and p99 vs a short run (after `make demo`)
 	$(RUN) python benchmarks/serving.py --soak 600
+
+stall-serving: install wrk vegeta ## the soak's load with the replica stopped for 3 s: the backlog and its recovery (after `make demo`)
+	$(RUN) python benchmarks/serving.py --stall 3
 
 bench-validation: install flink-venv jars ## validator events/s vs a transactional passthrough, on Tansu, then on Kafka + Flink
 	$(RUN) python benchmarks/validation.py

@@ -32,10 +32,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,6 +56,7 @@ from benchmarks import report  # noqa: E402
 from benchmarks.report import CpuClock, steal_since, steal_text  # noqa: E402
 from easymlops import nginx  # noqa: E402
 from easymlops.demo import sample_requests  # noqa: E402
+from easymlops.services.ray import haproxy_replica_connections  # noqa: E402
 from easymlops.settings import Settings, get_settings  # noqa: E402
 from easymlops.stack import free_port  # noqa: E402
 
@@ -240,6 +243,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--soak", type=float, default=0.0, help="soak for this many seconds")
+    parser.add_argument(
+        "--stall", type=float, default=0.0, help="stop the replica this many seconds under load"
+    )
     parser.add_argument("--variants", action="store_true", help="Serve configurations vs the app")
     report.add_arguments(parser)  # --json: the default mode's figures only
     args = parser.parse_args()
@@ -262,6 +268,8 @@ def main() -> int:
         bodies_file = handle.name
     if args.soak:
         return soak(settings, bodies, bodies_file, key, args.soak)
+    if args.stall:
+        return stall(settings, bodies, bodies_file, key, args.stall)
     if args.variants:
         return variants(settings, bodies_file, key, args.seconds, args.rounds)
 
@@ -466,6 +474,7 @@ class Attack:
     requests: int
     p50_ms: float
     p99_ms: float
+    max_ms: float
     failed: int  # requests without a 200 (status 0: no answer at all)
     causes: list[str]  # the status codes seen and vegeta's distinct error texts
     steal_share: float | None  # of the machine's CPU time, taken by the hypervisor meanwhile
@@ -536,6 +545,7 @@ def attack(
         requests=summary["requests"],
         p50_ms=latencies["50th"] / 1e6,
         p99_ms=latencies["99th"] / 1e6,
+        max_ms=latencies["max"] / 1e6,
         failed=sum(not_ok.values()),
         causes=[f"{n} x status {code}" for code, n in not_ok.items()]
         + list(summary.get("errors") or []),
@@ -651,6 +661,78 @@ def soak(
     ok = errors == 0 and long.p99_ms <= 2 * base.p99_ms
     print(f"goal {'met' if ok else 'MISSED'}: zero errors ({errors}) and p99 within 2x of 20 s")
     return 0 if ok else 1
+
+
+def stall(
+    settings: Settings, bodies: list[dict[str, object]], bodies_file: str, key: str, pause: float
+) -> int:
+    """The soak's load (vegeta at half of wrk's peak) while the replica is stopped (SIGSTOP)
+    for `pause` seconds, as a burst of CPU steal or a long pause would stop it: what clients
+    saw, how many connections piled up at the replica meanwhile, and how long after it resumed
+    that backlog took to clear. Reproduces in half a minute what the soak meets under steal."""
+    from serving.deploy import replica_pids
+
+    short = wrk(f"{settings.serve_url}/predict", 8, 10, bodies_file, key)
+    os.unlink(bodies_file)
+    rate, lead, tail = short.rps / 2, 8.0, 20.0
+    (pid,) = replica_pids(settings)
+    held: list[tuple[float, int]] = []  # (seconds since the start, connections at the replica)
+    resumed: list[float] = []
+    started = time.monotonic()
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            held.append((time.monotonic() - started, haproxy_replica_connections(settings)))
+            time.sleep(0.2)
+
+    def stop_and_resume() -> None:
+        time.sleep(lead)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            time.sleep(pause)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            resumed.append(time.monotonic() - started)
+
+    print(
+        f"short run: {short.rps:.0f} req/s at 8 connections (wrk); vegeta at {rate:.0f} req/s "
+        f"for {lead + pause + tail:.0f} s, the replica (pid {pid}) stopped for {pause:g} s "
+        f"after {lead:g} s"
+    )
+    threads = [threading.Thread(target=f, daemon=True) for f in (sample, stop_and_resume)]
+    for thread in threads:
+        thread.start()
+    try:
+        run = attack(
+            f"{settings.serve_url}/predict",
+            rate,
+            lead + pause + tail,
+            bodies,
+            settings.serve_headers,
+        )
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    before = max((n for t, n in held if t < lead), default=0)
+    peak = max(n for _t, n in held)
+    cleared = next((t for t, n in held if t > resumed[0] and n <= before), None)
+    print(
+        f"{run.requests} requests: p50 {run.p50_ms:.2f} ms, p99 {run.p99_ms:.2f} ms, longest "
+        f"{run.max_ms:.0f} ms; {run.failed} errors{' ' + str(run.causes) if run.failed else ''}; "
+        f"{steal_text(run.steal_share)}"
+    )
+    print(
+        f"connections at the replica: at most {before} before the stop, {peak} at the peak "
+        f"(about {pause:g} s x {rate:.0f} req/s = {pause * rate:.0f}); "
+        + (
+            f"back to {before} {cleared - resumed[0]:.1f} s after it resumed"
+            if cleared is not None
+            else f"still above {before} at the end, {tail:g} s after it resumed"
+        )
+    )
+    return 0
 
 
 if __name__ == "__main__":

@@ -255,3 +255,20 @@ def undeploy(settings: Settings, *, app_name: str = APP_NAME) -> None:
     if app_name in serve.status().applications:
         serve.delete(app_name)
         log.info("deleted Serve app %r", app_name)
+
+
+def replica_pids(settings: Settings, app_name: str = APP_NAME) -> set[int]:
+    """The processes of the app's live replicas, asked of the head's dashboard by its address
+    (Ray's own discovery refuses when a second head runs on the machine, as under tests)."""
+    from ray.util.state import list_actors
+
+    from easymlops.services.ray import dashboard_url
+
+    actors = list_actors(
+        address=dashboard_url(settings), filters=[("state", "=", "ALIVE")], limit=1000
+    )
+    return {
+        int(a.pid)
+        for a in actors
+        if (a.name or "").startswith(f"SERVE_REPLICA::{app_name}#") and a.pid
+    }

@@ -33,6 +33,7 @@ import tests.test_serving as serving_tests
 from easymlops import registry, stack
 from easymlops.settings import Settings
 from serving.app import Predictor, build_app
+from serving.deploy import replica_pids
 from serving.metrics import serving_metrics
 from serving.model import ServingConfig
 from serving.tracing import tracer_provider
@@ -534,23 +535,6 @@ def test_a_corrupt_artifact_is_reported_and_the_old_model_serves(
         registry.promote(before, served.settings)
 
 
-def replica_pids(served: Served, app_name: str = "purchase") -> set[int]:
-    """The processes of the app's live replicas."""
-    from ray.util.state import list_actors
-
-    from easymlops.services.ray import dashboard_url
-
-    # The head's address, not Ray's discovery, which refuses when another head runs here.
-    actors = list_actors(
-        address=dashboard_url(served.settings), filters=[("state", "=", "ALIVE")], limit=1000
-    )
-    return {
-        int(a.pid)
-        for a in actors
-        if (a.name or "").startswith(f"SERVE_REPLICA::{app_name}#") and a.pid
-    }
-
-
 def test_a_hung_replica_gets_an_error_after_the_timeout_not_a_hang(served: Served) -> None:
     """A replica that cannot answer at all (stopped by the kernel here; a deadlock or a VM
     paused for long would do the same) holds no request past HAProxy's server timeout, and
@@ -560,7 +544,7 @@ def test_a_hung_replica_gets_an_error_after_the_timeout_not_a_hang(served: Serve
     _settings, url = _side_app(served, "hung")
     try:
         _wait_for(lambda: httpx.get(f"{url}/model", timeout=10), 200, 120)
-        (pid,) = replica_pids(served, "purchase-hung")
+        (pid,) = replica_pids(served.settings, "purchase-hung")
         limit = haproxy_timeout_server_s(served.settings)
         os.kill(pid, signal.SIGSTOP)
         try:
@@ -577,14 +561,16 @@ def test_a_hung_replica_gets_an_error_after_the_timeout_not_a_hang(served: Serve
         assert limit - 1 <= waited <= limit + 5, waited
         after = httpx.post(f"{url}/predict", json=BODY, timeout=10)
         assert after.status_code == 200, after.text
-        assert replica_pids(served, "purchase-hung") == {pid}  # the same replica, running again
+        assert replica_pids(served.settings, "purchase-hung") == {
+            pid
+        }  # the same replica, running again
     finally:
         _remove_side_app(served, "hung")
 
 
 # Last: it replaces the module's replica.
 def test_a_killed_replica_is_replaced_and_no_request_hangs(served: Served) -> None:
-    (pid,) = replica_pids(served)
+    (pid,) = replica_pids(served.settings)
     os.kill(pid, signal.SIGKILL)
     statuses: list[int | str] = []
     deadline = time.monotonic() + 120
@@ -600,10 +586,10 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(served: Served) -> No
             except httpx.HTTPError as exc:
                 status = type(exc).__name__
             statuses.append(status)
-            if status == 200 and replica_pids(served) - {pid}:
+            if status == 200 and replica_pids(served.settings) - {pid}:
                 break
             time.sleep(0.2)
     assert statuses[-1] == 200, f"no answer from a new replica within 120 s: {statuses[-20:]}"
-    (new_pid,) = replica_pids(served)
+    (new_pid,) = replica_pids(served.settings)
     assert new_pid != pid
     print(f"replica replaced after {len(statuses)} requests: {sorted(set(map(str, statuses)))}")

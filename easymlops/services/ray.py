@@ -214,3 +214,28 @@ SERVICES = (
     # Deployed on the head by the serving code; `status` reports it, `up` never starts it.
     Spec(name="serve", rank=45, url=lambda s: s.serve_url, health=_serve_health),
 )
+
+
+def haproxy_replica_connections(settings: Settings) -> int:
+    """Connections HAProxy holds open to the replicas right now (`scur` of every replica server
+    in its stats), read from its admin socket. A request counts from when HAProxy forwards it
+    until its answer, including the time it waits in a replica's accept queue, where Serve's
+    own queue cap does not see it."""
+    import socket
+
+    sockets = sorted(haproxy_dir(settings).glob("*/admin.sock"))
+    if not sockets:
+        raise RuntimeError(f"no HAProxy admin socket under {haproxy_dir(settings)}")
+    with socket.socket(socket.AF_UNIX) as admin:
+        admin.settimeout(5)
+        admin.connect(str(sockets[-1]))
+        admin.sendall(b"show stat\n")
+        data = b""
+        while chunk := admin.recv(65536):
+            data += chunk
+    total = 0
+    for line in data.decode().splitlines():
+        fields = line.split(",")  # pxname, svname, qcur, qmax, scur, ...
+        if len(fields) > 4 and fields[1].startswith("SERVE_REPLICA_"):
+            total += int(fields[4] or 0)
+    return total
