@@ -17,6 +17,8 @@ prediction also carries `features`: the value of every model feature used, null 
 # FastAPI then cannot resolve string annotations, so `body: PredictRequest` silently became a
 # required *query* parameter (every POST got a 422 "query.body: Field required").
 
+import asyncio
+import functools
 import gc
 import hmac
 import logging
@@ -71,6 +73,8 @@ log = logging.getLogger("ray.serve.easymlops")
 DEPLOYMENT_NAME = "PurchasePredictor"
 # Answered without the API key: what load balancers and Serve's own checks probe.
 OPEN_PATHS = frozenset({"/healthz"})
+# The status counted for a request whose client went away before its answer (NGINX's code).
+CLIENT_CLOSED_REQUEST = 499
 
 # The error responses each route declares in the OpenAPI spec, so that generated clients and the
 # contract tests (tests/test_serving_contract.py) know the bodies the app really sends.
@@ -156,9 +160,18 @@ class Edge:
     continuing the caller's `traceparent`, the trace headers of the response, the API key, the
     body limit and the request metrics."""
 
-    def __init__(self, app: ASGIApp, *, config: ServingConfig, tracer: trace.Tracer) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        config: ServingConfig,
+        tracer: trace.Tracer,
+        route_paths: Callable[[], frozenset[str]],
+    ) -> None:
         self.app = app
         self.tracer = tracer
+        # The app's own paths, for the metrics of a request that ended before routing did.
+        self.route_paths = route_paths
         self.max_body = config.max_body_bytes
         self.expected = f"Bearer {config.api_key}".encode() if config.api_key else None
 
@@ -180,6 +193,15 @@ class Edge:
         )
         context = PROPAGATOR.extract(headers, getter=ASGI_HEADERS)
         status = 500
+        client_gone = False
+
+        async def receive_watched() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_gone = True
+            return message
+
         with self.tracer.start_as_current_span(
             f"{scope['method']} {path}", context=context, kind=trace.SpanKind.SERVER
         ) as span:
@@ -196,18 +218,31 @@ class Edge:
                 await send(message)
 
             try:
-                refusal = await self._refusal(headers, path, receive, trace_headers)
+                refusal = await self._refusal(headers, path, receive_watched, trace_headers)
                 if isinstance(refusal, dict):
                     status = refusal["start"]["status"]
                     await send(refusal["start"])
                     await send(refusal["body"])
                 else:
                     await self.app(scope, refusal, send_with_trace)
+            except asyncio.CancelledError:
+                # Serve cancels the handler when the client disconnects (and when its own
+                # request timeout passes, which it answers 408 itself).
+                client_gone = True
+                raise
             finally:
+                if client_gone:
+                    # Whatever the app answered reached no one: "client closed request", as
+                    # NGINX and Serve's proxy count it, so a client's timeout is not a 5xx.
+                    status = CLIENT_CLOSED_REQUEST
                 span.set_attribute("http.response.status_code", status)
                 route = scope.get("route")
                 # The route template, not the raw path: unknown paths must not create series.
-                endpoint = getattr(route, "path", None) or "unmatched"
+                # A request cancelled before routing still counts under its path if it is one
+                # of the app's.
+                endpoint = getattr(route, "path", None) or (
+                    path if path in self.route_paths() else "unmatched"
+                )
                 metrics = serving_metrics()
                 metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
                 metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
@@ -525,7 +560,14 @@ def build_app(predictor: Predictor) -> FastAPI:
     )
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_middleware(Edge, config=predictor.config, tracer=predictor.tracer)
+    app.add_middleware(
+        Edge,
+        config=predictor.config,
+        tracer=predictor.tracer,
+        route_paths=functools.cache(
+            lambda: frozenset(getattr(route, "path", "") for route in app.routes)
+        ),
+    )
 
     @app.post(
         "/predict",

@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -272,6 +273,84 @@ def test_a_refused_request_is_traced_too(
     (server,) = exporter.get_finished_spans()
     assert server.attributes is not None
     assert server.attributes["http.response.status_code"] == 422
+
+
+def _asgi_predict(
+    app: object,
+    receive: Callable[[], Awaitable[dict[str, object]]],
+    cancel_after: float | None = None,
+) -> list[dict]:
+    """Drive one POST /predict through the ASGI app with a hand-made `receive`, as a server
+    would, cancelling it after `cancel_after` seconds if given; returns what the app sent (to
+    a client that may be gone)."""
+    body = json.dumps(BODY).encode()
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+        "client": ("127.0.0.1", 40000),
+        "server": ("app", 80),
+    }
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def run() -> None:
+        task = asyncio.ensure_future(app(scope, receive, send))  # type: ignore[operator]
+        if cancel_after is not None:
+            await asyncio.sleep(cancel_after)
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    asyncio.run(run())
+    return sent
+
+
+def _predict_counts() -> dict[str, float]:
+    """easymlops_serving_requests_total of POST /predict in this process, by status."""
+    counts: dict[str, float] = {}
+    for family in serving_metrics().registry.collect():
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name.endswith("_total") and labels.get("endpoint") == "/predict":
+                counts[labels["status"]] = sample.value
+    return counts
+
+
+def test_a_client_gone_before_its_answer_is_counted_499_not_as_an_error(
+    in_process: tuple[Predictor, InMemorySpanExporter],
+) -> None:
+    """A client that disconnects (its timeout passed while the request queued) is not the
+    server's error: counted as 499, as NGINX and Serve's own proxy count it, so the 5xx alert
+    (infra/prometheus/alerts.yml) does not fire on clients' timeouts."""
+    predictor, _exporter = in_process
+    app = build_app(predictor)
+    before = _predict_counts()
+
+    async def gone() -> dict[str, object]:  # the client left before its body arrived
+        return {"type": "http.disconnect"}
+
+    _asgi_predict(app, gone)
+
+    async def waiting() -> dict[str, object]:
+        await asyncio.sleep(30)  # the body never comes
+        return {"type": "http.disconnect"}
+
+    # Serve's direct ingress cancels the handler's task when it sees the client go.
+    _asgi_predict(app, waiting, cancel_after=0.2)
+    after = _predict_counts()
+    grew = {s: after.get(s, 0.0) - before.get(s, 0.0) for s in after}
+    assert grew.get("499") == 2, grew
+    assert not any(n for s, n in grew.items() if s != "499"), grew
 
 
 class _OtlpReceiver(BaseHTTPRequestHandler):
