@@ -174,20 +174,7 @@ def breakdown(
         headers.append((b"authorization", settings.serve_headers["Authorization"].encode()))
 
     async def asgi_post(body: bytes) -> None:
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/predict",
-            "raw_path": b"/predict",
-            "root_path": "",
-            "query_string": b"",
-            "headers": [*headers, (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 1),
-            "server": ("127.0.0.1", 80),
-        }
+        scope = predict_scope(body, headers)
         status = 0
 
         async def receive() -> dict[str, object]:
@@ -236,6 +223,24 @@ def breakdown(
         return asyncio.run(measure())
     finally:
         predictor.close()
+
+
+def predict_scope(body: bytes, headers: list[tuple[bytes, bytes]]) -> dict[str, object]:
+    """The ASGI scope a server would give the app for `POST /predict` of `body`."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/predict",
+        "raw_path": b"/predict",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [*headers, (b"content-length", str(len(body)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
 
 
 def main() -> int:
@@ -630,12 +635,18 @@ def _bound_text(bound: float) -> str:
     return "above every bucket" if bound == float("inf") else f"<= {bound * 1000:g} ms"
 
 
+def half_the_peak(settings: Settings, bodies_file: str, key: str) -> tuple[Load, float]:
+    """wrk's peak at 8 connections for 10 s, and half of it: the open-loop rate of the soak
+    and the stall (the bodies file is used up)."""
+    short = wrk(f"{settings.serve_url}/predict", 8, 10, bodies_file, key)
+    os.unlink(bodies_file)
+    return short, short.rps / 2
+
+
 def soak(
     settings: Settings, bodies: list[dict[str, object]], bodies_file: str, key: str, seconds: float
 ) -> int:
-    short = wrk(f"{settings.serve_url}/predict", 8, 10, bodies_file, key)
-    os.unlink(bodies_file)
-    rate = short.rps / 2
+    short, rate = half_the_peak(settings, bodies_file, key)
     url, headers = f"{settings.serve_url}/predict", settings.serve_headers
     print(
         f"short run: {short.rps:.0f} req/s at 8 connections (wrk); vegeta at half that, "
@@ -672,9 +683,8 @@ def stall(
     that backlog took to clear. Reproduces in half a minute what the soak meets under steal."""
     from serving.deploy import replica_pids
 
-    short = wrk(f"{settings.serve_url}/predict", 8, 10, bodies_file, key)
-    os.unlink(bodies_file)
-    rate, lead, tail = short.rps / 2, 8.0, 20.0
+    short, rate = half_the_peak(settings, bodies_file, key)
+    lead, tail = 8.0, 20.0
     (pid,) = replica_pids(settings)
     held: list[tuple[float, int]] = []  # (seconds since the start, connections at the replica)
     resumed: list[float] = []

@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import SecretStr
 
 import tests.test_serving as serving_tests
+from benchmarks.serving import predict_scope
 from easymlops import registry, stack
 from easymlops.settings import Settings
 from serving.app import Predictor, build_app
@@ -284,20 +285,7 @@ def _asgi_predict(
     would, cancelling it after `cancel_after` seconds if given; returns what the app sent (to
     a client that may be gone)."""
     body = json.dumps(BODY).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/predict",
-        "raw_path": b"/predict",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
-        "client": ("127.0.0.1", 40000),
-        "server": ("app", 80),
-    }
+    scope = predict_scope(body, [(b"content-type", b"application/json")])
     sent: list[dict] = []
 
     async def send(message: dict) -> None:
