@@ -180,7 +180,7 @@ $(JARS_STAMP): infra/maven/pom.xml
 serve-nginx: install nginx ## the stack plus NGINX in front of Ray Serve on 127.0.0.1:18080
 	$(RUN) easymlops up --with-nginx
 
-bench-serving: install wrk ## Ray Serve vs a bare uvicorn server of the same app, c=1/8/32 (after `make demo`)
+bench-serving: install wrk nginx ## Ray Serve vs a bare uvicorn server of the same app, c=1/8/32 (after `make demo`)
 	$(RUN) python benchmarks/serving.py
 
 bench-serving-variants: install wrk ## @serve.batch and 2 replicas vs the demo's app, c=1/8/32 (after `make demo`)
@@ -223,7 +223,7 @@ bench-dagster: manifest ## code-location load, a no-op run and a one-date backfi
 
 # Quick mode, each benchmark in its own process. Serving, monitoring and dagster_runs measure the
 # demo's stack and model: run `make demo` first, or they are recorded as skipped.
-bench: manifest wrk ## every benchmark in quick mode -> benchmarks/results/<UTC date>.json (after `make demo`)
+bench: manifest wrk nginx ## every benchmark in quick mode -> benchmarks/results/<UTC date>.json (after `make demo`)
 	$(RUN) python benchmarks/run_all.py
 
 bench-readme: install ## README.md's generated "Measured" table from the newest benchmarks/results file
