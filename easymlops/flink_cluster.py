@@ -258,7 +258,10 @@ def stop_with_savepoint(
     settings: Settings, job_id: str, directory: str | None = None, timeout: float = 120.0
 ) -> str:
     """Stop the job with a savepoint (the Kafka sinks commit their last transactions) and
-    return the savepoint's location, to resume from with `submit(..., savepoint=...)`."""
+    return the savepoint's location, to resume from with `submit(..., savepoint=...)`. Returns
+    once the job has finished, not merely once the savepoint is written: Flink completes the
+    savepoint first and ends the tasks after it, and a job resumed in between would run beside
+    the one it replaces."""
     body: dict[str, Any] = {"drain": False}
     if directory:
         body["targetDirectory"] = directory
@@ -270,11 +273,21 @@ def stop_with_savepoint(
         status = _get(settings, f"/jobs/{job_id}/savepoints/{trigger}")
         if status["status"]["id"] == "COMPLETED":
             operation = status.get("operation", {})
-            if "location" in operation:
-                return str(operation["location"])
-            raise FlinkSetupError(f"savepoint of job {job_id} failed: {operation}")
+            if "location" not in operation:
+                raise FlinkSetupError(f"savepoint of job {job_id} failed: {operation}")
+            _wait_until_finished(settings, job_id, deadline)
+            return str(operation["location"])
         time.sleep(0.5)
     raise FlinkSetupError(f"savepoint of job {job_id} not done after {timeout:.0f} s")
+
+
+def _wait_until_finished(settings: Settings, job_id: str, deadline: float) -> None:
+    while (state := job_state(settings, job_id)) != "FINISHED":
+        if state in ("FAILED", "CANCELED"):
+            raise FlinkSetupError(f"job {job_id} ended {state} after its savepoint, not FINISHED")
+        if time.monotonic() > deadline:
+            raise FlinkSetupError(f"job {job_id} still {state} after its savepoint completed")
+        time.sleep(0.2)
 
 
 def cancel(settings: Settings, job_id: str) -> None:

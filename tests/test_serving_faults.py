@@ -71,7 +71,25 @@ def _side_app(served: Served, name: str, **updates: object) -> tuple[Settings, s
         poll_interval_s=POLL_S,
     )
     _wait_for(lambda: httpx.get(f"{url}/healthz", timeout=5), 200, 180)
+    # Until HAProxy's config lists the new replica (a reload after the deployment), requests
+    # reach the app through Serve's fallback proxy actor, a path with other timeouts.
+    _wait_until(lambda: _replica_up_in_haproxy(served.settings, f"purchase-{name}"), 60)
     return settings, url
+
+
+def _replica_up_in_haproxy(settings: Settings, app_name: str) -> bool:
+    from easymlops.services.ray import haproxy_replica_stats
+
+    rows = haproxy_replica_stats(settings)
+    return any(row["pxname"] == f"http-{app_name}" and row["status"] == "UP" for row in rows)
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout} s: {condition}")
+        time.sleep(0.25)
 
 
 def _remove_side_app(served: Served, name: str) -> None:

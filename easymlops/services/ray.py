@@ -216,11 +216,9 @@ SERVICES = (
 )
 
 
-def haproxy_replica_connections(settings: Settings) -> int:
-    """Connections HAProxy holds open to the replicas right now (`scur` of every replica server
-    in its stats), read from its admin socket. A request counts from when HAProxy forwards it
-    until its answer, including the time it waits in a replica's accept queue, where Serve's
-    own queue cap does not see it."""
+def haproxy_replica_stats(settings: Settings) -> list[dict[str, str]]:
+    """HAProxy's `show stat` rows of the replica servers (pxname is the app's backend,
+    `http-<app>`; scur, status, ...), read from its admin socket."""
     import socket
 
     sockets = sorted(haproxy_dir(settings).glob("*/admin.sock"))
@@ -233,9 +231,14 @@ def haproxy_replica_connections(settings: Settings) -> int:
         data = b""
         while chunk := admin.recv(65536):
             data += chunk
-    total = 0
-    for line in data.decode().splitlines():
-        fields = line.split(",")  # pxname, svname, qcur, qmax, scur, ...
-        if len(fields) > 4 and fields[1].startswith("SERVE_REPLICA_"):
-            total += int(fields[4] or 0)
-    return total
+    header, *lines = data.decode().splitlines()
+    names = header.lstrip("# ").split(",")
+    rows = [dict(zip(names, line.split(","), strict=False)) for line in lines if line]
+    return [row for row in rows if row.get("svname", "").startswith("SERVE_REPLICA_")]
+
+
+def haproxy_replica_connections(settings: Settings) -> int:
+    """Connections HAProxy holds open to the replicas right now (`scur` of every replica server
+    in its stats). A request counts from when HAProxy forwards it until its answer, including
+    the time it waits in a replica's accept queue, where Serve's own queue cap does not see it."""
+    return sum(int(row["scur"] or 0) for row in haproxy_replica_stats(settings))
