@@ -275,19 +275,10 @@ def stop_with_savepoint(
             operation = status.get("operation", {})
             if "location" not in operation:
                 raise FlinkSetupError(f"savepoint of job {job_id} failed: {operation}")
-            _wait_until_finished(settings, job_id, deadline)
+            wait_for(settings, job_id, "FINISHED", max(deadline - time.monotonic(), 1.0))
             return str(operation["location"])
         time.sleep(0.5)
     raise FlinkSetupError(f"savepoint of job {job_id} not done after {timeout:.0f} s")
-
-
-def _wait_until_finished(settings: Settings, job_id: str, deadline: float) -> None:
-    while (state := job_state(settings, job_id)) != "FINISHED":
-        if state in ("FAILED", "CANCELED"):
-            raise FlinkSetupError(f"job {job_id} ended {state} after its savepoint, not FINISHED")
-        if time.monotonic() > deadline:
-            raise FlinkSetupError(f"job {job_id} still {state} after its savepoint completed")
-        time.sleep(0.2)
 
 
 def cancel(settings: Settings, job_id: str) -> None:
