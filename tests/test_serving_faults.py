@@ -620,6 +620,20 @@ def test_a_corrupt_artifact_is_reported_and_the_old_model_serves(
         registry.promote(before, served.settings)
 
 
+def test_haproxy_sends_no_log_datagram_per_request_for_metrics(served: Served) -> None:
+    """The ingress this head runs has HAProxy's request metrics off (serve_ingress_env says
+    why): no frontend logs each request to the HAProxyManager's metrics socket. Read from the
+    config Ray generated, so a Ray that renames or ignores the setting fails here."""
+    from easymlops.services.ray import haproxy_dir
+
+    configs = sorted(haproxy_dir(served.settings).glob("*/haproxy.cfg"))
+    assert configs, f"no HAProxy config under {haproxy_dir(served.settings)}"
+    config = configs[-1].read_text()
+    assert "frontend http_frontend" in config  # Serve's ingress config, with its HTTP frontend
+    assert "metrics.sock" not in config
+    assert "log-format-sd" not in config
+
+
 def test_a_hung_replica_gets_an_error_after_the_timeout_not_a_hang(served: Served) -> None:
     """A replica that cannot answer at all (stopped by the kernel here; a deadlock or a VM
     paused for long would do the same) holds no request past HAProxy's server timeout, and
