@@ -1,8 +1,11 @@
 """Deterministic synthetic e-commerce events with a documented, learnable purchase behaviour.
 
 Everything is drawn from numpy Generators seeded by `seed`: the same arguments give the same
-events, byte for byte. Output streams day by day, so memory is bounded by one day of events held
-in compact arrays (under 100 bytes per event), never by the whole run; 10M events are fine.
+events, byte for byte. The world (users, products, their latent traits) depends on the seed
+alone; sessions depend on every argument, so a run over other days (the next day's `make demo`)
+draws new sessions of the same users and products rather than replaying old ones. Output
+streams day by day, so memory is bounded by one day of events held in compact arrays (under 100
+bytes per event), never by the whole run; 10M events are fine.
 
 API
 ---
@@ -408,10 +411,13 @@ class _Simulator:
 
     def __init__(self, world: World, seed: int, run: tuple[int, ...]) -> None:
         self.world = world
-        self.draws = _Draws(np.random.default_rng([seed, 1]))
-        # Session ids (and so event ids) depend on every argument of the run, not only on the
-        # seed: two runs that differ in size, days or start must not reuse ids, or deduplication
-        # downstream would drop distinct events as duplicates.
+        # Behaviour and session ids (and so event ids) depend on every argument of the run, not
+        # only on the seed. Behaviour: a run started a day later (`make demo` on the next day)
+        # must draw new sessions from the same world; drawn from the seed alone it replayed the
+        # earlier run's sessions one day on, so a user's past carts foretold their next ones and
+        # the gate refused the model as leaking. Ids: two runs that differ in size, days or start
+        # must not reuse ids, or deduplication downstream would drop distinct events.
+        self.draws = _Draws(np.random.default_rng([seed, 1, *run]))
         self.id_rng = np.random.default_rng([seed, 3, *run])
         self.user_cum = list(accumulate(world.user_activity.tolist()))
         self.category_cum = list(accumulate(world.category_weights.tolist()))

@@ -139,6 +139,32 @@ def test_event_ids_differ_between_runs_with_other_arguments() -> None:
         assert not base & other
 
 
+def test_a_run_started_a_day_later_draws_new_sessions_not_a_shifted_replay() -> None:
+    """`make demo` on the next day generates from the same seed with `start` one day on. The
+    users and products recur (one world), but the sessions must be new draws: a replay of the
+    earlier run shifted by a day lets a user's past carts foretell their next ones exactly,
+    which the promotion gate then refuses as label leakage."""
+
+    def sessions_by_day(start: date) -> dict[str, list[tuple[int, int, str, str]]]:
+        days: dict[str, list[tuple[int, int, str, str]]] = {}
+        for e in generate_events(3000, days=3, seed=42, start=start):
+            day, clock = e["event_time"][:10], e["event_time"][11:]
+            days.setdefault(day, []).append((e["user_id"], e["product_id"], e["event_type"], clock))
+        return days
+
+    earlier, later = sessions_by_day(START), sessions_by_day(START + timedelta(1))
+    for k in range(3):
+        first = earlier[(START + timedelta(k)).isoformat()]
+        next_run = later[(START + timedelta(k + 1)).isoformat()]
+        assert first != next_run, f"day {k} of the later run replays the earlier run's day {k}"
+        # Not just reordered: most of the day's (user, product, type, time) rows are new.
+        assert len(set(first) & set(next_run)) < len(first) // 10
+    # Same world: the later run's users are mostly the earlier run's.
+    users = {row[0] for rows in earlier.values() for row in rows}
+    later_users = {row[0] for rows in later.values() for row in rows}
+    assert len(users & later_users) > len(later_users) // 2
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="days"):
         generate_events(10, days=0)
