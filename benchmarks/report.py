@@ -123,6 +123,51 @@ def steal_text(share: float | None) -> str:
     return "steal unknown" if share is None else f"{share:.0%} of the CPU time stolen"
 
 
+def process_cpu(proc: Path = Path("/proc")) -> dict[int, tuple[str, float]]:
+    """Every process's cumulative CPU time (user + system, seconds) by pid, with a short name:
+    its command line's first word, or Ray's process title (`ray::ServeReplica:...`), so a
+    soak can say which process took the CPU in a slow minute (the replica, HAProxy, the broker,
+    Redis). Processes that end while being read are skipped; {} without /proc."""
+    hz = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
+    for entry in proc.glob("[0-9]*"):
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # The name in parentheses may hold spaces or ")": the fields start after the last ")".
+        fields = stat[stat.rindex(")") + 2 :].split()
+        utime, stime = int(fields[11]), int(fields[12])
+        words = [a.decode(errors="replace") for a in argv if a]
+        name = words[0] if words and words[0].startswith("ray::") else ""
+        if words and not name:
+            name = Path(words[0].split(" ")[0]).name
+            if name.startswith("python"):  # say which program: its script or -m module
+                program = [w for w in words[1:] if not w.startswith("-") or w == "-m"]
+                program = program[:2] if program[:1] == ["-m"] else program[:1]
+                name = " ".join([name, *program]).splitlines()[0][:60]
+        name = name or stat[stat.index("(") + 1 : stat.rindex(")")]  # a kernel thread
+        found[int(entry.name)] = (name, (utime + stime) / hz)
+    return found
+
+
+def busiest_since(
+    before: dict[int, tuple[str, float]], count: int = 4, proc: Path = Path("/proc")
+) -> list[tuple[str, float]]:
+    """The `count` names that used the most CPU since `before` (seconds, summed over the
+    processes of one name; a process started meanwhile counts from zero)."""
+    used: dict[str, float] = {}
+    for pid, (name, cpu_s) in process_cpu(proc).items():
+        start = before[pid][1] if pid in before else 0.0  # kernel threads rename themselves
+        used[name] = used.get(name, 0.0) + max(cpu_s - start, 0.0)
+    return sorted(used.items(), key=lambda item: -item[1])[:count]
+
+
+def busiest_text(busiest: list[tuple[str, float]]) -> str:
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in busiest)
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """How this benchmark was started, as a command to paste: `python <script> <args>` with the
     script relative to the repository and `--json PATH` left out."""

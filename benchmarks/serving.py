@@ -53,7 +53,14 @@ if sys.path[0] == str(ROOT / "benchmarks"):
     sys.path[0] = str(ROOT)
 
 from benchmarks import report  # noqa: E402
-from benchmarks.report import CpuClock, steal_since, steal_text  # noqa: E402
+from benchmarks.report import (  # noqa: E402
+    CpuClock,
+    busiest_since,
+    busiest_text,
+    process_cpu,
+    steal_since,
+    steal_text,
+)
 from easymlops import nginx  # noqa: E402
 from easymlops.demo import sample_requests  # noqa: E402
 from easymlops.services.ray import haproxy_replica_connections  # noqa: E402
@@ -499,7 +506,8 @@ def attack(
     slow the answers, so a slow server cannot slow the load down (a Python client could not
     keep 160 req/s on schedule next to the server on 2 cores). Results go to a file per
     minute; between them each minute's p99 is printed beside the CPU time the hypervisor stole
-    in it, because on the shared VMs here the long run's tail follows the steal bursts."""
+    in it, because on the shared VMs here the long run's tail follows the steal bursts, and
+    the processes that used the most CPU in it (a tail without steal: who took the cores)."""
     header = {"Content-Type": ["application/json"]} | {k: [v] for k, v in headers.items()}
     work = Path(tempfile.mkdtemp(prefix="easymlops-soak-"))
     targets = work / "targets.jsonl"
@@ -521,7 +529,7 @@ def attack(
     while done < seconds:
         chunk = min(60.0, seconds - done)
         result = work / f"{len(results)}.bin"
-        before = CpuClock.read()
+        before, processes = CpuClock.read(), process_cpu()
         subprocess.run(
             [
                 *(binary, "attack", "-format=json", f"-targets={targets}", f"-rate={rate:.0f}/1s"),
@@ -532,13 +540,14 @@ def attack(
         results.append(str(result))
         done += chunk
         if seconds > 60:
-            steal = steal_since(before)
+            steal, busiest = steal_since(before), busiest_since(processes, count=4)
             minute = _vegeta_report(binary, [str(result)])
             p99 = minute["latencies"]["99th"] / 1e6
             refused = _not_ok(minute)
             errors = f"{sum(refused.values())} errors" + (f" {refused}" if refused else "")
             print(
-                f"  {done:.0f}/{seconds:.0f} s: p99 {p99:.2f} ms, {errors}, {steal_text(steal)}",
+                f"  {done:.0f}/{seconds:.0f} s: p99 {p99:.2f} ms, {errors}, {steal_text(steal)}; "
+                f"CPU: {busiest_text(busiest)}",
                 flush=True,
             )
     stolen = steal_since(first)

@@ -4,6 +4,7 @@ services, no network: the benchmarks here are tiny scripts in tmp_path)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -183,3 +184,63 @@ def test_gc_pauses_over_a_soak_count_only_the_collections_since_its_start() -> N
         "replica GC pauses: gen0 none; gen1 none; "
         "gen2 3 x mean 40.00 ms (median <= 50 ms, longest <= 100 ms)"
     )
+
+
+def test_busiest_processes_name_the_one_that_used_the_cpu_meanwhile() -> None:
+    """A soak's slow minute is explained by the processes that took the CPU in it: a child
+    spinning for half a second of CPU shows up by its program's name with about that much,
+    and a process idle throughout (this test's own, while it sleeps) does not lead."""
+    import subprocess
+    import time
+
+    before = report.process_cpu()
+    assert before, "no process read from /proc"
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+    child = subprocess.Popen([sys.executable, "-c", spin, "busy-marker"])
+    # Read while the child is still alive (a finished process leaves /proc), after its spin.
+    deadline = time.monotonic() + 20
+    used = 0.0
+    while time.monotonic() < deadline and child.poll() is None:
+        busiest = dict(report.busiest_since(before, count=50))
+        used = max((s for n, s in busiest.items() if n.startswith("python")), default=0.0)
+        if used >= 0.4:
+            break
+        time.sleep(0.05)
+    child.kill()
+    child.wait()
+    assert used >= 0.4, f"the spinning child was not counted: {busiest}"
+
+
+def test_process_names_say_which_program_and_kernel_threads_keep_their_count(
+    tmp_path: Path,
+) -> None:
+    """Names: Ray's process title as it is, a Python program by its -m module or script, a
+    kernel thread (empty cmdline) by its stat name; a process renamed between two readings
+    (kworkers do) counts from its earlier reading, not from zero."""
+
+    def process(pid: int, comm: str, argv: list[str], ticks: int) -> None:
+        folder = tmp_path / str(pid)
+        folder.mkdir(exist_ok=True)
+        rest = " ".join(["S", *["0"] * 10, str(ticks), "0", *["0"] * 5])
+        (folder / "stat").write_text(f"{pid} ({comm}) {rest}\n")
+        (folder / "cmdline").write_bytes(b"".join(a.encode() + b"\0" for a in argv))
+
+    hz = os.sysconf("SC_CLK_TCK")
+    process(10, "ray::ServeRepl", ["ray::ServeReplica:purchase:Model", ""], 0)
+    process(11, "python3", ["/usr/bin/python3", "-u", "-m", "serving.bare", "--port", "1"], 0)
+    process(12, "kworker/0:1-ev", [], 5 * hz)
+    before = report.process_cpu(tmp_path)
+    assert {name for name, _ in before.values()} == {
+        "ray::ServeReplica:purchase:Model",
+        "python3 -m serving.bare",
+        "kworker/0:1-ev",
+    }
+    process(10, "ray::ServeRepl", ["ray::ServeReplica:purchase:Model", ""], 3 * hz)
+    process(11, "python3", ["/usr/bin/python3", "-u", "-m", "serving.bare", "--port", "1"], hz)
+    process(12, "kworker/0:1-mm", [], 6 * hz)  # renamed, one more second
+    busiest = report.busiest_since(before, count=3, proc=tmp_path)
+    assert busiest == [
+        ("ray::ServeReplica:purchase:Model", 3.0),
+        ("python3 -m serving.bare", 1.0),
+        ("kworker/0:1-mm", 1.0),
+    ]
