@@ -25,7 +25,7 @@ from typing import Any
 
 import psycopg2
 import pytest
-from conftest import free_port
+from conftest import E2E_DAYS, E2E_EVENTS, E2E_FIRST_DAY, E2E_SEED, free_port
 from pydantic import SecretStr
 from test_stack import processes_in
 
@@ -41,7 +41,7 @@ from easymlops.validate import run_validator
 pytestmark = [pytest.mark.services, pytest.mark.e2e]
 
 # The end-to-end test's data: enough carts for the promotion gate to pass with 4 tuning trials.
-EVENTS, DAYS, SEED = 20_000, 5, 11
+EVENTS, DAYS, SEED = E2E_EVENTS, E2E_DAYS, E2E_SEED
 JOB = "full_pipeline"
 RUN_TIMEOUT = 900.0
 PRODUCTION_LOCAL = stack.profile_services("production-local")
@@ -155,7 +155,7 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 
 def produce_and_validate(settings: Settings) -> tuple[date, date]:
     """The end-to-end test's events in the raw topic, validated into events.validated/invalid."""
-    first_day = datetime.now(UTC).date() - timedelta(days=DAYS)
+    first_day = E2E_FIRST_DAY
     payloads = generate_payloads(EVENTS, days=DAYS, seed=SEED, start=first_day, invalid_ratio=0.01)
     assert produce_payloads(settings, payloads).delivered == EVENTS
     validated = run_validator(settings, idle_seconds=3)

@@ -4,7 +4,7 @@ a planted shift is found and named."""
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import date, datetime
 
 import numpy as np
 import polars as pl
@@ -22,7 +22,7 @@ def cart_features(seed: int, n: int = 30_000) -> pl.DataFrame:
     """Price and the session features serving computes, for every cart of `n` events."""
     sessions: dict[str, dict[str, str]] = {}
     rows = []
-    for event in generate_events(n, days=3, seed=seed):
+    for event in generate_events(n, days=3, seed=seed, start=date(2026, 11, 1)):
         moment = datetime.fromisoformat(event["event_time"].replace("Z", "+00:00"))
         fields = sessions.setdefault(event["user_session"], {})
         if event["event_type"] == "cart":

@@ -9,7 +9,7 @@ from datetime import date
 import httpx
 import pytest
 import redis
-from conftest import pipeline_settings
+from conftest import E2E_DAYS, E2E_EVENTS, E2E_FIRST_DAY, E2E_SEED, pipeline_settings
 
 from easymlops import registry
 from easymlops.demo import sample_requests, time_predictions
@@ -51,10 +51,11 @@ def newest_test_day(settings: Settings) -> date:
 
 def test_events_to_served_prediction(e2e_settings: Settings) -> None:
     settings = e2e_settings
-    produced = produce_payloads(
-        settings, generate_payloads(20_000, days=5, seed=11, invalid_ratio=0.01)
+    payloads = generate_payloads(
+        E2E_EVENTS, days=E2E_DAYS, seed=E2E_SEED, start=E2E_FIRST_DAY, invalid_ratio=0.01
     )
-    assert produced.delivered == 20_000
+    produced = produce_payloads(settings, payloads)
+    assert produced.delivered == E2E_EVENTS
     validated = run_validator(settings, idle_seconds=3)
     assert validated.valid + validated.invalid == validated.consumed
 

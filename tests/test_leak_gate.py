@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,8 @@ from easymlops.settings import Settings
 
 pytestmark = pytest.mark.services
 
-EVENTS, DAYS = 40_000, 6
+# Fixed days: data relative to today would change every day (see conftest.E2E_FIRST_DAY).
+EVENTS, DAYS, FIRST_DAY = 40_000, 6, date(2026, 11, 28)
 VARS = {"holdout_days": 1, "session_timeout_seconds": 1800}
 PARAMS = {"objective": "binary:logistic", "max_depth": 4, "eta": 0.05, "nthread": 2, "seed": 1}
 
@@ -33,7 +35,8 @@ def write_lake(lake: Path, home: Path) -> None:
     """Silver partitions of generated events, and their ground truth under `home`."""
     recorder = truth.TruthRecorder()
     events = [
-        validate_record(e) for e in generate_events(EVENTS, days=DAYS, seed=21, truth=recorder)
+        validate_record(e)
+        for e in generate_events(EVENTS, days=DAYS, seed=21, start=FIRST_DAY, truth=recorder)
     ]
     write_silver_events(lake, events)
     recorder.write(Settings(home=home), "leak-gate")
