@@ -218,6 +218,9 @@ bench-tune: install ## Ray Tune search (concurrent trials, ASHA) vs the same tri
 oracle-bound: install ## the oracle, the best score the demo's history allows (history oracle) and the champion, on the held-out carts (needs `make demo`)
 	$(RUN) python -m easymlops.history_oracle
 
+gate-by-date: manifest ## how often a model of the demo's data clears the promotion gate, over 12 consecutive first days (no stack needed; e2e tests' data: ARGS="--events 20000 --days 5 --seed 11 --first 2026-11-10 --count 20")
+	$(RUN) python benchmarks/gate_by_date.py $(ARGS)
+
 bench-dagster: manifest ## code-location load, a no-op run and a one-date backfill of 1,000 events, per executor (needs `make up`)
 	$(RUN) python benchmarks/dagster_runs.py
 

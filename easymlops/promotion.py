@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from easymlops import gate, registry, training
 from easymlops.settings import Settings
 
@@ -38,6 +40,31 @@ class GateEvaluation:
         return details
 
 
+def decide(
+    settings: Settings,
+    labels: np.ndarray,
+    challenger: np.ndarray,
+    baseline: np.ndarray,
+    *,
+    champion: np.ndarray | None,
+    oracle: np.ndarray | None,
+) -> gate.GateDecision:
+    """`gate.decide` with the margins and resamples of `settings`."""
+    return gate.decide(
+        labels,
+        challenger,
+        baseline,
+        champion=champion,
+        oracle=oracle,
+        min_lift=settings.gate_min_lift,
+        margin=settings.gate_margin,
+        oracle_margin=settings.gate_oracle_margin,
+        max_auc=settings.gate_max_auc,
+        resamples=settings.gate_bootstrap,
+        seed=settings.tune_seed,
+    )
+
+
 def evaluate(settings: Settings, version: str) -> GateEvaluation:
     """The gate's decision for `version` of `settings.model_name` on the current held-out rows
     of the warehouse (the mature carts of the test period)."""
@@ -53,18 +80,13 @@ def evaluate(settings: Settings, version: str) -> GateEvaluation:
             registry.load_booster(champion.model_uri, settings), test
         )
     oracle, _ = training.oracle_scores(settings, test)
-    decision = gate.decide(
+    decision = decide(
+        settings,
         y,
         training.predict(challenger, test),
         training.predict(baseline, test),
         champion=champion_scores,
         oracle=oracle,
-        min_lift=settings.gate_min_lift,
-        margin=settings.gate_margin,
-        oracle_margin=settings.gate_oracle_margin,
-        max_auc=settings.gate_max_auc,
-        resamples=settings.gate_bootstrap,
-        seed=settings.tune_seed,
     )
     dates = data.dates(test)
     return GateEvaluation(
