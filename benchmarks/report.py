@@ -24,6 +24,7 @@ import argparse
 import json
 import operator
 import os
+import resource
 import shlex
 import sys
 from collections.abc import Callable
@@ -153,15 +154,26 @@ def process_cpu(proc: Path = Path("/proc")) -> dict[int, tuple[str, float]]:
 
 
 def busiest_since(
-    before: dict[int, tuple[str, float]], count: int = 4, proc: Path = Path("/proc")
+    before: dict[int, tuple[str, float]],
+    count: int = 4,
+    proc: Path = Path("/proc"),
+    ended: dict[str, float] | None = None,
 ) -> list[tuple[str, float]]:
     """The `count` names that used the most CPU since `before` (seconds, summed over the
-    processes of one name; a process started meanwhile counts from zero)."""
-    used: dict[str, float] = {}
+    processes of one name; a process started meanwhile counts from zero). A process that ended
+    meanwhile has left /proc: `ended` gives such ones by name with their CPU time as their
+    parent measured it (the soak's load generator, from RUSAGE_CHILDREN)."""
+    used: dict[str, float] = dict(ended or {})
     for pid, (name, cpu_s) in process_cpu(proc).items():
         start = before[pid][1] if pid in before else 0.0  # kernel threads rename themselves
         used[name] = used.get(name, 0.0) + max(cpu_s - start, 0.0)
     return sorted(used.items(), key=lambda item: -item[1])[:count]
+
+
+def children_cpu() -> float:
+    """CPU time (user + system, seconds) of this process's waited-for children, so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def busiest_text(busiest: list[tuple[str, float]]) -> str:

@@ -244,3 +244,17 @@ def test_process_names_say_which_program_and_kernel_threads_keep_their_count(
         ("python3 -m serving.bare", 1.0),
         ("kworker/0:1-mm", 1.0),
     ]
+    # A process that ended meanwhile (the soak's vegeta) is counted from what its parent saw.
+    ended = report.busiest_since(before, count=2, proc=tmp_path, ended={"vegeta": 4.0})
+    assert ended == [("vegeta", 4.0), ("ray::ServeReplica:purchase:Model", 3.0)]
+
+
+def test_children_cpu_counts_a_finished_child() -> None:
+    """The load generator has left /proc when a soak minute is read: its CPU comes from the
+    parent's RUSAGE_CHILDREN, which grows by what a waited-for child spent."""
+    import subprocess
+
+    before = report.children_cpu()
+    spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    subprocess.run([sys.executable, "-c", spin], check=True)
+    assert report.children_cpu() - before >= 0.25
