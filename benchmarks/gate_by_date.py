@@ -21,15 +21,14 @@ import os
 import subprocess
 import sys
 import tempfile
-from datetime import UTC, date, timedelta
+from collections.abc import Iterable, Iterator
+from datetime import date, timedelta
 from pathlib import Path
-
-import polars as pl
 
 from easymlops import gate, promotion, training, truth
 from easymlops.generator import generate_payloads
-from easymlops.lake import EVENT_COLUMNS
-from easymlops.schema import ValidationError, validate_bytes
+from easymlops.lake import write_silver_parquet
+from easymlops.schema import Event, ValidationError, validate_bytes
 from easymlops.settings import get_settings
 from easymlops.warehouse import DBT_PROJECT_DIR, dbt_env, dbt_vars
 
@@ -44,21 +43,13 @@ PARAMS = {
 }
 
 
-def write_silver(lake: Path, payloads: list[bytes]) -> None:
-    """The valid payloads as the silver layer dbt reads: a Parquet file per event date."""
-    rows = []
+def valid_events(payloads: Iterable[bytes]) -> Iterator[Event]:
+    """The payloads the validator accepts (the invalid 1% are dropped, as it dead-letters them)."""
     for payload in payloads:
         try:
-            event = validate_bytes(payload)
+            yield validate_bytes(payload)
         except ValidationError:
             continue
-        time = event.event_time.astimezone(UTC).replace(tzinfo=None)
-        rows.append({**event.to_json_dict(), "event_time": time})
-    frame = pl.DataFrame(rows, schema=EVENT_COLUMNS)
-    for (day,), part in frame.group_by(pl.col("event_time").dt.date(), maintain_order=True):
-        directory = lake / "silver" / "events" / f"event_date={day}"
-        directory.mkdir(parents=True)
-        part.write_parquet(directory / "part-0.parquet")
 
 
 def verdict(args: argparse.Namespace, first: date, base: Path) -> tuple[gate.GateDecision, int]:
@@ -73,17 +64,15 @@ def verdict(args: argparse.Namespace, first: date, base: Path) -> tuple[gate.Gat
         }
     )
     recorder = truth.TruthRecorder()
-    payloads = list(
-        generate_payloads(
-            args.events,
-            days=args.days,
-            seed=args.seed,
-            start=first,
-            invalid_ratio=0.01,
-            truth=recorder,
-        )
+    payloads = generate_payloads(
+        args.events,
+        days=args.days,
+        seed=args.seed,
+        start=first,
+        invalid_ratio=0.01,
+        truth=recorder,
     )
-    write_silver(base / "lake", payloads)
+    write_silver_parquet(base / "lake", valid_events(payloads))
     recorder.write(settings, settings.model_name)
     # The dbt CLI in a subprocess, as Dagster runs it; artifacts stay in the temporary directory.
     dbt = Path(sys.executable).with_name("dbt")

@@ -4,9 +4,9 @@ Everything is drawn from numpy Generators seeded by `seed`: the same arguments g
 events, byte for byte. The world (users, products, their latent traits) depends on the seed
 and the run's size (`default_sizes(n_events)`); sessions depend on every argument, so a run of
 the same size over other days (the next day's `make demo`) draws new sessions of the same users
-and products rather than replaying old ones. Output
-streams day by day, so memory is bounded by one day of events held in compact arrays (under 100
-bytes per event), never by the whole run; 10M events are fine.
+and products rather than replaying old ones. Output streams day by day, so memory is bounded by
+one day of events held in compact arrays (under 100 bytes per event), never by the whole run;
+10M events are fine.
 
 API
 ---

@@ -18,9 +18,13 @@ from easymlops import s3
 # the Dagster definitions import this module, and only the step processes need them. The
 # column dicts below (and `DeltaTable`, `DECODERS`) are built on first access (`__getattr__`).
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+    from pathlib import Path
+
     import polars as pl
     from deltalake import DeltaTable
 
+    from easymlops.schema import Event
     from easymlops.settings import Settings
 
     EVENT_COLUMNS: dict[str, pl.DataType]
@@ -131,6 +135,25 @@ def bronze_path(settings: Settings, name: str) -> str:
 def silver_events_path(settings: Settings) -> str:
     """The silver events dataset: a local directory or an s3:// URI."""
     return f"{settings.lake}/silver/events"
+
+
+def write_silver_parquet(lake: Path, events: Iterable[Event]) -> None:
+    """Validated events as plain Parquet, a file per event date under `lake`/silver/events, the
+    layout dbt's silver source reads: for tests and studies that build gold without landing
+    through Kafka (the pipeline's silver is written by `build_silver`)."""
+    import polars as pl
+
+    frame = pl.DataFrame(
+        [
+            {**e.to_json_dict(), "event_time": e.event_time.astimezone(UTC).replace(tzinfo=None)}
+            for e in events
+        ],
+        schema=_columns()["EVENT_COLUMNS"],
+    )
+    for (day,), part in frame.group_by(pl.col("event_time").dt.date(), maintain_order=True):
+        directory = lake / "silver" / "events" / f"event_date={day}"
+        directory.mkdir(parents=True)
+        part.write_parquet(directory / "part-0.parquet")
 
 
 @dataclass

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, date
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -194,21 +194,9 @@ def pipeline_settings(home: Path, name: str) -> Iterator[Settings]:
 
 def write_silver_events(lake: Path, events: Iterable[Event]) -> None:
     """Validated events as the silver layer dbt reads: a Parquet file per event date."""
-    import polars as pl
+    from easymlops.lake import write_silver_parquet
 
-    from easymlops.lake import EVENT_COLUMNS
-
-    frame = pl.DataFrame(
-        [
-            {**e.to_json_dict(), "event_time": e.event_time.astimezone(UTC).replace(tzinfo=None)}
-            for e in events
-        ],
-        schema=EVENT_COLUMNS,
-    )
-    for (day,), part in frame.group_by(pl.col("event_time").dt.date(), maintain_order=True):
-        directory = lake / "silver" / "events" / f"event_date={day}"
-        directory.mkdir(parents=True)
-        part.write_parquet(directory / "part-0.parquet")
+    write_silver_parquet(lake, events)
 
 
 # ---- wall time per test file (the README's tier table comes from this summary) ---------------

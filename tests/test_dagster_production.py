@@ -40,8 +40,6 @@ from easymlops.validate import run_validator
 
 pytestmark = [pytest.mark.services, pytest.mark.e2e]
 
-# The end-to-end test's data: enough carts for the promotion gate to pass with 4 tuning trials.
-EVENTS, DAYS, SEED = E2E_EVENTS, E2E_DAYS, E2E_SEED
 JOB = "full_pipeline"
 RUN_TIMEOUT = 900.0
 PRODUCTION_LOCAL = stack.profile_services("production-local")
@@ -156,12 +154,14 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
 def produce_and_validate(settings: Settings) -> tuple[date, date]:
     """The end-to-end test's events in the raw topic, validated into events.validated/invalid."""
     first_day = E2E_FIRST_DAY
-    payloads = generate_payloads(EVENTS, days=DAYS, seed=SEED, start=first_day, invalid_ratio=0.01)
-    assert produce_payloads(settings, payloads).delivered == EVENTS
+    payloads = generate_payloads(
+        E2E_EVENTS, days=E2E_DAYS, seed=E2E_SEED, start=first_day, invalid_ratio=0.01
+    )
+    assert produce_payloads(settings, payloads).delivered == E2E_EVENTS
     validated = run_validator(settings, idle_seconds=3)
-    assert validated.valid + validated.invalid == validated.consumed == EVENTS
-    say(f"{EVENTS} events produced and validated")
-    return first_day, first_day + timedelta(days=DAYS - 1)
+    assert validated.valid + validated.invalid == validated.consumed == E2E_EVENTS
+    say(f"{E2E_EVENTS} events produced and validated")
+    return first_day, first_day + timedelta(days=E2E_DAYS - 1)
 
 
 def start_serve(settings: Settings, attempts: int = 3) -> None:
