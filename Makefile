@@ -26,8 +26,12 @@ uv:
 # otherwise, except where PYTHONDONTWRITEBYTECODE is set (CI images, some shells): there every
 # process (each Dagster run, dbt, Ray worker) compiled its imports again, ~4 s of CPU per
 # code-location load. Later syncs only check them (~3 s).
-install: uv ## create .venv from uv.lock (Python 3.11)
-	$(UV) sync --frozen --compile-bytecode
+# native/ (the validator's compiled fast path) is built from source by uv with maturin: it needs
+# Rust's cargo, said up front rather than deep in a build log.
+install: uv ## create .venv from uv.lock (Python 3.11; builds native/ with cargo)
+	@command -v cargo >/dev/null 2>&1 || [ -x "$$HOME/.cargo/bin/cargo" ] || { \
+	  echo "make install: native/ (the validator's compiled fast path) needs Rust's cargo; install it with https://rustup.rs"; exit 1; }
+	PATH="$$PATH:$$HOME/.cargo/bin" $(UV) sync --frozen --compile-bytecode
 
 manifest: install ## dbt parse (Dagster builds the dbt assets from its manifest) + Dagster instance
 	$(RUN) easymlops prepare

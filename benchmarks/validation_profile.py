@@ -5,7 +5,7 @@ Runs the transactional passthrough and the runner with session features on (the 
 `benchmarks/validation.py`, same code, same data, one round each, on a private broker and Redis)
 while a sampler reads every thread's CPU time from /proc. Per event it prints the microseconds
 of CPU spent in
-- the main thread: consume, route (parse and validate), trace spans;
+- the main thread: consume, route (the compiled fast path; `route` for the rest), trace spans;
 - the commit thread: produce into the transaction, send offsets, commit;
 - the Redis thread: session features (runner only);
 - librdkafka's own threads (C: network I/O, batching, compression);
@@ -135,6 +135,23 @@ def route_alone(payloads: list[bytes]) -> float:
     return (time.process_time() - started) / len(payloads)
 
 
+def fast_path_alone(payloads: list[bytes]) -> float:
+    """Seconds per event of the compiled fast path alone (easymlops_native.route_payload, what
+    the runner calls for each plain valid event): one thread, no Kafka, no Redis."""
+    from datetime import UTC, datetime
+
+    from easymlops_native import route_payload
+
+    from easymlops.schema import MAX_FUTURE
+    from easymlops.session_features import epoch_micros
+
+    latest = epoch_micros(datetime.now(UTC) + MAX_FUTURE)
+    started = time.process_time()
+    for payload in payloads:
+        route_payload(payload, latest)
+    return (time.process_time() - started) / len(payloads)
+
+
 def profile(
     label: str, run: Callable[[], Result], broker_pid: int, redis_pid: int
 ) -> tuple[Result, Counter[str]]:
@@ -211,6 +228,10 @@ def main() -> int:
     print(f"{'events/s':<40}" + "".join(f"{r.rate:>14,.0f}" for r, _ in runs))
     print(f"ratio runner / passthrough: {runs[1][0].rate / runs[0][0].rate:.2f}")
     print(f"route alone (one thread, no I/O): {1e6 * route_alone(payloads):.1f} µs per event")
+    print(
+        "compiled fast path alone (one thread, no I/O): "
+        f"{1e6 * fast_path_alone(payloads):.1f} µs per event"
+    )
     return 0
 
 

@@ -1,8 +1,10 @@
 """The local stream validator: events.raw -> events.validated | events.invalid, exactly once.
 
 Each consumed batch is routed by `easymlops.schema.route` (the Flink job in flink_jobs/ calls the
-same function), its session features are applied to Redis, then its records are produced and its
-consumer offsets committed inside one Kafka transaction. The transaction runs in a commit thread
+same function), the events in the plain form producers send by its compiled fast path
+(native/src/lib.rs, checked against `route` by tests/test_native_route.py); its session features
+are applied to Redis, then its records are produced and its consumer offsets committed inside one
+Kafka transaction. The transaction runs in a commit thread
 while the main thread routes the next batch (mostly waits on the broker, it overlaps with work);
 transactions stay strictly one after another. So:
 - a crash (even `kill -9`) at any point neither loses nor duplicates an event: the next run
@@ -23,7 +25,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,9 +41,11 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from easymlops_native import pack_session_writes, route_messages
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from easymlops import telemetry
+from easymlops.features import session_key
 from easymlops.kafka import (
     KafkaUnavailable,
     committed_offsets,
@@ -51,8 +55,14 @@ from easymlops.kafka import (
     partitions,
     producer,
 )
-from easymlops.schema import Event, Routed, route
-from easymlops.session_features import SessionFeatureWriter
+from easymlops.schema import MAX_FUTURE, route
+from easymlops.session_features import (
+    EVENTS_PER_CALL,
+    STORE_EVENTS_LUA,
+    SessionFeatureWriter,
+    epoch_micros,
+    event_field,
+)
 from easymlops.settings import Settings
 
 GROUP_ID = "easymlops-validator"
@@ -62,9 +72,6 @@ SOURCE_HEADER = "easymlops-source"
 # Tansu reports a partition's high watermark as the base offset of its last record batch + 1, so
 # the true end can lie up to one producer batch (kafka.producer: batch.num.messages) beyond it.
 TANSU_WATERMARK_LAG = 10_000
-# Valid events per Redis session-feature call: small enough that Redis starts while the rest of
-# the batch is still being routed, large enough that a session's events mostly share an HSET.
-REDIS_CHUNK = 1000
 # Allocations between two young-generation collections while validating (default 700).
 GC_THRESHOLD = 50_000
 log = logging.getLogger("easymlops.validate")
@@ -208,17 +215,20 @@ def _fewer_gc_passes() -> Iterator[None]:
 
 @dataclass
 class _Batch:
-    """A routed batch on its way to the commit thread."""
+    """A routed batch on its way to the commit thread: per record, in consumption order, the
+    value and key to produce, whether it is valid, its SOURCE_HEADER and the traceparent of
+    this validator's span of its trace (None: no trace)."""
 
-    routed: list[Routed]
-    sources: list[bytes]  # the SOURCE_HEADER of each routed record
+    values: list[bytes]
+    keys: list[bytes | None]
+    valid_flags: list[bool]
+    sources: list[bytes]
+    traceparents: list[bytes | None]
     next_offsets: dict[int, int]  # per raw partition, the offset after its last record
-    redis_done: list[Future[int]]  # the batch's session-feature chunks
+    redis_done: list[Future[int]]  # the batch's session-feature writes
     valid: int
     errors: Counter[str]
     started: float
-    # per routed record, the traceparent of this validator's span of its trace (None: no trace)
-    traceparents: list[bytes | None]
 
 
 class Validator:
@@ -379,34 +389,28 @@ class Validator:
     def _process(self, messages: list[Message]) -> None:
         batch_started = time.monotonic()
         received_at = datetime.now(UTC)
-        routed: list[Routed] = []
-        sources: list[bytes] = []  # the SOURCE_HEADER of each routed record
-        next_offsets: dict[int, int] = {}
-        redis_done: list[Future[int]] = []
-        events: list[Event] = []
-        valid = 0
+        # The compiled fast path routes the events in the plain form producers send and does
+        # the per-record bookkeeping; every other message is routed by `route` here (see
+        # native/src/lib.rs: it builds the same bytes `route` would, and never rejects).
+        fast = route_messages(
+            messages, epoch_micros(received_at + MAX_FUTURE), telemetry.TRACEPARENT
+        )
+        for index in fast.failed:
+            error = messages[index].error()
+            assert error is not None
+            if error.code() == KafkaError._PARTITION_EOF:
+                continue
+            if error.code() in TRANSIENT_CONSUMER_ERRORS:
+                log.warning("validator: consumer: %s; the client reconnects", error.str())
+                continue
+            raise KafkaException(error)
+        values, keys, valid_flags = fast.values, fast.keys, fast.valid
+        session_fields = fast.session_fields
+        valid = fast.fast_valid
         errors: Counter[str] = Counter()
-        traces: Counter[bytes] = Counter()  # records per upstream traceparent
-        upstream: list[bytes | None] = []  # each routed record's upstream traceparent
-        for message in messages:
-            error = message.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    continue
-                if error.code() in TRANSIENT_CONSUMER_ERRORS:
-                    log.warning("validator: consumer: %s; the client reconnects", error.str())
-                    continue
-                raise KafkaException(error)
+        for record_index, message_index in fast.fallback:
+            message = messages[message_index]
             topic, partition, offset = coordinates(message)
-            sources.append(b"%d:%d" % (partition, offset))
-            # A consumed record's headers are a list of (name, value) pairs (the stub also
-            # allows the dict a producer may be given).
-            parent = None
-            for name, value in cast(list[tuple[str, bytes | None]], message.headers() or []):
-                if name == telemetry.TRACEPARENT and value is not None:
-                    traces[value] += 1
-                    parent = value
-            upstream.append(parent)
             record = route(
                 message.value(),
                 key=message.key(),
@@ -415,30 +419,37 @@ class Validator:
                 offset=offset,
                 received_at=received_at,
             )
-            routed.append(record)
-            next_offsets[partition] = offset + 1
-            if record.destination == "valid":
+            values[record_index], keys[record_index] = record.value, record.key
+            if record.event is not None:
+                valid_flags[record_index] = True
                 valid += 1
+                session_fields.append((record.event.user_session, *event_field(record.event)))
             elif record.error_type is not None:
                 errors[record.error_type] += 1
-            if self.sessions is not None and record.event is not None:
-                events.append(record.event)
-                if len(events) == REDIS_CHUNK:
-                    redis_done.append(self._apply_sessions(events))
-                    events = []
-        if not routed:
+        if not values:
             return
-        continued = self._continue_traces(traces, batch_started)
-        traceparents = [continued.get(u) if u else None for u in upstream]
-        if events:
-            redis_done.append(self._apply_sessions(events))
+        continued = self._continue_traces(fast.traces, batch_started)
+        traceparents = [continued.get(u) if u else None for u in fast.upstream]
+        redis_done = []
+        if self.sessions is not None and session_fields:
+            redis_done.append(self._apply_sessions(session_fields))
         batch = _Batch(
-            routed, sources, next_offsets, redis_done, valid, errors, batch_started, traceparents
+            # every None of the fast path was replaced by route's value above
+            cast(list[bytes], values),
+            keys,
+            valid_flags,
+            fast.sources,
+            traceparents,
+            fast.next_offsets,
+            redis_done,
+            valid,
+            errors,
+            batch_started,
         )
         self._finish_commit()  # one transaction at a time: the previous batch's goes first
         self.committing = self.commit_thread.submit(self._commit_batch, batch)
 
-    def _continue_traces(self, traces: Counter[bytes], started: float) -> dict[bytes, bytes]:
+    def _continue_traces(self, traces: Mapping[bytes, int], started: float) -> dict[bytes, bytes]:
         """One span per upstream trace in the batch (a producer's chunk: few per batch), child
         of the producer's span, covering this batch's validation. Returns, per upstream
         traceparent, the traceparent of its span, which the batch's output records carry on
@@ -463,20 +474,11 @@ class Validator:
 
     def _commit_batch(self, batch: _Batch) -> None:
         """In the commit thread: commit the batch (retrying through outages), then count it."""
-        skipped = self._retrying(
-            "Kafka",
-            lambda: self._commit(
-                batch.routed,
-                batch.sources,
-                batch.next_offsets,
-                batch.redis_done,
-                batch.traceparents,
-            ),
-        )
+        skipped = self._retrying("Kafka", lambda: self._commit(batch))
         # Counted only after the commit, so the stats never include an aborted batch.
-        self.stats.consumed += len(batch.routed)
+        self.stats.consumed += len(batch.values)
         self.stats.valid += batch.valid
-        self.stats.invalid += len(batch.routed) - batch.valid
+        self.stats.invalid += len(batch.values) - batch.valid
         self.stats.errors.update(batch.errors)
         self.stats.leaked_skipped += skipped
         self.next_offsets.update(batch.next_offsets)
@@ -499,24 +501,28 @@ class Validator:
             if committing.done():  # not when interrupted while waiting: then wait again later
                 self.committing = None
 
-    def _apply_sessions(self, events: list[Event]) -> Future[int]:
-        """Apply the events' session features in the Redis thread. Submitted in chunks while
-        the batch is still being routed, so Redis works in parallel with routing; _commit waits
-        for every chunk before the transaction commits, so the features are written before the
-        offsets move. Chunks may land in any order: each event is a field of its own, and
-        serving orders a session's events itself."""
+    def _apply_sessions(self, session_fields: list[tuple[str, str, str]]) -> Future[int]:
+        """Store the batch's session-feature fields ((user_session, field, value) per valid
+        event) in the Redis thread, while the batch's records are produced; _commit waits for
+        it before the transaction commits, so the features are written before the offsets
+        move. The commands are SessionFeatureWriter.apply's, packed by the compiled fast path
+        (redis-py's per-argument work cost more than the routing)."""
         writer = self.sessions
         assert writer is not None
-        return self.redis_thread.submit(self._retrying, "Redis", lambda: writer.apply(events))
 
-    def _commit(
-        self,
-        routed: Sequence[Routed],
-        sources: Sequence[bytes],
-        next_offsets: dict[int, int],
-        redis_done: Sequence[Future[int]] = (),
-        traceparents: Sequence[bytes | None] = (),
-    ) -> int:
+        def store() -> int:
+            commands = pack_session_writes(
+                session_fields,
+                session_key(""),
+                writer.ttl_seconds,
+                STORE_EVENTS_LUA,
+                EVENTS_PER_CALL,
+            )
+            return writer.send_packed(commands)
+
+        return self.redis_thread.submit(self._retrying, "Redis", store)
+
+    def _commit(self, batch: _Batch) -> int:
         """Produce the batch and commit its offsets in one transaction; return how many of its
         records were not produced because an aborted transaction left them visible."""
         if self.find_leaked:  # a failed scan raises, to be retried like the commit
@@ -529,33 +535,40 @@ class Validator:
         valid_topic, invalid_topic = self.settings.topic_validated, self.settings.topic_invalid
         try:
             sink.begin_transaction()
-            for i, (record, source) in enumerate(zip(routed, sources, strict=True)):
+            for value, key, is_valid, source, traceparent in zip(
+                batch.values,
+                batch.keys,
+                batch.valid_flags,
+                batch.sources,
+                batch.traceparents,
+                strict=True,
+            ):
                 if leaked and source in leaked:
                     skipped += 1
                     continue
-                topic = valid_topic if record.destination == "valid" else invalid_topic
+                topic = valid_topic if is_valid else invalid_topic
                 headers: list[tuple[str, str | bytes | None]] = [(SOURCE_HEADER, source)]
-                if traceparents and traceparents[i] is not None:
-                    headers.append((telemetry.TRACEPARENT, traceparents[i]))
+                if traceparent is not None:
+                    headers.append((telemetry.TRACEPARENT, traceparent))
                 try:
-                    produce(topic, record.value, record.key, headers=headers)
+                    produce(topic, value, key, headers=headers)
                 except BufferError:  # local queue full: let deliveries drain
                     while True:
                         sink.poll(0.1)
                         try:
-                            produce(topic, record.value, record.key, headers=headers)
+                            produce(topic, value, key, headers=headers)
                             break
                         except BufferError:
                             pass
             sink.send_offsets_to_transaction(
                 [
                     TopicPartition(self.settings.topic_raw, p, o)
-                    for p, o in sorted(next_offsets.items())
+                    for p, o in sorted(batch.next_offsets.items())
                 ],
                 self.source.consumer_group_metadata(),
                 30,
             )
-            for done in redis_done:
+            for done in batch.redis_done:
                 done.result()  # raises OutageTooLong after a Redis outage too long
             sink.commit_transaction(60)
         except KafkaException as exc:

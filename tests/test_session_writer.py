@@ -14,12 +14,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import redis
+from easymlops_native import pack_session_writes
 
 from easymlops.features import session_key
 from easymlops.generator import generate_events
 from easymlops.schema import Event, validate_record
 from easymlops.session_features import (
     EVENT_PREFIX,
+    EVENTS_PER_CALL,
+    STORE_EVENTS_LUA,
     SessionFeatureWriter,
     event_field,
     features_at,
@@ -185,3 +188,56 @@ def test_an_emptied_script_cache_needs_nothing(client: redis.Redis) -> None:
     assert writer.apply(events) == 100
     expected = expected_hashes(events)
     assert stored_hashes(client, list(expected)) == expected
+
+
+def packed(writer: SessionFeatureWriter, events: list[Event]) -> int:
+    """What the validator does: the same commands, packed by its compiled fast path."""
+    fields = [(e.user_session, *event_field(e)) for e in events]
+    return writer.send_packed(
+        pack_session_writes(
+            fields, session_key(""), writer.ttl_seconds, STORE_EVENTS_LUA, EVENTS_PER_CALL
+        )
+    )
+
+
+def test_packed_commands_store_what_apply_stores(client: redis.Redis) -> None:
+    """Sessions of every size (one over several script calls), non-ASCII names and ids, and
+    replays: the packed path stores the same hashes and reports the same counts."""
+    events = [validate_record(e) for e in generate_events(3000, days=2, seed=13)]
+    start = datetime(2024, 5, 1, tzinfo=UTC)
+    long_session = [
+        replace(events[0], event_id=f"lång-{n}", event_time=start + timedelta(seconds=n))
+        for n in range(1234)
+    ]
+    odd = replace(events[1], event_id="ünïcödé ✓ | e:x", user_session="sessión ü 日本")
+    mixed = events + long_session + [odd]
+    by_apply, by_packing = own_sessions(mixed), own_sessions(mixed)
+    writer = SessionFeatureWriter(client, ttl_seconds=3600)
+
+    assert packed(writer, by_packing) == writer.apply(by_apply) == len({e.event_id for e in mixed})
+    assert packed(writer, by_packing[::-1]) == writer.apply(by_apply[::-1]) == 0
+    assert packed(writer, []) == 0
+
+    def hashes(events: list[Event], prefix: str) -> dict[str, dict[str, str]]:
+        sessions = {e.user_session for e in events}
+        return {s.removeprefix(prefix): client.hgetall(session_key(s)) for s in sessions}  # type: ignore[misc]
+
+    applied = hashes(by_apply, by_apply[0].user_session.split("-")[0] + "-")
+    stored = hashes(by_packing, by_packing[0].user_session.split("-")[0] + "-")
+    assert stored == applied
+    assert len(stored[long_session[0].user_session]) >= 1234
+    assert 3500 < client.ttl(session_key(by_packing[-1].user_session)) <= 3600  # type: ignore[operator]
+
+
+def test_packed_commands_raise_on_an_outage_and_leave_the_pool_usable(
+    client: redis.Redis,
+) -> None:
+    events = own_sessions([validate_record(e) for e in generate_events(10, days=1, seed=14)])
+    dead = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.5)
+    with pytest.raises(redis.ConnectionError):
+        packed(SessionFeatureWriter(dead, ttl_seconds=3600), events)
+    # A script error answers every command; the connection is dropped, not reused half-read.
+    writer = SessionFeatureWriter(client, ttl_seconds=3600)
+    with pytest.raises(redis.ResponseError):
+        writer.send_packed([b"*2\r\n$4\r\nEVAL\r\n$6\r\nreturn\r\n", b"*1\r\n$4\r\nPING\r\n"])
+    assert packed(writer, events) == 10
