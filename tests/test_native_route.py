@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import random
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -20,11 +21,13 @@ from easymlops_native import route_payload
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from easymlops.csv_replay import read_csv_events
 from easymlops.generator import generate_payloads
 from easymlops.schema import MAX_FUTURE, route
 from easymlops.session_features import epoch_micros, event_field
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+CSV_FIXTURE = Path(__file__).parent / "fixtures" / "ecommerce_sample.csv"
 LATEST = epoch_micros(NOW + MAX_FUTURE)
 
 BASE: dict[str, Any] = {
@@ -66,22 +69,22 @@ def test_the_generators_events_all_take_the_fast_path() -> None:
     assert accepted == valid
 
 
-def test_the_public_datasets_csv_form_takes_the_fast_path_with_a_derived_id() -> None:
-    # What `easymlops replay` sends for a row of the public dataset: numbers as text, the CSV
-    # time form, an empty category_code, no event_id.
-    row = {
-        "event_time": "2019-10-01 00:00:04 UTC",
-        "event_type": "cart",
-        "product_id": "44600062",
-        "category_id": "2103807459595387724",
-        "category_code": "",
-        "brand": "shiseido",
-        "price": "35.79",
-        "user_id": "541312140",
-        "user_session": "72d76fde-8bb3-4e00-8c23-a032dfed738c",
-    }
-    assert same_as_route(json.dumps(row).encode())
-    assert same_as_route(json.dumps({**row, "price": "35"}).encode())
+def test_the_public_datasets_csv_replay_takes_the_fast_path_with_a_derived_id() -> None:
+    """What `easymlops replay` sends for rows of the public dataset (numbers as text, the CSV
+    time form, empty category codes, no event_id): each row the contract accepts takes the
+    fast path (the fixture's rows include ones it rejects, e.g. a short row)."""
+    now = datetime.now(UTC)
+    payloads = list(read_csv_events(CSV_FIXTURE))
+    valid = [
+        p
+        for p in payloads
+        if route(p, key=None, topic="raw", partition=0, offset=0, received_at=now).event
+    ]
+    assert 0 < len(valid) < len(payloads)
+    assert all(same_as_route(p, now) for p in valid)
+    assert not any(
+        route_payload(p, epoch_micros(now + MAX_FUTURE)) for p in payloads if p not in valid
+    )
 
 
 def test_the_clock_limit_is_the_same_microsecond() -> None:
