@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from datetime import time as dt_time
@@ -527,32 +527,73 @@ class SilverResult:
 _LANDING_ORDER = ("landed_at", "kafka_partition", "kafka_offset")
 
 
+# The most bronze rows of one date that silver sorts in memory at once (~1.5 GB of peak here). A
+# larger date is built in parts, split by a hash of user_session, so silver's memory stays the
+# same whatever the size of a day (issue 15: a fixed budget at 40M events).
+SILVER_ROWS_PER_PART = 2_000_000
+
+
 def build_silver_date(table_path: str, day: date) -> pl.DataFrame:
-    """The silver rows of one event date: bronze's rows of that date only (the Delta files and
-    row groups of other dates are skipped), deduplicated by event_id (first landed wins), in
-    session order with `session_seq`, the position of the event among its session's events of
-    that date."""
+    """The silver rows of one event date, in one frame (see `silver_date_parts`)."""
+    import polars as pl
+
+    return pl.concat(list(silver_date_parts(table_path, day)))
+
+
+def silver_date_parts(
+    table_path: str, day: date, rows: int | None = None, rows_per_part: int | None = None
+) -> Iterator[pl.DataFrame]:
+    """The silver rows of one event date, in parts: bronze's rows of that date only (the Delta
+    files and row groups of other dates are skipped), deduplicated by event_id (first landed
+    wins), in session order with `session_seq`, the position of the event among its session's
+    events of that date.
+
+    A date of more than `rows_per_part` bronze rows (`rows`: how many it holds, when the caller
+    knows) comes in several parts, each the sessions whose hash falls in it: a session is in
+    one part, and so are the copies of a replayed event (they share its session), so each part
+    is deduplicated and numbered on its own. Events that share an id but not their session or
+    time are not a replay; when the date holds any, it is built whole, in memory (rare: a
+    producer reusing ids)."""
     import polars as pl
 
     events = list(_columns()["EVENT_COLUMNS"])
-    # The streaming engine reads the date's rows in batches (~3x faster than the in-memory
-    # engine's scan of the same files here, and it holds only what passes the filter).
-    bronze = (
-        _scan_bronze_window(table_path, day, day + timedelta(days=1))
-        .select(*events, *_LANDING_ORDER)
-        .collect(engine="streaming")
+    scan = _scan_bronze_window(table_path, day, day + timedelta(days=1)).select(
+        *events, *_LANDING_ORDER
     )
-    # One sort does both jobs: the copies of an event share its session, time and id, so in
-    # session order with the landing order last they sit next to each other, the first landed
-    # one first. ~2x faster than sorting by landing order, deduplicating by hash, then sorting
-    # by session (1.6-1.8 s against 3.2-4.4 s a date of 1.4M events here).
-    part = _session_order_first_landed(bronze, events)
-    # Ids left twice are copies that differ in session or time: not a replay, but two events
-    # sharing an id. The hash count is a fast check (0.1 s a date); in that rare case (or a
-    # hash collision) the exact deduplication by event_id alone decides.
-    if part.select(pl.col("event_id").hash().n_unique()).item() != part.height:
-        part = _session_order_first_landed(_first_landed_by_event_id(bronze), events)
-    return part
+    limit = rows_per_part or SILVER_ROWS_PER_PART
+    parts = 1 if rows is None else -(-rows // limit)
+    if parts > 1:
+        # Copies of an event share session, time and id: as many distinct (session, time, id)
+        # as distinct ids means no id is left twice after each part's deduplication. Both are
+        # counted as 64-bit hashes in a streaming pass; a collision mostly makes them differ
+        # (then the date is built whole); hiding a shared id would take a collision of exactly
+        # the missing count, and each part's own check below still sees ids shared inside it.
+        counts = scan.select(
+            pl.struct("user_session", "event_time", "event_id").hash().n_unique().alias("copies"),
+            pl.col("event_id").hash().n_unique().alias("ids"),
+        ).collect(engine="streaming")
+        if counts["copies"].item() != counts["ids"].item():
+            parts = 1
+    for part in range(parts):
+        selected = scan
+        if parts > 1:
+            selected = scan.filter(pl.col("user_session").hash(seed=7) % parts == part)
+        # The streaming engine reads the date's rows in batches (~3x faster than the in-memory
+        # engine's scan of the same files here, and it holds only what passes the filter).
+        bronze = selected.collect(engine="streaming")
+        # One sort does both jobs: the copies of an event share its session, time and id, so in
+        # session order with the landing order last they sit next to each other, the first
+        # landed one first. ~2x faster than sorting by landing order, deduplicating by hash,
+        # then sorting by session (1.6-1.8 s against 3.2-4.4 s a date of 1.4M events here).
+        deduplicated = _session_order_first_landed(bronze, events)
+        # Ids left twice are copies that differ in session or time: not a replay, but two
+        # events sharing an id. The hash count is a fast check (0.1 s a date); in that rare
+        # case (or a hash collision) the exact deduplication by event_id alone decides.
+        unique_ids = deduplicated.select(pl.col("event_id").hash().n_unique()).item()
+        if unique_ids != deduplicated.height:
+            deduplicated = _session_order_first_landed(_first_landed_by_event_id(bronze), events)
+        del bronze
+        yield deduplicated
 
 
 def _session_order_first_landed(bronze: pl.DataFrame, events: list[str]) -> pl.DataFrame:
@@ -594,22 +635,22 @@ def build_silver(
     midnight starts again at 0, so a partition never depends on another), one Parquet file per
     event date.
 
-    One date at a time (`build_silver_date`): copies of an event share its event_time, so
-    deduplicating inside a date is deduplicating globally, and memory holds one date's events,
-    never the table's.
+    One date at a time (`silver_date_parts`): copies of an event share its event_time, so
+    deduplicating inside a date is deduplicating globally, and memory holds one date's events
+    (a part of them for a date over SILVER_ROWS_PER_PART rows), never the table's.
 
     Overwrites: a reader never sees a partial partition (see below); a date of the window with
     no event left in bronze is removed.
     Rebuilding a window twice gives the same files (idempotent).
     """
     import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
     table_path = bronze_path(settings, "events")
     fs, root = s3.filesystem(silver_events_path(settings))
     bronze_rows = bronze_rows_by_date(table_path, start, end)
     rows_by_date: dict[str, int] = {}
-    for event_date in bronze_rows:
-        part = build_silver_date(table_path, event_date)
+    for event_date, rows in bronze_rows.items():
         day = str(event_date)
         directory = f"{root}/event_date={day}"
         final = f"{directory}/part-0.parquet"
@@ -620,12 +661,22 @@ def build_silver(
         if isinstance(fs, pafs.LocalFileSystem):
             fs.create_dir(directory, recursive=True)
             target = f"{directory}/.part-0.parquet.tmp"
+        written = 0
         with fs.open_output_stream(target) as out:
-            part.write_parquet(out)
+            # One file per date, its parts as row groups: a reader sees the whole date or the
+            # date before, and memory holds one part.
+            writer: pq.ParquetWriter | None = None
+            for part in silver_date_parts(table_path, event_date, rows):
+                table = part.to_arrow()
+                writer = writer or pq.ParquetWriter(out, table.schema, compression="zstd")
+                writer.write_table(table)
+                written += part.height
+                del part, table
+            if writer is not None:
+                writer.close()
         if target != final:
             fs.move(target, final)
-        rows_by_date[day] = part.height
-        del part
+        rows_by_date[day] = written
     # Dates of the window no longer in bronze (e.g. after a lake reset) must not linger.
     for stale in fs.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         day = stale.base_name.removeprefix("event_date=")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
@@ -62,14 +63,14 @@ def test_silver_is_built_one_date_at_a_time(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     built: list[tuple[date, set[date]]] = []
-    build_date = lake.build_silver_date
+    date_parts = lake.silver_date_parts
 
-    def spy(table_path: str, day: date) -> pl.DataFrame:
-        part = build_date(table_path, day)
-        built.append((day, set(part["event_time"].dt.date())))
-        return part
+    def spy(table_path: str, day: date, rows: int | None = None) -> Iterator[pl.DataFrame]:
+        for part in date_parts(table_path, day, rows):
+            built.append((day, set(part["event_time"].dt.date())))
+            yield part
 
-    monkeypatch.setattr(lake, "build_silver_date", spy)
+    monkeypatch.setattr(lake, "silver_date_parts", spy)
     result = lake.build_silver(settings)
     # Each date once, and each date's frame holds that date's events only: memory holds one
     # date's events, never the table's.
@@ -77,6 +78,41 @@ def test_silver_is_built_one_date_at_a_time(
     assert result.rows == 12
     assert result.duplicates_removed == 1
     assert result.rows_by_date == {str(day): 4 for day in DAYS}
+
+
+def test_a_date_over_the_limit_comes_in_parts_of_whole_sessions(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded memory whatever the size of a day: a date of more bronze rows than
+    SILVER_ROWS_PER_PART is built in parts, each holding whole sessions (and the copies of its
+    events), and silver is the same as built whole."""
+    table = lake.bronze_path(settings, "events")
+    land(table, [event(100 + k, DAYS[1], f"t{k % 7}", k) for k in range(60)], len(DAYS) + 1)
+    land(table, [event(100 + k, DAYS[1], f"t{k % 7}", k) for k in range(0, 60, 5)], len(DAYS) + 2)
+    whole = lake.build_silver_date(table, DAYS[1])
+    parts = list(lake.silver_date_parts(table, DAYS[1], rows=77, rows_per_part=20))
+    assert len(parts) == 4
+    sessions = [set(part["user_session"]) for part in parts]
+    assert sum(map(len, sessions)) == len(set().union(*sessions)) == 9  # none in two parts
+    assert pl.concat(parts).sort("event_id").equals(whole.sort("event_id"))
+    assert whole.height == 64
+    # build_silver writes the parts into one file per date: the same rows as built whole.
+    monkeypatch.setattr(lake, "SILVER_ROWS_PER_PART", 20)
+    lake.build_silver(settings)
+    silver = lake.read_silver(settings, DAYS[1], DAYS[2])
+    assert silver.drop("event_date").sort("event_id").equals(whole.sort("event_id"))
+
+
+def test_an_id_shared_across_sessions_builds_the_date_whole(settings: Settings) -> None:
+    """Two events sharing an id in different sessions may fall in different parts, where no
+    part's deduplication sees both: such a date is built whole, and keeps the first landed."""
+    table = lake.bronze_path(settings, "events")
+    land(table, [event(11, DAYS[1], f"other-{k}", 5) for k in range(3)], len(DAYS) + 1)
+    parts = list(lake.silver_date_parts(table, DAYS[1], rows=8, rows_per_part=2))
+    assert len(parts) == 1
+    assert parts[0]["event_id"].sort().to_list() == ["e10", "e11", "e12", "e13"]
+    kept = parts[0].filter(pl.col("event_id") == "e11")
+    assert kept["user_session"].to_list() == ["s1"]
 
 
 def test_a_date_of_silver_is_deduplicated_and_sessionized_from_its_own_rows(
