@@ -669,7 +669,8 @@ def build_silver(
             for part in silver_date_parts(table_path, event_date, rows):
                 table = part.to_arrow()
                 writer = writer or pq.ParquetWriter(out, table.schema, compression="zstd")
-                writer.write_table(table)
+                # row groups of 512² rows, polars' default: DuckDB reads row groups in parallel
+                writer.write_table(table, row_group_size=512**2)
                 written += part.height
                 del part, table
             if writer is not None:
